@@ -1,0 +1,1360 @@
+/* cli.c: the keyraft command-line client: argument parsing, one function per
+ * command, human or --json output, exit 0 ok / 1 failed / 2 usage. */
+#include "keyraft.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "cli_json.h"
+#include "client_internal.h"
+
+#define EXIT_USAGE 2
+#define INPUT_MAX (KR_MAX_FRAME - 4096u) /* room for the rest of the request */
+#define MAX_ARGS 128
+#define MAX_POS 2
+
+/* ---- arguments ----------------------------------------------------------------- */
+
+enum { OPT_FLAG = 0, OPT_ARG = 1, OPT_MULTI = 2 | OPT_ARG };
+
+struct optspec {
+    const char *name;
+    int kind;
+};
+
+struct args {
+    const char *pos[MAX_POS];
+    int n_pos;
+    struct {
+        const char *name;
+        const char *val; /* NULL for a flag */
+    } kv[MAX_ARGS];
+    int n_kv;
+};
+
+struct cli;
+struct command {
+    const char *name;
+    int (*run)(struct cli *cli, const struct args *a);
+    const struct optspec *opts; /* ends with {NULL, 0} */
+    int min_pos, max_pos;
+    const char *usage;
+    const char *help;
+};
+
+struct cli {
+    const char *config_path;
+    const char *endpoint;
+    const char *ca, *cert, *key;
+    const char *timeout;
+    int json;
+    const struct command *cmd;
+    kr_client_file *file;
+    kr_client *client;
+};
+
+static const char *arg_get(const struct args *a, const char *name)
+{
+    for (int i = a->n_kv - 1; i >= 0; i--) /* the last one wins */
+        if (strcmp(a->kv[i].name, name) == 0)
+            return a->kv[i].val != NULL ? a->kv[i].val : "";
+    return NULL;
+}
+
+static int arg_has(const struct args *a, const char *name)
+{
+    return arg_get(a, name) != NULL;
+}
+
+static const char *cmd_name(const struct cli *cli)
+{
+    return cli->cmd != NULL ? cli->cmd->name : "keyraft";
+}
+
+static int usage_error(const struct cli *cli, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static int usage_error(const struct cli *cli, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (cli->cmd != NULL)
+        fprintf(stderr, "keyraft: %s: ", cli->cmd->name);
+    else
+        fprintf(stderr, "keyraft: ");
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    if (cli->cmd != NULL)
+        fprintf(stderr, "usage: keyraft %s\n", cli->cmd->usage);
+    else
+        fprintf(stderr, "try: keyraft --help\n");
+    return EXIT_USAGE;
+}
+
+/* ---- errors and output ----------------------------------------------------------- */
+
+static int fail(const struct cli *cli, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int fail(const struct cli *cli, int status, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (msg[0] == '\0')
+        snprintf(msg, sizeof(msg), "%s", kr_strerror(status));
+    fprintf(stderr, "keyraft: %s: %s: %s\n", cmd_name(cli), kr_status_name(status), msg);
+    if (cli->json) {
+        json_t *j = json_pack("{s:{s:i,s:s,s:s}}", "error", "status", status, "code",
+                              kr_status_name(status), "message", msg);
+        if (j != NULL) {
+            json_dumpf(j, stdout, JSON_INDENT(2));
+            fputc('\n', stdout);
+            json_decref(j);
+        }
+    }
+    return EXIT_FAILURE;
+}
+
+/* A failed library call: the node's message, or a local one. */
+static int fail_call(const struct cli *cli, int status)
+{
+    const char *detail = cli->client != NULL ? kr_client_last_error(cli->client) : "";
+    return fail(cli, status, "%s", detail);
+}
+
+static int print_json(const struct cli *cli, json_t *j)
+{
+    if (j == NULL)
+        return fail(cli, KR_ENOMEM, "cannot build the JSON output");
+    json_dumpf(j, stdout, JSON_INDENT(2));
+    fputc('\n', stdout);
+    json_decref(j);
+    return 0;
+}
+
+static int finish_output(const struct cli *cli, int rc)
+{
+    if (fflush(stdout) != 0 || ferror(stdout)) {
+        fprintf(stderr, "keyraft: %s: cannot write the output: %s\n", cmd_name(cli),
+                strerror(errno));
+        return EXIT_FAILURE;
+    }
+    return rc;
+}
+
+static void write_raw(const uint8_t *data, size_t len)
+{
+    if (len > 0)
+        fwrite(data, 1, len, stdout);
+}
+
+static void print_hex(const uint8_t *data, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        printf("%02x", data[i]);
+    putchar('\n');
+}
+
+static void iso_time(uint64_t ms, char *buf, size_t len)
+{
+    time_t t = (time_t)(ms / 1000);
+    struct tm tm;
+    char base[32];
+
+    if (gmtime_r(&t, &tm) == NULL || strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
+        snprintf(buf, len, "%llu", (unsigned long long)ms);
+        return;
+    }
+    snprintf(buf, len, "%s.%03uZ", base, (unsigned)(ms % 1000));
+}
+
+static void print_time(const char *label, uint64_t ms)
+{
+    char buf[64];
+
+    if (ms == 0)
+        return;
+    iso_time(ms, buf, sizeof(buf));
+    printf("%s: %s\n", label, buf);
+}
+
+static void print_attributes(const Keyraft__KeyAttributes *k)
+{
+    const Keyraft__VersionInfo *cur = NULL;
+
+    printf("id: %s\n", k->id);
+    printf("name: %s\n", k->name);
+    if (k->domain[0] != '\0')
+        printf("domain: %s\n", k->domain);
+    printf("algorithm: %s\n", kr_alg_name(k->algorithm));
+    printf("state: %s\n", kr_state_name(k->state));
+    printf("version: %u\n", k->current_version);
+    print_time("created", k->created_at);
+    print_time("activated", k->activated_at);
+    print_time("deactivated", k->deactivated_at);
+    print_time("revoked", k->revoked_at);
+    print_time("destroyed", k->destroyed_at);
+    if (k->revoked_at != 0 || k->revoke_reason != KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED)
+        printf("revoke-reason: %s\n", kr_reason_name(k->revoke_reason));
+    if (k->revoke_message[0] != '\0')
+        printf("revoke-message: %s\n", k->revoke_message);
+    printf("exportable: %s\n", k->exportable ? "yes" : "no");
+    for (size_t i = 0; i < k->n_tags; i++)
+        printf("tag: %s=%s\n", k->tags[i]->key, k->tags[i]->value);
+    for (size_t i = 0; i < k->n_versions; i++)
+        if (k->versions[i]->version == k->current_version)
+            cur = k->versions[i];
+    if (cur != NULL && cur->kcv[0] != '\0')
+        printf("kcv: %s\n", cur->kcv);
+    if (cur != NULL && cur->public_key.len > 0) {
+        char *b64 = cli_base64(cur->public_key.data, cur->public_key.len);
+        if (b64 != NULL)
+            printf("public-key: %s\n", b64);
+        free(b64);
+    }
+    if (k->commit_index != 0)
+        printf("commit-index: %llu\n", (unsigned long long)k->commit_index);
+    for (size_t i = 0; i < k->n_versions; i++) {
+        const Keyraft__VersionInfo *v = k->versions[i];
+        char when[64];
+        iso_time(v->created_at, when, sizeof(when));
+        printf("version-%u: created %s%s%s%s\n", v->version, when,
+               v->kcv[0] != '\0' ? ", kcv " : "", v->kcv, v->destroyed ? ", destroyed" : "");
+    }
+}
+
+/* ---- input --------------------------------------------------------------------------- */
+
+/* Reads all of |f| into |out|, at most INPUT_MAX bytes. */
+static int read_all(const struct cli *cli, FILE *f, const char *what, kr_buf *out)
+{
+    size_t cap = 4096, len = 0;
+    uint8_t *buf = malloc(cap);
+
+    if (buf == NULL)
+        return fail(cli, KR_ENOMEM, "out of memory reading %s", what);
+    for (;;) {
+        if (len == cap) {
+            if (cap > INPUT_MAX) {
+                OPENSSL_cleanse(buf, len);
+                free(buf);
+                return fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
+            }
+            size_t ncap = cap * 2 > INPUT_MAX + 1 ? INPUT_MAX + 1 : cap * 2;
+            uint8_t *nbuf = malloc(ncap);
+            if (nbuf == NULL) {
+                OPENSSL_cleanse(buf, len);
+                free(buf);
+                return fail(cli, KR_ENOMEM, "out of memory reading %s", what);
+            }
+            memcpy(nbuf, buf, len); /* not realloc: the old copy gets wiped */
+            OPENSSL_cleanse(buf, len);
+            free(buf);
+            buf = nbuf;
+            cap = ncap;
+        }
+        size_t n = fread(buf + len, 1, cap - len, f);
+        len += n;
+        if (n == 0)
+            break;
+    }
+    if (ferror(f)) {
+        OPENSSL_cleanse(buf, len);
+        free(buf);
+        return fail(cli, KR_EIO, "cannot read %s: %s", what, strerror(errno));
+    }
+    if (len > INPUT_MAX) {
+        OPENSSL_cleanse(buf, len);
+        free(buf);
+        return fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
+    }
+    out->data = buf;
+    out->len = len;
+    return 0;
+}
+
+static int read_stdin(const struct cli *cli, kr_buf *out)
+{
+    return read_all(cli, stdin, "stdin", out);
+}
+
+static int read_file(const struct cli *cli, const char *path, kr_buf *out)
+{
+    FILE *f = fopen(path, "rb");
+    int rc;
+
+    if (f == NULL)
+        return fail(cli, KR_EINVAL, "cannot open %s: %s", path, strerror(errno));
+    rc = read_all(cli, f, path, out);
+    fclose(f);
+    return rc;
+}
+
+/* ---- client ---------------------------------------------------------------------------- */
+
+static int cli_connect(struct cli *cli)
+{
+    kr_client_config cfg = {0};
+    char err[512] = "";
+    int rc;
+
+    if (cli->config_path != NULL ||
+        !(cli->endpoint != NULL && cli->ca != NULL && cli->cert != NULL && cli->key != NULL)) {
+        rc = kr__client_file_load_err(cli->config_path, &cli->file, &cfg, err, sizeof(err));
+        if (rc != 0)
+            return fail(cli, rc, "%s", err);
+    }
+    if (cli->endpoint != NULL)
+        cfg.endpoints = cli->endpoint;
+    if (cli->ca != NULL)
+        cfg.ca_file = cli->ca;
+    if (cli->cert != NULL)
+        cfg.cert_file = cli->cert;
+    if (cli->key != NULL)
+        cfg.key_file = cli->key;
+    if (cli->timeout != NULL) {
+        char *end = NULL;
+        long v = strtol(cli->timeout, &end, 10);
+        if (end == cli->timeout || *end != '\0' || v <= 0 || v > 24L * 3600 * 1000)
+            return fail(cli, KR_EINVAL, "--timeout-ms %s: want a positive number", cli->timeout);
+        cfg.timeout_ms = (int)v;
+    }
+    rc = kr__client_new_err(&cfg, &cli->client, err, sizeof(err));
+    if (rc != 0)
+        return fail(cli, rc, "%s", err);
+    return 0;
+}
+
+/* Sends |req|; on failure prints the error and returns the exit code. */
+static int call(struct cli *cli, Keyraft__Request *req, Keyraft__Response__ResultCase expect,
+                Keyraft__Response **out_resp)
+{
+    int rc = cli_connect(cli);
+
+    if (rc != 0)
+        return rc;
+    rc = kr__call_ok(cli->client, req, expect, out_resp);
+    if (rc != 0)
+        return fail_call(cli, rc);
+    return 0;
+}
+
+static int key_ref(const struct cli *cli, const char *key, Keyraft__KeyRef *ref)
+{
+    if (kr__key_ref(key, ref) != 0)
+        return usage_error(cli, "bad key reference \"%s\": want an id or name:NAME", key);
+    return 0;
+}
+
+static int parse_tag(const struct cli *cli, const char *s, Keyraft__Tag *tag)
+{
+    const char *eq = strchr(s, '=');
+
+    if (eq == NULL || eq == s)
+        return usage_error(cli, "bad --tag \"%s\": want KEY=VALUE", s);
+    tag->key = strndup(s, (size_t)(eq - s));
+    tag->value = (char *)(eq + 1);
+    if (tag->key == NULL)
+        return fail(cli, KR_ENOMEM, "out of memory");
+    return 0;
+}
+
+/* Tags from every --tag: two parallel arrays the caller frees with tags_free. */
+struct tags {
+    Keyraft__Tag items[MAX_ARGS];
+    Keyraft__Tag *ptrs[MAX_ARGS];
+    size_t n;
+};
+
+static void tags_free(struct tags *t)
+{
+    for (size_t i = 0; i < t->n; i++)
+        free(t->items[i].key);
+    t->n = 0;
+}
+
+static int parse_tags(const struct cli *cli, const struct args *a, struct tags *t)
+{
+    for (int i = 0; i < a->n_kv; i++) {
+        if (strcmp(a->kv[i].name, "tag") != 0)
+            continue;
+        keyraft__tag__init(&t->items[t->n]);
+        int rc = parse_tag(cli, a->kv[i].val, &t->items[t->n]);
+        if (rc != 0)
+            return rc;
+        t->ptrs[t->n] = &t->items[t->n];
+        t->n++;
+    }
+    return 0;
+}
+
+static int parse_alg(const struct cli *cli, const char *s, Keyraft__Algorithm *out)
+{
+    Keyraft__Algorithm alg = kr_alg_parse(s);
+
+    if (alg == KEYRAFT__ALGORITHM__ALG_UNSPECIFIED)
+        return usage_error(cli,
+                           "unknown algorithm \"%s\" (aes-128, aes-256, hmac-sha256, "
+                           "hmac-sha512, rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384, "
+                           "ed25519)",
+                           s);
+    *out = alg;
+    return 0;
+}
+
+static int parse_u32(const struct cli *cli, const char *what, const char *s, uint32_t min,
+                     uint32_t max, uint32_t *out)
+{
+    char *end = NULL;
+    unsigned long long v;
+
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v < min || v > max)
+        return usage_error(cli, "bad %s \"%s\": want %u..%u", what, s, min, max);
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* Prints a response that carries key attributes. */
+static int print_key_result(const struct cli *cli, const Keyraft__Response *resp, int id_only)
+{
+    if (cli->json)
+        return print_json(cli, cli_json_result(resp));
+    if (resp->result_case != KEYRAFT__RESPONSE__RESULT_KEY)
+        return 0;
+    if (id_only)
+        printf("%s\n", resp->key->id);
+    else
+        print_attributes(resp->key);
+    return 0;
+}
+
+
+/* ---- commands ------------------------------------------------------------------------- */
+
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    (void)u;
+    return -1; /* never prompt: encrypted keys are refused */
+}
+
+/* Import material for an asymmetric key: a PEM or DER private key in any
+ * format OpenSSL reads, re-encoded as the DER PKCS#8 the node expects. */
+static int to_pkcs8(const struct cli *cli, const char *path, const kr_buf *in, kr_buf *out)
+{
+    BIO *bio = NULL;
+    EVP_PKEY *pk = NULL;
+    PKCS8_PRIV_KEY_INFO *p8 = NULL;
+    uint8_t *der = NULL;
+    int rc = 0, n;
+
+    bio = BIO_new_mem_buf(in->data, (int)in->len); /* in->len <= INPUT_MAX */
+    if (bio == NULL) {
+        rc = fail(cli, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    pk = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
+    if (pk == NULL) {
+        const unsigned char *p = in->data;
+        ERR_clear_error();
+        pk = d2i_AutoPrivateKey(NULL, &p, (long)in->len);
+    }
+    if (pk == NULL) {
+        rc = fail(cli, KR_EINVAL,
+                  "%s: not a PEM or DER private key (encrypted keys are not supported)", path);
+        goto out;
+    }
+    p8 = EVP_PKEY2PKCS8(pk);
+    n = p8 != NULL ? i2d_PKCS8_PRIV_KEY_INFO(p8, NULL) : -1;
+    if (n <= 0) {
+        rc = fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
+        goto out;
+    }
+    der = malloc((size_t)n);
+    if (der == NULL) {
+        rc = fail(cli, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    unsigned char *q = der;
+    if (i2d_PKCS8_PRIV_KEY_INFO(p8, &q) != n) {
+        OPENSSL_cleanse(der, (size_t)n);
+        free(der);
+        rc = fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
+        goto out;
+    }
+    out->data = der;
+    out->len = (size_t)n;
+out:
+    ERR_clear_error();
+    PKCS8_PRIV_KEY_INFO_free(p8);
+    EVP_PKEY_free(pk);
+    BIO_free(bio);
+    return rc;
+}
+
+static int alg_is_asymmetric(Keyraft__Algorithm alg)
+{
+    switch (alg) {
+    case KEYRAFT__ALGORITHM__RSA_2048:
+    case KEYRAFT__ALGORITHM__RSA_3072:
+    case KEYRAFT__ALGORITHM__RSA_4096:
+    case KEYRAFT__ALGORITHM__EC_P256:
+    case KEYRAFT__ALGORITHM__EC_P384:
+    case KEYRAFT__ALGORITHM__ED25519:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int create_or_import(struct cli *cli, const struct args *a, int import)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__CreateKeyRequest create = KEYRAFT__CREATE_KEY_REQUEST__INIT;
+    Keyraft__ImportKeyRequest imp = KEYRAFT__IMPORT_KEY_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    struct tags tags = {.n = 0};
+    kr_buf raw = {0}, material = {0};
+    Keyraft__Algorithm alg = KEYRAFT__ALGORITHM__ALG_UNSPECIFIED;
+    const char *name = arg_get(a, "name"), *alg_s = arg_get(a, "alg");
+    int rc;
+
+    if (name == NULL || name[0] == '\0')
+        return usage_error(cli, "--name is required");
+    if (alg_s == NULL)
+        return usage_error(cli, "--alg is required");
+    rc = parse_alg(cli, alg_s, &alg);
+    if (rc != 0)
+        return rc;
+    rc = parse_tags(cli, a, &tags);
+    if (rc != 0)
+        goto out;
+    if (import) {
+        const char *file = arg_get(a, "file");
+        if (file == NULL) {
+            rc = usage_error(cli, "--file is required");
+            goto out;
+        }
+        rc = read_file(cli, file, &raw);
+        if (rc != 0)
+            goto out;
+        if (alg_is_asymmetric(alg)) {
+            rc = to_pkcs8(cli, file, &raw, &material);
+            if (rc != 0)
+                goto out;
+        } else {
+            material = raw;
+            raw = (kr_buf){0};
+        }
+        imp.name = (char *)name;
+        imp.algorithm = alg;
+        imp.material.data = material.data;
+        imp.material.len = material.len;
+        imp.n_tags = tags.n;
+        imp.tags = tags.ptrs;
+        imp.pre_active = arg_has(a, "pre-active");
+        imp.non_exportable = arg_has(a, "non-exportable");
+        req.op_case = KEYRAFT__REQUEST__OP_IMPORT;
+        req.import = &imp;
+    } else {
+        create.name = (char *)name;
+        create.algorithm = alg;
+        create.n_tags = tags.n;
+        create.tags = tags.ptrs;
+        create.pre_active = arg_has(a, "pre-active");
+        create.non_exportable = arg_has(a, "non-exportable");
+        req.op_case = KEYRAFT__REQUEST__OP_CREATE;
+        req.create = &create;
+    }
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
+    if (rc == 0)
+        rc = print_key_result(cli, resp, 1);
+out:
+    kr_response_free(resp);
+    kr_buf_free(&raw);
+    kr_buf_free(&material);
+    tags_free(&tags);
+    return rc;
+}
+
+static int cmd_create(struct cli *cli, const struct args *a)
+{
+    return create_or_import(cli, a, 0);
+}
+
+static int cmd_import(struct cli *cli, const struct args *a)
+{
+    return create_or_import(cli, a, 1);
+}
+
+static int cmd_get(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__GetKeyRequest op = KEYRAFT__GET_KEY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *name = arg_get(a, "name");
+    int rc;
+
+    if ((a->n_pos == 1) == (name != NULL))
+        return usage_error(cli, "give either a key id or --name NAME");
+    if (name != NULL) {
+        if (name[0] == '\0')
+            return usage_error(cli, "--name is empty");
+        ref.name = (char *)name;
+    } else if ((rc = key_ref(cli, a->pos[0], &ref)) != 0) {
+        return rc;
+    }
+    op.key = &ref;
+    req.op_case = KEYRAFT__REQUEST__OP_GET;
+    req.get = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
+    if (rc == 0)
+        rc = print_key_result(cli, resp, 0);
+    kr_response_free(resp);
+    return rc;
+}
+
+static int cmd_list(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ListKeysRequest op = KEYRAFT__LIST_KEYS_REQUEST__INIT;
+    Keyraft__Tag tag = KEYRAFT__TAG__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *s;
+    int rc = 0;
+
+    if ((s = arg_get(a, "alg")) != NULL && (rc = parse_alg(cli, s, &op.algorithm)) != 0)
+        return rc;
+    if ((s = arg_get(a, "state")) != NULL) {
+        op.state = kr_state_parse(s);
+        if (op.state == KEYRAFT__KEY_STATE__STATE_UNSPECIFIED)
+            return usage_error(cli,
+                               "unknown state \"%s\" (pre-active, active, deactivated, "
+                               "compromised, destroyed, destroyed-compromised)",
+                               s);
+    }
+    if ((s = arg_get(a, "tag")) != NULL) {
+        if ((rc = parse_tag(cli, s, &tag)) != 0)
+            return rc;
+        op.tag = &tag;
+    }
+    if ((s = arg_get(a, "limit")) != NULL &&
+        (rc = parse_u32(cli, "--limit", s, 1, UINT32_MAX, &op.limit)) != 0)
+        goto out;
+    if ((s = arg_get(a, "prefix")) != NULL)
+        op.prefix = (char *)s;
+    if ((s = arg_get(a, "after")) != NULL)
+        op.after = (char *)s;
+    req.op_case = KEYRAFT__REQUEST__OP_LIST;
+    req.list = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_LIST, &resp);
+    if (rc != 0)
+        goto out;
+    if (cli->json) {
+        rc = print_json(cli, cli_json_result(resp));
+        goto out;
+    }
+    const Keyraft__ListKeysResponse *l = resp->list;
+    int w_id = 2, w_name = 4, w_alg = 9, w_state = 5;
+    for (size_t i = 0; i < l->n_keys; i++) {
+        const Keyraft__KeyAttributes *k = l->keys[i];
+        int n;
+        if ((n = (int)strlen(k->id)) > w_id)
+            w_id = n;
+        if ((n = (int)strlen(k->name)) > w_name)
+            w_name = n;
+        if ((n = (int)strlen(kr_alg_name(k->algorithm))) > w_alg)
+            w_alg = n;
+        if ((n = (int)strlen(kr_state_name(k->state))) > w_state)
+            w_state = n;
+    }
+    printf("%-*s  %-*s  %-*s  %-*s  %s\n", w_id, "ID", w_name, "NAME", w_alg, "ALGORITHM",
+           w_state, "STATE", "VERSION");
+    for (size_t i = 0; i < l->n_keys; i++) {
+        const Keyraft__KeyAttributes *k = l->keys[i];
+        printf("%-*s  %-*s  %-*s  %-*s  %u\n", w_id, k->id, w_name, k->name, w_alg,
+               kr_alg_name(k->algorithm), w_state, kr_state_name(k->state),
+               k->current_version);
+    }
+    if (l->next_cursor[0] != '\0')
+        printf("next: %s\n", l->next_cursor);
+out:
+    free(tag.key != protobuf_c_empty_string ? tag.key : NULL);
+    kr_response_free(resp);
+    return rc;
+}
+
+static int cmd_export(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ExportKeyRequest op = KEYRAFT__EXPORT_KEY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *s = arg_get(a, "version");
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if (s != NULL && (rc = parse_u32(cli, "--version", s, 1, UINT32_MAX, &op.version)) != 0)
+        return rc;
+    op.key = &ref;
+    req.op_case = KEYRAFT__REQUEST__OP_EXPORT;
+    req.export = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_EXPORT, &resp);
+    if (rc == 0) {
+        if (cli->json)
+            rc = print_json(cli, cli_json_result(resp));
+        else
+            print_hex(resp->export->material.data, resp->export->material.len);
+    }
+    kr_response_free(resp);
+    return rc;
+}
+
+static int state_change(struct cli *cli, const struct args *a, Keyraft__Request__OpCase op_case)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__StateChangeRequest op = KEYRAFT__STATE_CHANGE_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    op.key = &ref;
+    req.op_case = op_case;
+    switch (op_case) {
+    case KEYRAFT__REQUEST__OP_ACTIVATE:
+        req.activate = &op;
+        break;
+    case KEYRAFT__REQUEST__OP_DEACTIVATE:
+        req.deactivate = &op;
+        break;
+    case KEYRAFT__REQUEST__OP_DESTROY:
+        req.destroy = &op;
+        break;
+    default:
+        req.rotate = &op;
+        break;
+    }
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
+    if (rc == 0)
+        rc = print_key_result(cli, resp, 0);
+    kr_response_free(resp);
+    return rc;
+}
+
+static int cmd_activate(struct cli *cli, const struct args *a)
+{
+    return state_change(cli, a, KEYRAFT__REQUEST__OP_ACTIVATE);
+}
+
+static int cmd_deactivate(struct cli *cli, const struct args *a)
+{
+    return state_change(cli, a, KEYRAFT__REQUEST__OP_DEACTIVATE);
+}
+
+static int cmd_destroy(struct cli *cli, const struct args *a)
+{
+    return state_change(cli, a, KEYRAFT__REQUEST__OP_DESTROY);
+}
+
+static int cmd_rotate(struct cli *cli, const struct args *a)
+{
+    return state_change(cli, a, KEYRAFT__REQUEST__OP_ROTATE);
+}
+
+static int cmd_revoke(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__RevokeKeyRequest op = KEYRAFT__REVOKE_KEY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *reason = arg_get(a, "reason"), *message = arg_get(a, "message");
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if (reason == NULL)
+        return usage_error(cli, "--reason is required");
+    op.reason = kr_reason_parse(reason);
+    if (op.reason == KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED &&
+        strcmp(reason, "unspecified") != 0)
+        return usage_error(cli,
+                           "unknown reason \"%s\" (unspecified, compromised, superseded, "
+                           "cessation, affiliation-changed, privilege-withdrawn)",
+                           reason);
+    if (message != NULL)
+        op.message = (char *)message;
+    op.key = &ref;
+    req.op_case = KEYRAFT__REQUEST__OP_REVOKE;
+    req.revoke = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
+    if (rc == 0)
+        rc = print_key_result(cli, resp, 0);
+    kr_response_free(resp);
+    return rc;
+}
+
+/* Prints a bytes result raw, or the whole result as JSON. */
+static int print_bytes_result(const struct cli *cli, const Keyraft__Response *resp,
+                              const ProtobufCBinaryData *bd)
+{
+    if (cli->json)
+        return print_json(cli, cli_json_result(resp));
+    write_raw(bd->data, bd->len);
+    return 0;
+}
+
+static const char *aad_of(const struct args *a, size_t *len)
+{
+    const char *aad = arg_get(a, "aad");
+
+    *len = aad != NULL ? strlen(aad) : 0;
+    return aad;
+}
+
+static int cmd_encrypt(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__EncryptRequest op = KEYRAFT__ENCRYPT_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    kr_buf in = {0};
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if ((rc = read_stdin(cli, &in)) != 0)
+        return rc;
+    op.key = &ref;
+    op.plaintext.data = in.data;
+    op.plaintext.len = in.len;
+    op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
+    req.op_case = KEYRAFT__REQUEST__OP_ENCRYPT;
+    req.encrypt = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_ENCRYPT, &resp);
+    if (rc == 0)
+        rc = print_bytes_result(cli, resp, &resp->encrypt->ciphertext);
+    kr_response_free(resp);
+    kr_buf_free(&in);
+    return rc;
+}
+
+static int cmd_decrypt(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__DecryptRequest op = KEYRAFT__DECRYPT_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    kr_buf in = {0};
+    int rc;
+
+    if ((rc = read_stdin(cli, &in)) != 0)
+        return rc;
+    op.ciphertext.data = in.data;
+    op.ciphertext.len = in.len;
+    op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
+    req.op_case = KEYRAFT__REQUEST__OP_DECRYPT;
+    req.decrypt = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_DECRYPT, &resp);
+    if (rc == 0)
+        rc = print_bytes_result(cli, resp, &resp->decrypt->plaintext);
+    kr_response_free(resp);
+    kr_buf_free(&in);
+    return rc;
+}
+
+/* sign and mac: message on stdin, raw signature or tag on stdout. */
+static int sign_or_mac(struct cli *cli, const struct args *a, int mac)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__SignRequest op = KEYRAFT__SIGN_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    kr_buf in = {0};
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if ((rc = read_stdin(cli, &in)) != 0)
+        return rc;
+    op.key = &ref;
+    op.message.data = in.data;
+    op.message.len = in.len;
+    if (mac) {
+        req.op_case = KEYRAFT__REQUEST__OP_MAC;
+        req.mac = &op;
+    } else {
+        req.op_case = KEYRAFT__REQUEST__OP_SIGN;
+        req.sign = &op;
+    }
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_SIGN, &resp);
+    if (rc == 0)
+        rc = print_bytes_result(cli, resp, &resp->sign->signature);
+    kr_response_free(resp);
+    kr_buf_free(&in);
+    return rc;
+}
+
+static int cmd_sign(struct cli *cli, const struct args *a)
+{
+    return sign_or_mac(cli, a, 0);
+}
+
+static int cmd_mac(struct cli *cli, const struct args *a)
+{
+    return sign_or_mac(cli, a, 1);
+}
+
+/* verify and verify-mac: exit 0 when valid, 1 when not. */
+static int verify_common(struct cli *cli, const struct args *a, int mac)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__VerifyRequest op = KEYRAFT__VERIFY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *opt = mac ? "mac" : "sig";
+    const char *path = arg_get(a, opt);
+    kr_buf msg = {0}, sig = {0};
+    int rc, valid;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if (path == NULL)
+        return usage_error(cli, "--%s FILE is required", opt);
+    if ((rc = read_file(cli, path, &sig)) != 0)
+        goto out;
+    if ((rc = read_stdin(cli, &msg)) != 0)
+        goto out;
+    op.key = &ref;
+    op.message.data = msg.data;
+    op.message.len = msg.len;
+    op.signature.data = sig.data;
+    op.signature.len = sig.len;
+    if (mac) {
+        req.op_case = KEYRAFT__REQUEST__OP_VERIFY_MAC;
+        req.verify_mac = &op;
+    } else {
+        req.op_case = KEYRAFT__REQUEST__OP_VERIFY;
+        req.verify = &op;
+    }
+    if ((rc = cli_connect(cli)) != 0)
+        goto out;
+    rc = kr__call_ok(cli->client, &req, KEYRAFT__RESPONSE__RESULT_VERIFY, &resp);
+    if (rc == KR_EAUTH) { /* a node may report a mismatch as a status */
+        valid = 0;
+    } else if (rc != 0) {
+        rc = fail_call(cli, rc);
+        goto out;
+    } else {
+        valid = resp->verify->valid != 0;
+    }
+    if (cli->json) {
+        rc = print_json(cli, json_pack("{s:b}", "valid", valid));
+        if (rc != 0)
+            goto out;
+    } else {
+        printf("%s\n", valid ? "valid" : "invalid");
+    }
+    rc = valid ? 0 : EXIT_FAILURE;
+out:
+    kr_response_free(resp);
+    kr_buf_free(&msg);
+    kr_buf_free(&sig);
+    return rc;
+}
+
+static int cmd_verify(struct cli *cli, const struct args *a)
+{
+    return verify_common(cli, a, 0);
+}
+
+static int cmd_verify_mac(struct cli *cli, const struct args *a)
+{
+    return verify_common(cli, a, 1);
+}
+
+static int cmd_datakey(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__DataKeyRequest op = KEYRAFT__DATA_KEY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    const char *bits = arg_get(a, "bits");
+    char *pt = NULL, *wrapped = NULL;
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    op.bits = 256;
+    if (bits != NULL) {
+        if (strcmp(bits, "128") != 0 && strcmp(bits, "256") != 0)
+            return usage_error(cli, "--bits must be 128 or 256");
+        op.bits = (uint32_t)atoi(bits);
+    }
+    op.key = &ref;
+    op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
+    req.op_case = KEYRAFT__REQUEST__OP_DATA_KEY;
+    req.data_key = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_DATA_KEY, &resp);
+    if (rc != 0)
+        goto out;
+    if (cli->json) {
+        rc = print_json(cli, cli_json_result(resp));
+        goto out;
+    }
+    pt = cli_base64(resp->data_key->plaintext.data, resp->data_key->plaintext.len);
+    wrapped = cli_base64(resp->data_key->wrapped.data, resp->data_key->wrapped.len);
+    if (pt == NULL || wrapped == NULL) {
+        rc = fail(cli, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    printf("plaintext: %s\nwrapped: %s\n", pt, wrapped);
+out:
+    if (pt != NULL) {
+        OPENSSL_cleanse(pt, strlen(pt));
+        free(pt);
+    }
+    free(wrapped);
+    kr_response_free(resp);
+    return rc;
+}
+
+static int wrap_or_unwrap(struct cli *cli, const struct args *a, int unwrap)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__WrapRequest wop = KEYRAFT__WRAP_REQUEST__INIT;
+    Keyraft__UnwrapRequest uop = KEYRAFT__UNWRAP_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+    kr_buf in = {0};
+    int rc;
+
+    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+        return rc;
+    if ((rc = read_stdin(cli, &in)) != 0)
+        return rc;
+    if (unwrap) {
+        uop.key = &ref;
+        uop.wrapped.data = in.data;
+        uop.wrapped.len = in.len;
+        req.op_case = KEYRAFT__REQUEST__OP_UNWRAP;
+        req.unwrap = &uop;
+        rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_UNWRAP, &resp);
+        if (rc == 0)
+            rc = print_bytes_result(cli, resp, &resp->unwrap->material);
+    } else {
+        wop.key = &ref;
+        wop.material.data = in.data;
+        wop.material.len = in.len;
+        req.op_case = KEYRAFT__REQUEST__OP_WRAP;
+        req.wrap = &wop;
+        rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_WRAP, &resp);
+        if (rc == 0)
+            rc = print_bytes_result(cli, resp, &resp->wrap->wrapped);
+    }
+    kr_response_free(resp);
+    kr_buf_free(&in);
+    return rc;
+}
+
+static int cmd_wrap(struct cli *cli, const struct args *a)
+{
+    return wrap_or_unwrap(cli, a, 0);
+}
+
+static int cmd_unwrap(struct cli *cli, const struct args *a)
+{
+    return wrap_or_unwrap(cli, a, 1);
+}
+
+static int cmd_random(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__RandomRequest op = KEYRAFT__RANDOM_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    if ((rc = parse_u32(cli, "length", a->pos[0], 1, INPUT_MAX, &op.length)) != 0)
+        return rc;
+    req.op_case = KEYRAFT__REQUEST__OP_RANDOM;
+    req.random = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_RANDOM, &resp);
+    if (rc == 0) {
+        if (!cli->json && arg_has(a, "hex"))
+            print_hex(resp->random->data.data, resp->random->data.len);
+        else
+            rc = print_bytes_result(cli, resp, &resp->random->data);
+    }
+    kr_response_free(resp);
+    return rc;
+}
+
+static int cmd_status(struct cli *cli, const struct args *a)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__StatusRequest op = KEYRAFT__STATUS_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    (void)a;
+    req.op_case = KEYRAFT__REQUEST__OP_STATUS;
+    req.status = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_NODE_STATUS, &resp);
+    if (rc == 0) {
+        json_t *j = cli_json_result(resp);
+        if (cli->json) {
+            rc = print_json(cli, j);
+        } else if (j == NULL) {
+            rc = fail(cli, KR_ENOMEM, "out of memory");
+        } else {
+            cli_print_flat(stdout, j);
+            json_decref(j);
+        }
+    }
+    kr_response_free(resp);
+    return rc;
+}
+
+/* ---- command table ------------------------------------------------------------------ */
+
+static const struct optspec opts_none[] = {{NULL, 0}};
+static const struct optspec opts_create[] = {
+    {"name", OPT_ARG},        {"alg", OPT_ARG},           {"tag", OPT_MULTI},
+    {"pre-active", OPT_FLAG}, {"non-exportable", OPT_FLAG}, {NULL, 0}};
+static const struct optspec opts_import[] = {
+    {"name", OPT_ARG},        {"alg", OPT_ARG},           {"file", OPT_ARG}, {"tag", OPT_MULTI},
+    {"pre-active", OPT_FLAG}, {"non-exportable", OPT_FLAG}, {NULL, 0}};
+static const struct optspec opts_get[] = {{"name", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_list[] = {{"alg", OPT_ARG},    {"state", OPT_ARG},
+                                           {"tag", OPT_ARG},    {"prefix", OPT_ARG},
+                                           {"limit", OPT_ARG},  {"after", OPT_ARG},
+                                           {NULL, 0}};
+static const struct optspec opts_export[] = {{"version", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_revoke[] = {
+    {"reason", OPT_ARG}, {"message", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_aad[] = {{"aad", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_verify[] = {{"sig", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_verify_mac[] = {{"mac", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_datakey[] = {{"bits", OPT_ARG}, {"aad", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_random[] = {{"hex", OPT_FLAG}, {NULL, 0}};
+
+static const struct command commands[] = {
+    {"create", cmd_create, opts_create, 0, 0,
+     "create --name N --alg A [--tag k=v]... [--pre-active] [--non-exportable]",
+     "Creates a key; prints its id."},
+    {"get", cmd_get, opts_get, 0, 1, "get ID|name:N|--name N", "Shows a key's attributes."},
+    {"list", cmd_list, opts_list, 0, 0,
+     "list [--alg A] [--state S] [--tag k=v] [--prefix P] [--limit N] [--after CURSOR]",
+     "Lists keys, a page at a time; \"next: CURSOR\" names the next page."},
+    {"export", cmd_export, opts_export, 1, 1, "export ID [--version V]",
+     "Prints a key version's material (hex; base64 with --json)."},
+    {"import", cmd_import, opts_import, 0, 0,
+     "import --name N --alg A --file F [--tag k=v]... [--pre-active] [--non-exportable]",
+     "Imports a key: raw bytes for aes/hmac, a PEM or DER private key otherwise."},
+    {"activate", cmd_activate, opts_none, 1, 1, "activate ID", "Activates a pre-active key."},
+    {"deactivate", cmd_deactivate, opts_none, 1, 1, "deactivate ID",
+     "Deactivates a key: it may still decrypt and verify."},
+    {"revoke", cmd_revoke, opts_revoke, 1, 1, "revoke ID --reason R [--message M]",
+     "Revokes a key (reasons: unspecified, compromised, superseded, cessation, "
+     "affiliation-changed, privilege-withdrawn)."},
+    {"destroy", cmd_destroy, opts_none, 1, 1, "destroy ID",
+     "Destroys a key's material; the attributes stay."},
+    {"rotate", cmd_rotate, opts_none, 1, 1, "rotate ID", "Makes a new version of a key."},
+    {"encrypt", cmd_encrypt, opts_aad, 1, 1, "encrypt ID [--aad S] <plaintext >ciphertext",
+     "Encrypts stdin; raw ciphertext on stdout (base64 in JSON with --json)."},
+    {"decrypt", cmd_decrypt, opts_aad, 0, 0, "decrypt [--aad S] <ciphertext >plaintext",
+     "Decrypts stdin; the ciphertext names its key."},
+    {"sign", cmd_sign, opts_none, 1, 1, "sign ID <message >signature",
+     "Signs stdin; raw signature on stdout."},
+    {"verify", cmd_verify, opts_verify, 1, 1, "verify ID --sig FILE <message",
+     "Prints valid or invalid; exit 0 when valid, 1 when not."},
+    {"mac", cmd_mac, opts_none, 1, 1, "mac ID <message >mac", "MACs stdin; raw MAC on stdout."},
+    {"verify-mac", cmd_verify_mac, opts_verify_mac, 1, 1, "verify-mac ID --mac FILE <message",
+     "Prints valid or invalid; exit 0 when valid, 1 when not."},
+    {"datakey", cmd_datakey, opts_datakey, 1, 1, "datakey ID [--bits 128|256] [--aad S]",
+     "Makes a data key: its plaintext and its encryption under ID (base64)."},
+    {"wrap", cmd_wrap, opts_none, 1, 1, "wrap ID <material >wrapped",
+     "Wraps stdin under ID (AES-KWP)."},
+    {"unwrap", cmd_unwrap, opts_none, 1, 1, "unwrap ID <wrapped >material",
+     "Unwraps stdin under ID."},
+    {"random", cmd_random, opts_random, 1, 1, "random N [--hex]",
+     "N random bytes from the cluster, raw (or hex) on stdout."},
+    {"status", cmd_status, opts_none, 0, 0, "status", "Shows the node's role and raft state."},
+};
+
+#define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
+
+static const char global_usage[] =
+    "usage: keyraft [--config FILE] [--endpoint HOST:PORT[,...]] [--json] COMMAND ...\n"
+    "global options (also accepted after the command):\n"
+    "  --config FILE        client config (default: $KEYRAFT_CONFIG,\n"
+    "                       ~/.config/keyraft/client.conf, ./keyraft-data/client.conf)\n"
+    "  --endpoint LIST      nodes to talk to, overriding the config\n"
+    "  --ca/--cert/--key F  TLS files, overriding the config\n"
+    "  --timeout-ms N       per-request timeout\n"
+    "  --json               JSON output\n"
+    "  --help               this text, or a command's with COMMAND --help\n"
+    "commands:\n";
+
+static void print_global_usage(FILE *out)
+{
+    fputs(global_usage, out);
+    for (size_t i = 0; i < N_COMMANDS; i++)
+        fprintf(out, "  %s\n", commands[i].usage);
+}
+
+static const struct command *find_command(const char *name)
+{
+    for (size_t i = 0; i < N_COMMANDS; i++)
+        if (strcmp(commands[i].name, name) == 0)
+            return &commands[i];
+    return NULL;
+}
+
+static const struct optspec *find_opt(const struct optspec *opts, const char *name,
+                                      size_t name_len)
+{
+    for (; opts->name != NULL; opts++)
+        if (strlen(opts->name) == name_len && strncmp(opts->name, name, name_len) == 0)
+            return opts;
+    return NULL;
+}
+
+static const struct optspec global_opts[] = {
+    {"config", OPT_ARG}, {"endpoint", OPT_ARG},   {"ca", OPT_ARG},  {"cert", OPT_ARG},
+    {"key", OPT_ARG},    {"timeout-ms", OPT_ARG}, {"json", OPT_FLAG}, {"help", OPT_FLAG},
+    {NULL, 0}};
+
+static void set_global(struct cli *cli, const char *name, const char *val, int *help)
+{
+    if (strcmp(name, "config") == 0)
+        cli->config_path = val;
+    else if (strcmp(name, "endpoint") == 0)
+        cli->endpoint = val;
+    else if (strcmp(name, "ca") == 0)
+        cli->ca = val;
+    else if (strcmp(name, "cert") == 0)
+        cli->cert = val;
+    else if (strcmp(name, "key") == 0)
+        cli->key = val;
+    else if (strcmp(name, "timeout-ms") == 0)
+        cli->timeout = val;
+    else if (strcmp(name, "json") == 0)
+        cli->json = 1;
+    else
+        *help = 1;
+}
+
+/* Splits argv into global options, the command, its options and its
+ * positional arguments. Returns 0 or EXIT_USAGE (the error printed). */
+static int parse_argv(struct cli *cli, int argc, char **argv, struct args *a, int *help)
+{
+    int only_pos = 0;
+
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+
+        if (!only_pos && strcmp(arg, "--") == 0) {
+            only_pos = 1;
+            continue;
+        }
+        if (!only_pos && strcmp(arg, "-h") == 0) {
+            *help = 1;
+            continue;
+        }
+        if (!only_pos && arg[0] == '-' && arg[1] != '\0') {
+            const char *name = arg[1] == '-' ? arg + 2 : arg + 1;
+            const char *eq = strchr(name, '=');
+            size_t name_len = eq != NULL ? (size_t)(eq - name) : strlen(name);
+            const struct optspec *o = find_opt(global_opts, name, name_len);
+            int global = o != NULL;
+            const char *val = NULL;
+
+            if (arg[1] != '-')
+                return usage_error(cli, "unknown option %s (options start with --)", arg);
+            if (o == NULL && cli->cmd != NULL)
+                o = find_opt(cli->cmd->opts, name, name_len);
+            if (o == NULL)
+                return usage_error(cli, "unknown option --%.*s", (int)name_len, name);
+            if (o->kind & OPT_ARG) {
+                if (eq != NULL)
+                    val = eq + 1;
+                else if (i + 1 < argc)
+                    val = argv[++i];
+                else
+                    return usage_error(cli, "--%s needs a value", o->name);
+            } else if (eq != NULL) {
+                return usage_error(cli, "--%s takes no value", o->name);
+            }
+            if (global) {
+                set_global(cli, o->name, val, help);
+                continue;
+            }
+            if (a->n_kv == MAX_ARGS)
+                return usage_error(cli, "too many options");
+            a->kv[a->n_kv].name = o->name;
+            a->kv[a->n_kv].val = val;
+            a->n_kv++;
+            continue;
+        }
+        if (cli->cmd == NULL) {
+            cli->cmd = find_command(arg);
+            if (cli->cmd == NULL)
+                return usage_error(cli, "unknown command \"%s\"", arg);
+            continue;
+        }
+        if (a->n_pos == cli->cmd->max_pos || a->n_pos == MAX_POS)
+            return usage_error(cli, "unexpected argument \"%s\"", arg);
+        a->pos[a->n_pos++] = arg;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct cli cli = {0};
+    struct args a = {0};
+    int help = 0, rc;
+
+    rc = parse_argv(&cli, argc, argv, &a, &help);
+    if (rc != 0)
+        return rc;
+    if (help) {
+        if (cli.cmd != NULL)
+            printf("usage: keyraft [global options] %s\n%s\n", cli.cmd->usage, cli.cmd->help);
+        else
+            print_global_usage(stdout);
+        return finish_output(&cli, 0);
+    }
+    if (cli.cmd == NULL) {
+        print_global_usage(stderr);
+        return EXIT_USAGE;
+    }
+    if (a.n_pos < cli.cmd->min_pos)
+        return usage_error(&cli, "missing argument");
+    rc = cli.cmd->run(&cli, &a);
+    rc = finish_output(&cli, rc);
+    kr_client_free(cli.client);
+    kr_client_file_free(cli.file);
+    return rc;
+}

@@ -1,0 +1,126 @@
+/* status.c: status code names and descriptions, and the algorithm, state and
+ * revocation reason names the CLI and JSON show. */
+#include "keyraft.h"
+
+#include <stddef.h>
+#include <string.h>
+
+struct status_entry {
+    int code;
+    const char *name;
+    const char *text;
+};
+
+static const struct status_entry status_table[] = {
+    {KR_OK, "KR_OK", "success"},
+    {KR_EINVAL, "KR_EINVAL", "invalid argument or request"},
+    {KR_ENOTFOUND, "KR_ENOTFOUND", "no such key, domain or name"},
+    {KR_EEXIST, "KR_EEXIST", "the name is taken in this domain"},
+    {KR_ESTATE, "KR_ESTATE", "the key's state forbids the operation"},
+    {KR_EKEYTYPE, "KR_EKEYTYPE", "the key's algorithm does not fit the operation"},
+    {KR_EPERM, "KR_EPERM", "refused by policy"},
+    {KR_EAUTH, "KR_EAUTH", "integrity check failed: bad tag, signature or MAC"},
+    {KR_ENOMEM, "KR_ENOMEM", "out of memory"},
+    {KR_EIO, "KR_EIO", "storage error"},
+    {KR_EHSM, "KR_EHSM", "the HSM refused or failed"},
+    {KR_ECRYPTO, "KR_ECRYPTO", "a cryptographic primitive failed"},
+    {KR_EPROTO, "KR_EPROTO", "malformed frame or message"},
+    {KR_ETOOBIG, "KR_ETOOBIG", "a frame or field exceeds its limit"},
+    {KR_ENOTLEADER, "KR_ENOTLEADER", "this node is not the leader"},
+    {KR_EUNAVAIL, "KR_EUNAVAIL", "no quorum, shutting down, or not ready"},
+    {KR_ETIMEDOUT, "KR_ETIMEDOUT", "no answer in time"},
+    {KR_ECONN, "KR_ECONN", "cannot connect, or the connection broke"},
+    {KR_ETLS, "KR_ETLS", "TLS handshake or certificate failure"},
+    {KR_ECONFIG, "KR_ECONFIG", "bad configuration"},
+    {KR_EBUSY, "KR_EBUSY", "overloaded: retry later"},
+    {KR_EINTERNAL, "KR_EINTERNAL", "internal error (a bug: please report)"},
+    {KR_EUNSUPPORTED, "KR_EUNSUPPORTED", "not supported by this build or algorithm"},
+};
+
+static const struct status_entry *status_find(int status)
+{
+    for (size_t i = 0; i < sizeof(status_table) / sizeof(status_table[0]); i++) {
+        if (status_table[i].code == status)
+            return &status_table[i];
+    }
+    return NULL;
+}
+
+const char *kr_strerror(int status)
+{
+    const struct status_entry *e = status_find(status);
+    return e != NULL ? e->text : "unknown error";
+}
+
+const char *kr_status_name(int status)
+{
+    const struct status_entry *e = status_find(status);
+    return e != NULL ? e->name : "KR_EUNKNOWN";
+}
+
+/* Index = enum value; entry 0 is the UNSPECIFIED value of each enum. */
+static const char *const alg_names[] = {
+    "unspecified", "aes-128",  "aes-256", "hmac-sha256", "hmac-sha512", "rsa-2048",
+    "rsa-3072",    "rsa-4096", "ec-p256", "ec-p384",     "ed25519",
+};
+
+static const char *const state_names[] = {
+    "unspecified", "pre-active", "active",   "deactivated",
+    "compromised", "destroyed",  "destroyed-compromised",
+};
+
+static const char *const reason_names[] = {
+    "unspecified",         "compromised",        "superseded", "cessation",
+    "affiliation-changed", "privilege-withdrawn",
+};
+
+#define NAMES_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+static const char *name_of(const char *const *names, size_t n, int value)
+{
+    if (value < 0 || (size_t)value >= n)
+        return "unknown";
+    return names[value];
+}
+
+/* Returns the index of |name| in |names|, or 0 (UNSPECIFIED) when unknown. */
+static int parse_name(const char *const *names, size_t n, const char *name)
+{
+    if (name == NULL)
+        return 0;
+    for (size_t i = 1; i < n; i++) {
+        if (strcmp(names[i], name) == 0)
+            return (int)i;
+    }
+    return 0;
+}
+
+const char *kr_alg_name(Keyraft__Algorithm alg)
+{
+    return name_of(alg_names, NAMES_LEN(alg_names), (int)alg);
+}
+
+Keyraft__Algorithm kr_alg_parse(const char *name)
+{
+    return (Keyraft__Algorithm)parse_name(alg_names, NAMES_LEN(alg_names), name);
+}
+
+const char *kr_state_name(Keyraft__KeyState state)
+{
+    return name_of(state_names, NAMES_LEN(state_names), (int)state);
+}
+
+Keyraft__KeyState kr_state_parse(const char *name)
+{
+    return (Keyraft__KeyState)parse_name(state_names, NAMES_LEN(state_names), name);
+}
+
+const char *kr_reason_name(Keyraft__RevokeReason reason)
+{
+    return name_of(reason_names, NAMES_LEN(reason_names), (int)reason);
+}
+
+Keyraft__RevokeReason kr_reason_parse(const char *name)
+{
+    return (Keyraft__RevokeReason)parse_name(reason_names, NAMES_LEN(reason_names), name);
+}

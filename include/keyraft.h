@@ -1,0 +1,132 @@
+/* keyraft.h: the public C client API of keyraft (libkeyraft). */
+#ifndef KEYRAFT_H
+#define KEYRAFT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keyraft.pb-c.h" /* generated from proto/keyraft.proto: the wire protocol */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes: 0 or a negative KR_E* value. The same table travels on the
+ * wire in Response.status, so a client sees exactly what the node decided. */
+enum {
+    KR_OK = 0,
+    KR_EINVAL = -1,       /* invalid argument or request */
+    KR_ENOTFOUND = -2,    /* no such key, domain or name */
+    KR_EEXIST = -3,       /* the name is taken in this domain */
+    KR_ESTATE = -4,       /* the key's state forbids the operation */
+    KR_EKEYTYPE = -5,     /* the key's algorithm does not fit the operation */
+    KR_EPERM = -6,        /* refused by policy */
+    KR_EAUTH = -7,        /* integrity check failed: bad tag, signature or MAC */
+    KR_ENOMEM = -8,       /* out of memory */
+    KR_EIO = -9,          /* storage error */
+    KR_EHSM = -10,        /* the HSM refused or failed */
+    KR_ECRYPTO = -11,     /* a cryptographic primitive failed */
+    KR_EPROTO = -12,      /* malformed frame or message */
+    KR_ETOOBIG = -13,     /* a frame or field exceeds its limit */
+    KR_ENOTLEADER = -14,  /* this node is not the leader */
+    KR_EUNAVAIL = -15,    /* no quorum, shutting down, or not ready */
+    KR_ETIMEDOUT = -16,   /* no answer in time */
+    KR_ECONN = -17,       /* cannot connect, or the connection broke */
+    KR_ETLS = -18,        /* TLS handshake or certificate failure */
+    KR_ECONFIG = -19,     /* bad configuration */
+    KR_EBUSY = -20,       /* overloaded: retry later */
+    KR_EINTERNAL = -21,   /* a bug: please report */
+    KR_EUNSUPPORTED = -22 /* not supported by this build or algorithm */
+};
+
+/* A static English description of a status code; never NULL. */
+const char *kr_strerror(int status);
+
+/* The symbolic name ("KR_ENOTFOUND") of a status code; never NULL. */
+const char *kr_status_name(int status);
+
+/* Algorithm and state names, as the CLI and JSON show them ("aes-256",
+ * "active"). _parse returns 0 (ALG_UNSPECIFIED / STATE_UNSPECIFIED) for an
+ * unknown name. */
+const char *kr_alg_name(Keyraft__Algorithm alg);
+Keyraft__Algorithm kr_alg_parse(const char *name);
+const char *kr_state_name(Keyraft__KeyState state);
+Keyraft__KeyState kr_state_parse(const char *name);
+const char *kr_reason_name(Keyraft__RevokeReason reason);
+Keyraft__RevokeReason kr_reason_parse(const char *name);
+
+/* Where and how to connect. Strings are borrowed by kr_client_new. */
+typedef struct kr_client_config {
+    const char *endpoints; /* "HOST:PORT[,HOST:PORT...]" */
+    const char *ca_file;   /* PEM CA that signed the nodes' certificates */
+    const char *cert_file; /* PEM client certificate (names the principal) */
+    const char *key_file;  /* PEM private key of cert_file */
+    int timeout_ms;        /* per request; 0: 30000 */
+} kr_client_config;
+
+/* A loaded client config file (INI, section [client]: endpoints, ca, cert,
+ * key, timeout_ms). Relative paths are resolved against the file's directory. */
+typedef struct kr_client_file kr_client_file;
+
+/* Loads |path|, or when NULL the first of $KEYRAFT_CONFIG,
+ * ~/.config/keyraft/client.conf, ./keyraft-data/client.conf.
+ * On success *out_file is owned by the caller and *out_cfg borrows from it. */
+int kr_client_file_load(const char *path, kr_client_file **out_file,
+                        kr_client_config *out_cfg);
+void kr_client_file_free(kr_client_file *file);
+
+typedef struct kr_client kr_client;
+
+/* Makes a client; it connects lazily on the first call and follows the
+ * endpoint list on connection failure. */
+int kr_client_new(const kr_client_config *cfg, kr_client **out_client);
+void kr_client_free(kr_client *client);
+
+/* The last error's detail: the node's message, or a local one. Valid until
+ * the next call on |client|. */
+const char *kr_client_last_error(const kr_client *client);
+
+/* The raft commit index of the last write acknowledged to this client; sent
+ * as min_index on later reads (read-your-writes). */
+uint64_t kr_client_last_index(const kr_client *client);
+
+/* Sends |req| and waits for its Response. The client sets req->id and, for
+ * writes without one, req->request_id. Returns 0 and *out_resp (free it with
+ * kr_response_free) when a Response arrived, whatever its status; a
+ * transport failure returns a negative code and no response. */
+int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_resp);
+void kr_response_free(Keyraft__Response *resp);
+
+/* A byte buffer owned by the caller. kr_buf_free wipes it before freeing. */
+typedef struct kr_buf {
+    uint8_t *data;
+    size_t len;
+} kr_buf;
+void kr_buf_free(kr_buf *buf);
+
+/* Typed calls. Each returns 0 or a KR_E* code (the node's status, or a
+ * transport code), with the detail in kr_client_last_error. A key is named by
+ * |key_id|, or by name when it starts with "name:". */
+int kr_create_key(kr_client *c, const char *name, Keyraft__Algorithm alg,
+                  const Keyraft__Tag *const *tags, size_t n_tags,
+                  Keyraft__KeyAttributes **out_attrs);
+int kr_get_key(kr_client *c, const char *key, Keyraft__KeyAttributes **out_attrs);
+void kr_key_attributes_free(Keyraft__KeyAttributes *attrs);
+int kr_encrypt(kr_client *c, const char *key, const uint8_t *pt, size_t pt_len,
+               const uint8_t *aad, size_t aad_len, kr_buf *out_ciphertext);
+int kr_decrypt(kr_client *c, const uint8_t *ct, size_t ct_len,
+               const uint8_t *aad, size_t aad_len, kr_buf *out_plaintext);
+int kr_sign(kr_client *c, const char *key, const uint8_t *msg, size_t msg_len,
+            kr_buf *out_signature);
+int kr_verify(kr_client *c, const char *key, const uint8_t *msg, size_t msg_len,
+              const uint8_t *sig, size_t sig_len, int *out_valid);
+int kr_random(kr_client *c, size_t len, kr_buf *out_bytes);
+
+/* Frame limit both sides enforce (bytes of one protobuf message). */
+#define KR_MAX_FRAME (4u * 1024u * 1024u)
+#define KR_DEFAULT_PORT 7300
+
+#ifdef __cplusplus
+}
+#endif
+#endif

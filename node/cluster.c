@@ -1,0 +1,463 @@
+/* cluster.c: canonical/raft setup and proposal batching. Runs on the loop
+ * given to cluster_start; not thread safe. */
+#include "cluster.h"
+
+#define KR_LOG_MODULE "cluster"
+#include <raft.h>
+#include <raft/uv.h>
+#include <stdio.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "keyraft.h"
+#include "log.h"
+
+#define CLUSTER_MAX_IN_FLIGHT 64   /* entries; each holds many commands */
+#define CLUSTER_MAX_QUEUED 65536   /* commands waiting for an entry */
+#define SNAPSHOT_MAGIC 0x4b52534e41500001ull /* "KRSNAP" v1 */
+
+struct waiter {
+    cluster_done_cb cb;
+    void *arg;
+};
+
+struct pending {
+    uint8_t *bytes; /* packed Command */
+    size_t len;
+    struct waiter waiter;
+};
+
+struct proposal {
+    struct raft_apply req;
+    struct cluster *cluster;
+    size_t n;
+    struct waiter waiters[];
+};
+
+struct cluster {
+    uv_loop_t *loop;
+    struct raft raft;
+    struct raft_io io;
+    struct raft_uv_transport transport;
+    struct raft_fsm raft_fsm;
+    struct fsm *fsm;
+    struct store *store;
+    uv_prepare_t flusher;
+    struct pending *queue;
+    size_t queued;
+    size_t queue_cap;
+    unsigned in_flight;
+    int stopping;
+    void (*stop_cb)(void *arg);
+    void *stop_arg;
+    char address[64];
+};
+
+/* --- FSM adapter --------------------------------------------------------------- */
+
+static uint64_t next_index(void *arg)
+{
+    struct cluster *c = arg;
+    return raft_last_applied(&c->raft) + 1;
+}
+
+static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf, void **result)
+{
+    struct cluster *c = raft_fsm->data;
+    struct fsm_result *res = NULL;
+    int rv = fsm_apply(c->fsm, buf->base, buf->len, &res);
+    if (rv != 0)
+        return RAFT_IOERR; /* raft retries this entry */
+    *result = res;
+    return 0;
+}
+
+/* The raft snapshot is a manifest: the store's data at or past its index is
+ * made durable first, so compacting the log never loses an applied entry. */
+static int fsm_snapshot_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[], unsigned *n)
+{
+    struct cluster *c = raft_fsm->data;
+    int rv = store_flush(c->store);
+    if (rv != 0) {
+        log_error("snapshot: store flush failed: %s", kr_strerror(rv));
+        return RAFT_IOERR;
+    }
+    struct raft_buffer *b = raft_malloc(sizeof(*b));
+    if (b == NULL)
+        return RAFT_NOMEM;
+    b->len = 16;
+    b->base = raft_malloc(b->len);
+    if (b->base == NULL) {
+        raft_free(b);
+        return RAFT_NOMEM;
+    }
+    uint8_t *p = b->base;
+    uint64_t fields[2] = {SNAPSHOT_MAGIC, store_applied_index(c->store)};
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 8; i++)
+            p[f * 8 + i] = (uint8_t)(fields[f] >> (56 - 8 * i));
+    *bufs = b;
+    *n = 1;
+    return 0;
+}
+
+static int fsm_restore_cb(struct raft_fsm *raft_fsm, struct raft_buffer *buf)
+{
+    struct cluster *c = raft_fsm->data;
+    const uint8_t *p = buf->base;
+    uint64_t fields[2] = {0, 0};
+    int rv = 0;
+    if (buf->len != 16) {
+        rv = RAFT_MALFORMED;
+        goto out;
+    }
+    for (int f = 0; f < 2; f++)
+        for (int i = 0; i < 8; i++)
+            fields[f] = (fields[f] << 8) | p[f * 8 + i];
+    if (fields[0] != SNAPSHOT_MAGIC) {
+        rv = RAFT_MALFORMED;
+        goto out;
+    }
+    if (store_applied_index(c->store) < fields[1]) {
+        /* The log before this index is gone and the store does not hold it. */
+        log_error("snapshot at index %llu is past the store (applied %llu): the data "
+                  "directory is incomplete; restore it from a peer or a backup",
+                  (unsigned long long)fields[1],
+                  (unsigned long long)store_applied_index(c->store));
+        rv = RAFT_CORRUPT;
+        goto out;
+    }
+out:
+    raft_free(buf->base);
+    return rv;
+}
+
+/* --- proposals ----------------------------------------------------------------- */
+
+static void finish_waiters(struct waiter *w, size_t n, const struct fsm_result *res, int status)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct fsm_op_result r = {.status = status};
+        if (res != NULL && i < res->n)
+            r = res->ops[i];
+        w[i].cb(w[i].arg, &r);
+    }
+}
+
+static void apply_done(struct raft_apply *req, int status, void *result)
+{
+    struct proposal *p = req->data;
+    struct cluster *c = p->cluster;
+    c->in_flight--;
+    struct fsm_result *res = fsm_take_result(c->fsm, result);
+    if (status != 0) {
+        int st = status == RAFT_LEADERSHIPLOST || status == RAFT_NOTLEADER ? KR_ENOTLEADER
+                                                                           : KR_EUNAVAIL;
+        log_warn("entry %llu: %s", (unsigned long long)req->index, raft_strerror(status));
+        finish_waiters(p->waiters, p->n, NULL, st);
+    } else if (res == NULL) {
+        finish_waiters(p->waiters, p->n, NULL, KR_EUNAVAIL);
+    } else {
+        finish_waiters(p->waiters, p->n, res, 0);
+    }
+    free(res);
+    free(p);
+}
+
+static size_t varint_len(size_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static size_t put_varint(uint8_t *p, size_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* Packs queued commands into one CommandBatch entry: field 1, length
+ * delimited, once per already packed Command. */
+static void flush_one_entry(struct cluster *c)
+{
+    size_t n = 0, bytes = 0;
+    while (n < c->queued && n < COMMAND_BATCH_MAX_OPS) {
+        size_t add = 1 + varint_len(c->queue[n].len) + c->queue[n].len;
+        if (n > 0 && bytes + add > COMMAND_BATCH_MAX_BYTES)
+            break;
+        bytes += add;
+        n++;
+    }
+    struct proposal *p = malloc(sizeof(*p) + n * sizeof(p->waiters[0]));
+    size_t entry_len = command_entry_size(bytes);
+    uint8_t *buf = raft_malloc(entry_len);
+    if (p == NULL || buf == NULL) {
+        free(p);
+        raft_free(buf);
+        return; /* retried on the next loop iteration */
+    }
+    size_t off = COMMAND_ENTRY_HEADER;
+    for (size_t i = 0; i < n; i++) {
+        buf[off++] = 0x0a;
+        off += put_varint(buf + off, c->queue[i].len);
+        memcpy(buf + off, c->queue[i].bytes, c->queue[i].len);
+        off += c->queue[i].len;
+        p->waiters[i] = c->queue[i].waiter;
+    }
+    command_entry_frame(buf, bytes);
+    p->n = n;
+    p->cluster = c;
+    p->req.data = p;
+    struct raft_buffer rb = {.base = buf, .len = entry_len};
+    int rv = raft_apply(&c->raft, &p->req, &rb, 1, apply_done);
+    for (size_t i = 0; i < n; i++)
+        free(c->queue[i].bytes);
+    memmove(c->queue, c->queue + n, (c->queued - n) * sizeof(c->queue[0]));
+    c->queued -= n;
+    if (rv != 0) {
+        raft_free(buf);
+        int st = rv == RAFT_NOTLEADER || rv == RAFT_LEADERSHIPLOST ? KR_ENOTLEADER : KR_EUNAVAIL;
+        finish_waiters(p->waiters, n, NULL, st);
+        free(p);
+        return;
+    }
+    c->in_flight++;
+}
+
+static void flusher_cb(uv_prepare_t *handle)
+{
+    struct cluster *c = handle->data;
+    while (c->queued > 0 && c->in_flight < CLUSTER_MAX_IN_FLIGHT && !c->stopping)
+        flush_one_entry(c);
+}
+
+int cluster_propose(struct cluster *c, const Keyraft__Command *command, cluster_done_cb cb,
+                    void *arg)
+{
+    if (c->stopping)
+        return KR_EUNAVAIL;
+    if (raft_state(&c->raft) != RAFT_LEADER)
+        return KR_ENOTLEADER;
+    if (c->queued >= CLUSTER_MAX_QUEUED)
+        return KR_EBUSY;
+    size_t len = keyraft__command__get_packed_size(command);
+    if (len > COMMAND_BATCH_MAX_BYTES - 16)
+        return KR_ETOOBIG;
+    if (c->queued == c->queue_cap) {
+        size_t cap = c->queue_cap ? c->queue_cap * 2 : 256;
+        struct pending *q = realloc(c->queue, cap * sizeof(*q));
+        if (q == NULL)
+            return KR_ENOMEM;
+        c->queue = q;
+        c->queue_cap = cap;
+    }
+    uint8_t *bytes = malloc(len ? len : 1);
+    if (bytes == NULL)
+        return KR_ENOMEM;
+    keyraft__command__pack(command, bytes);
+    c->queue[c->queued++] = (struct pending){bytes, len, {cb, arg}};
+    return 0;
+}
+
+/* --- lifecycle ------------------------------------------------------------------ */
+
+static int make_dir(const char *dir)
+{
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        log_error("cannot create %s: %s", dir, strerror(errno));
+        return KR_EIO;
+    }
+    return 0;
+}
+
+static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_config *config)
+{
+    int rv = make_dir(config->raft_dir);
+    if (rv != 0)
+        return rv;
+    rv = raft_uv_tcp_init(&c->transport, loop);
+    if (rv != 0) {
+        log_error("raft transport: %s", raft_strerror(rv));
+        return KR_EUNAVAIL;
+    }
+    rv = raft_uv_init(&c->io, loop, config->raft_dir, &c->transport);
+    if (rv != 0) {
+        log_error("raft log in %s: %s", config->raft_dir, c->io.errmsg);
+        raft_uv_tcp_close(&c->transport);
+        return KR_EIO;
+    }
+    snprintf(c->address, sizeof(c->address), "%s", config->raft_address);
+    c->raft_fsm.version = 1;
+    c->raft_fsm.data = c;
+    c->raft_fsm.apply = fsm_apply_cb;
+    c->raft_fsm.snapshot = fsm_snapshot_cb;
+    c->raft_fsm.restore = fsm_restore_cb;
+    rv = raft_init(&c->raft, &c->io, &c->raft_fsm, config->node_id, c->address);
+    if (rv != 0) {
+        log_error("raft init: %s", raft_errmsg(&c->raft));
+        raft_uv_close(&c->io);
+        raft_uv_tcp_close(&c->transport);
+        return KR_EUNAVAIL;
+    }
+    return 0;
+}
+
+static void bootstrap_closed(struct raft *r)
+{
+    struct cluster *c = r->data;
+    raft_uv_close(&c->io);
+    raft_uv_tcp_close(&c->transport);
+}
+
+int cluster_bootstrap(const struct cluster_config *config)
+{
+    uv_loop_t loop;
+    if (uv_loop_init(&loop) != 0)
+        return KR_EINTERNAL;
+    struct cluster *c = calloc(1, sizeof(*c));
+    if (c == NULL) {
+        uv_loop_close(&loop);
+        return KR_ENOMEM;
+    }
+    int rv = io_setup(c, &loop, config);
+    if (rv != 0)
+        goto out;
+    c->raft.data = c;
+    struct raft_configuration conf;
+    raft_configuration_init(&conf);
+    int rrv = raft_configuration_add(&conf, config->node_id, config->raft_address, RAFT_VOTER);
+    if (rrv == 0)
+        rrv = raft_bootstrap(&c->raft, &conf);
+    raft_configuration_close(&conf);
+    if (rrv == RAFT_CANTBOOTSTRAP)
+        rv = KR_EEXIST;
+    else if (rrv != 0) {
+        log_error("raft bootstrap: %s", raft_errmsg(&c->raft));
+        rv = KR_EIO;
+    }
+    raft_close(&c->raft, bootstrap_closed);
+    uv_run(&loop, UV_RUN_DEFAULT);
+out:
+    uv_loop_close(&loop);
+    free(c);
+    return rv;
+}
+
+int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct store *store,
+                  struct cluster **out)
+{
+    struct cluster *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return KR_ENOMEM;
+    c->loop = loop;
+    c->store = store;
+    int rv = fsm_new(store, next_index, c, &c->fsm);
+    if (rv != 0) {
+        free(c);
+        return rv;
+    }
+    rv = io_setup(c, loop, config);
+    if (rv != 0) {
+        fsm_free(c->fsm);
+        free(c);
+        return rv;
+    }
+    c->raft.data = c;
+    raft_set_snapshot_threshold(&c->raft, config->snapshot_threshold ? config->snapshot_threshold
+                                                                      : 8192);
+    raft_set_snapshot_trailing(&c->raft, 1024);
+    raft_set_pre_vote(&c->raft, true);
+    uv_prepare_init(loop, &c->flusher);
+    c->flusher.data = c;
+    uv_prepare_start(&c->flusher, flusher_cb);
+    rv = raft_start(&c->raft);
+    if (rv != 0) {
+        log_error("raft start: %s", raft_errmsg(&c->raft));
+        c->stopping = 1;
+        /* Caller runs the loop through cluster_stop to release handles. */
+        *out = c;
+        return KR_EUNAVAIL;
+    }
+    log_info("raft started: node %llu at %s, applied index %llu",
+             (unsigned long long)config->node_id, c->address,
+             (unsigned long long)store_applied_index(store));
+    *out = c;
+    return 0;
+}
+
+static void flusher_closed(uv_handle_t *handle)
+{
+    struct cluster *c = handle->data;
+    if (c->stop_cb)
+        c->stop_cb(c->stop_arg);
+}
+
+static void raft_closed(struct raft *r)
+{
+    struct cluster *c = r->data;
+    raft_uv_close(&c->io);
+    raft_uv_tcp_close(&c->transport);
+    uv_close((uv_handle_t *)&c->flusher, flusher_closed);
+}
+
+void cluster_stop(struct cluster *c, void (*cb)(void *arg), void *arg)
+{
+    c->stopping = 1;
+    c->stop_cb = cb;
+    c->stop_arg = arg;
+    for (size_t i = 0; i < c->queued; i++) {
+        struct fsm_op_result r = {.status = KR_EUNAVAIL};
+        free(c->queue[i].bytes);
+        c->queue[i].waiter.cb(c->queue[i].waiter.arg, &r);
+    }
+    c->queued = 0;
+    raft_close(&c->raft, raft_closed);
+}
+
+void cluster_free(struct cluster *c)
+{
+    if (c == NULL)
+        return;
+    fsm_free(c->fsm);
+    free(c->queue);
+    free(c);
+}
+
+static const char *role_name(int state)
+{
+    switch (state) {
+    case RAFT_LEADER: return "leader";
+    case RAFT_FOLLOWER: return "follower";
+    case RAFT_CANDIDATE: return "candidate";
+    default: return "unavailable";
+    }
+}
+
+void cluster_get_status(struct cluster *c, struct cluster_status *out)
+{
+    memset(out, 0, sizeof(*out));
+    int st = raft_state(&c->raft);
+    out->is_leader = st == RAFT_LEADER;
+    out->role = role_name(st);
+    raft_id id = 0;
+    const char *addr = NULL;
+    raft_leader(&c->raft, &id, &addr);
+    out->leader_id = id;
+    snprintf(out->leader_address, sizeof(out->leader_address), "%s", addr ? addr : "");
+    out->term = c->raft.current_term;
+    out->commit_index = c->raft.commit_index;
+    out->applied_index = raft_last_applied(&c->raft);
+}
+
+int cluster_is_leader(struct cluster *c) { return raft_state(&c->raft) == RAFT_LEADER; }

@@ -1,0 +1,109 @@
+/* command.c: encode/decode of replicated commands. */
+#include "command.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "keyraft.h"
+
+static const uint8_t ENTRY_MAGIC[4] = {'K', 'R', 'C', '1'};
+
+size_t command_entry_size(size_t payload_len)
+{
+    return (COMMAND_ENTRY_HEADER + payload_len + 7) & ~(size_t)7;
+}
+
+void command_entry_frame(uint8_t *buf, size_t payload_len)
+{
+    memcpy(buf, ENTRY_MAGIC, 4);
+    buf[4] = (uint8_t)(payload_len >> 24);
+    buf[5] = (uint8_t)(payload_len >> 16);
+    buf[6] = (uint8_t)(payload_len >> 8);
+    buf[7] = (uint8_t)payload_len;
+    size_t total = command_entry_size(payload_len);
+    memset(buf + COMMAND_ENTRY_HEADER + payload_len, 0,
+           total - COMMAND_ENTRY_HEADER - payload_len);
+}
+
+int command_entry_payload(const uint8_t *buf, size_t len, const uint8_t **payload,
+                          size_t *payload_len)
+{
+    if (len < COMMAND_ENTRY_HEADER || memcmp(buf, ENTRY_MAGIC, 4) != 0)
+        return KR_EPROTO;
+    size_t n = (size_t)buf[4] << 24 | (size_t)buf[5] << 16 | (size_t)buf[6] << 8 | buf[7];
+    if (n > len - COMMAND_ENTRY_HEADER || command_entry_size(n) != len)
+        return KR_EPROTO;
+    *payload = buf + COMMAND_ENTRY_HEADER;
+    *payload_len = n;
+    return 0;
+}
+
+int command_batch_encode(Keyraft__Command *const *commands, size_t n, void *(*alloc)(size_t),
+                         uint8_t **out, size_t *out_len)
+{
+    if (n == 0 || n > COMMAND_BATCH_MAX_OPS)
+        return KR_EINVAL;
+    Keyraft__CommandBatch batch = KEYRAFT__COMMAND_BATCH__INIT;
+    batch.n_commands = n;
+    batch.commands = (Keyraft__Command **)commands;
+    size_t len = keyraft__command_batch__get_packed_size(&batch);
+    size_t total = command_entry_size(len);
+    uint8_t *buf = alloc(total);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    keyraft__command_batch__pack(&batch, buf + COMMAND_ENTRY_HEADER);
+    command_entry_frame(buf, len);
+    *out = buf;
+    *out_len = total;
+    return 0;
+}
+
+int command_batch_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out)
+{
+    if (len > COMMAND_BATCH_MAX_BYTES + 64u * 1024u)
+        return KR_ETOOBIG;
+    Keyraft__CommandBatch *batch = keyraft__command_batch__unpack(NULL, len, buf);
+    if (batch == NULL)
+        return KR_EPROTO;
+    if (batch->n_commands == 0 || batch->n_commands > COMMAND_BATCH_MAX_OPS)
+        goto bad;
+    for (size_t i = 0; i < batch->n_commands; i++)
+        if (batch->commands[i]->op_case == KEYRAFT__COMMAND__OP__NOT_SET)
+            goto bad;
+    *out = batch;
+    return 0;
+bad:
+    keyraft__command_batch__free_unpacked(batch, NULL);
+    return KR_EPROTO;
+}
+
+int command_entry_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out)
+{
+    const uint8_t *payload = NULL;
+    size_t payload_len = 0;
+    int rv = command_entry_payload(buf, len, &payload, &payload_len);
+    return rv != 0 ? rv : command_batch_decode(payload, payload_len, out);
+}
+
+void command_batch_free(Keyraft__CommandBatch *batch)
+{
+    if (batch != NULL)
+        keyraft__command_batch__free_unpacked(batch, NULL);
+}
+
+size_t command_size(const Keyraft__Command *command)
+{
+    return keyraft__command__get_packed_size(command);
+}
+
+const char *command_op_name(const Keyraft__Command *command)
+{
+    switch (command->op_case) {
+    case KEYRAFT__COMMAND__OP_PUT_KEY: return "put_key";
+    case KEYRAFT__COMMAND__OP_SET_STATE: return "set_state";
+    case KEYRAFT__COMMAND__OP_ADD_VERSION: return "add_version";
+    case KEYRAFT__COMMAND__OP_DESTROY_KEY: return "destroy_key";
+    case KEYRAFT__COMMAND__OP_PUT_DOMAIN: return "put_domain";
+    default: return "unknown";
+    }
+}

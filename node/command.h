@@ -1,0 +1,44 @@
+/* command.h: encode/decode of replicated commands (proto/command.proto). */
+#ifndef KR_COMMAND_H
+#define KR_COMMAND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "command.pb-c.h"
+
+/* Cap on one raft entry: keeps replication messages small (STACK-NOTES). */
+#define COMMAND_BATCH_MAX_BYTES (1024u * 1024u)
+#define COMMAND_BATCH_MAX_OPS 1024u
+
+/* A raft entry is: "KRC1" | u32 BE payload length | CommandBatch | zero
+ * padding to a multiple of 8 bytes. raft_uv's segment reader requires
+ * 8-byte multiples (canonical/raft #304), and protobuf cannot carry padding. */
+#define COMMAND_ENTRY_HEADER 8
+/* Entry size for a payload of |payload_len| bytes. */
+size_t command_entry_size(size_t payload_len);
+/* Writes the header and padding around a payload already at buf + 8. */
+void command_entry_frame(uint8_t *buf, size_t payload_len);
+/* Finds the payload of an entry. KR_EPROTO when the header or padding is wrong. */
+int command_entry_payload(const uint8_t *buf, size_t len, const uint8_t **payload,
+                          size_t *payload_len);
+
+/* Serialises |n| commands as one framed raft entry (header, CommandBatch,
+ * padding) into a buffer from |alloc| (raft_malloc for raft_apply). */
+int command_batch_encode(Keyraft__Command *const *commands, size_t n,
+                         void *(*alloc)(size_t), uint8_t **out, size_t *out_len);
+
+/* Parses an entry. Rejects a batch with zero or too many commands, and any
+ * command whose op is unset. Free with command_batch_free. */
+int command_batch_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out);
+/* Parses a framed entry: command_entry_payload + command_batch_decode. */
+int command_entry_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out);
+void command_batch_free(Keyraft__CommandBatch *batch);
+
+/* Encoded size of one command, for batching decisions. */
+size_t command_size(const Keyraft__Command *command);
+
+/* A name for logs: "put_key", "set_state", ... */
+const char *command_op_name(const Keyraft__Command *command);
+
+#endif

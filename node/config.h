@@ -1,0 +1,49 @@
+/* config.h: the node's config file (INI, libinih) with validation that names
+ * the file, line and key of every problem. */
+#ifndef KR_CONFIG_H
+#define KR_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONFIG_PATH_MAX 4096
+
+struct config {
+    uint64_t node_id;                     /* [node] id, >= 1 */
+    char data_dir[CONFIG_PATH_MAX];       /* [node] data_dir */
+    char listen[256];                     /* [node] listen = HOST:PORT (clients) */
+    char raft_address[256];               /* [node] raft_address = IPv4:PORT (peers) */
+    char log_level[16];                   /* [node] log_level */
+    char tls_ca[CONFIG_PATH_MAX];         /* [tls] ca */
+    char tls_cert[CONFIG_PATH_MAX];       /* [tls] cert */
+    char tls_key[CONFIG_PATH_MAX];        /* [tls] key */
+    char hsm_module[CONFIG_PATH_MAX];     /* [hsm] module */
+    char hsm_token_label[64];             /* [hsm] token_label */
+    char hsm_mwk_label[64];               /* [hsm] mwk_label */
+    char hsm_pin_file[CONFIG_PATH_MAX];   /* [hsm] pin_file (or pin_env) */
+    char hsm_pin_env[64];                 /* [hsm] pin_env */
+    char hsm_softhsm_conf[CONFIG_PATH_MAX]; /* [hsm] softhsm_conf: sets SOFTHSM2_CONF */
+    int allow_export;                     /* [policy] allow_export (default true) */
+    uint32_t max_frame;                   /* [limits] max_frame (bytes) */
+    uint32_t max_connections;             /* [limits] max_connections */
+    uint32_t list_max;                    /* [limits] list_max: cap on one list page */
+};
+
+/* Fills defaults. */
+void config_defaults(struct config *config);
+
+/* Loads and validates |path|. Relative paths in it are resolved against the
+ * file's directory. KR_ECONFIG with a logged reason naming file:line. */
+int config_load(const char *path, struct config *config);
+
+/* Writes |config| as an INI file (mode 0600). */
+int config_write(const struct config *config, const char *path);
+
+/* Reads the HSM PIN from pin_file or the pin_env variable into |pin| (NUL
+ * terminated, cap bytes). The caller wipes it after use. Never from argv. */
+int config_read_pin(const struct config *config, char *pin, size_t cap);
+
+/* Splits "HOST:PORT" into host and port. KR_EINVAL when malformed. */
+int config_split_hostport(const char *hostport, char *host, size_t host_cap, int *port);
+
+#endif

@@ -1,0 +1,649 @@
+/* fsm.c: the raft state machine. Each command of an entry commits in its own
+ * RocksDB batch together with the fsm position (index, op number), so a crash
+ * between two commands of one entry resumes exactly where it stopped. */
+#include "fsm.h"
+
+#define KR_LOG_MODULE "fsm"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keyraft.h"
+#include "log.h"
+
+struct fsm {
+    struct store *store;
+    uint64_t (*next_index)(void *arg);
+    void *arg;
+    struct fsm_result *last_result;
+    /* Position of the last applied op: ops [0, pos_op) of pos_index are done. */
+    uint64_t pos_index;
+    uint32_t pos_op;
+};
+
+static const char FSM_POS_KEY[] = "\0fsm_pos";
+#define DEDUP_PREFIX "dedup\0"
+#define DOMAIN_PREFIX "domain\0"
+
+static void put_u64be(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static uint64_t get_u64be(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg, struct fsm **out)
+{
+    struct fsm *fsm = calloc(1, sizeof(*fsm));
+    if (fsm == NULL)
+        return KR_ENOMEM;
+    fsm->store = store;
+    fsm->next_index = next_index;
+    fsm->arg = arg;
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_META, FSM_POS_KEY, sizeof(FSM_POS_KEY) - 1, &val, &len);
+    if (rv == 0 && len == 12) {
+        fsm->pos_index = get_u64be(val);
+        fsm->pos_op = (uint32_t)((uint32_t)val[8] << 24 | (uint32_t)val[9] << 16 |
+                                 (uint32_t)val[10] << 8 | val[11]);
+    } else if (rv != 0 && rv != KR_ENOTFOUND) {
+        free(fsm);
+        return rv;
+    }
+    free(val);
+    *out = fsm;
+    return 0;
+}
+
+void fsm_free(struct fsm *fsm)
+{
+    if (fsm == NULL)
+        return;
+    free(fsm->last_result);
+    free(fsm);
+}
+
+struct fsm_result *fsm_take_result(struct fsm *fsm, void *result)
+{
+    if (result == NULL || result != fsm->last_result)
+        return NULL;
+    fsm->last_result = NULL;
+    return result;
+}
+
+/* --- schema ---------------------------------------------------------------- */
+
+static size_t join_parts(uint8_t *buf, size_t cap, const char *const *parts, size_t n)
+{
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t l = strlen(parts[i]);
+        if (off + l + 1 > cap)
+            return 0;
+        memcpy(buf + off, parts[i], l);
+        off += l;
+        buf[off++] = '\0';
+    }
+    return off;
+}
+
+size_t fsm_name_key(uint8_t *buf, size_t cap, const char *domain, const char *name)
+{
+    const char *parts[] = {domain, name};
+    size_t n = join_parts(buf, cap, parts, 2);
+    return n == 0 ? 0 : n - 1; /* no trailing NUL: names sort as themselves */
+}
+
+size_t fsm_attr_prefix(uint8_t *buf, size_t cap, enum fsm_index_kind kind, const char *domain,
+                       const char *v1, const char *v2)
+{
+    char k[2] = {(char)kind, 0};
+    const char *parts[] = {k, domain, v1, v2};
+    return join_parts(buf, cap, parts, v2 ? 4 : 3);
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_KEY_ID_LEN + 1])
+{
+    out[0] = HEX[(shard >> 12) & 15];
+    out[1] = HEX[(shard >> 8) & 15];
+    out[2] = HEX[(shard >> 4) & 15];
+    out[3] = HEX[shard & 15];
+    for (int i = 0; i < 14; i++) {
+        out[4 + 2 * i] = HEX[random14[i] >> 4];
+        out[5 + 2 * i] = HEX[random14[i] & 15];
+    }
+    out[FSM_KEY_ID_LEN] = '\0';
+}
+
+int fsm_key_id_valid(const char *id)
+{
+    size_t i = 0;
+    for (; id[i] != '\0'; i++)
+        if (i >= FSM_KEY_ID_LEN || strchr(HEX, id[i]) == NULL)
+            return 0;
+    return i == FSM_KEY_ID_LEN;
+}
+
+int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **out)
+{
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_KEYS, key_id, strlen(key_id), &val, &len);
+    if (rv != 0)
+        return rv;
+    Keyraft__KeyRecord *rec = keyraft__key_record__unpack(NULL, len, val);
+    free(val);
+    if (rec == NULL) {
+        log_error("key record %s does not parse: store corrupted?", key_id);
+        return KR_EIO;
+    }
+    *out = rec;
+    return 0;
+}
+
+int fsm_find_name(struct store *store, const char *domain, const char *name,
+                  char out_id[FSM_KEY_ID_LEN + 1])
+{
+    uint8_t key[1024];
+    size_t klen = fsm_name_key(key, sizeof(key), domain, name);
+    if (klen == 0)
+        return KR_EINVAL;
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_NAMES, key, klen, &val, &len);
+    if (rv != 0)
+        return rv;
+    if (len != FSM_KEY_ID_LEN) {
+        free(val);
+        return KR_EIO;
+    }
+    memcpy(out_id, val, FSM_KEY_ID_LEN);
+    out_id[FSM_KEY_ID_LEN] = '\0';
+    free(val);
+    return 0;
+}
+
+static size_t domain_key(uint8_t *buf, size_t cap, const char *domain_id)
+{
+    size_t l = strlen(domain_id);
+    if (sizeof(DOMAIN_PREFIX) - 1 + l > cap)
+        return 0;
+    memcpy(buf, DOMAIN_PREFIX, sizeof(DOMAIN_PREFIX) - 1);
+    memcpy(buf + sizeof(DOMAIN_PREFIX) - 1, domain_id, l);
+    return sizeof(DOMAIN_PREFIX) - 1 + l;
+}
+
+int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out)
+{
+    uint8_t key[300];
+    size_t klen = domain_key(key, sizeof(key), domain_id);
+    if (klen == 0)
+        return KR_EINVAL;
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_META, key, klen, &val, &len);
+    if (rv != 0)
+        return rv;
+    Keyraft__DomainRecord *rec = keyraft__domain_record__unpack(NULL, len, val);
+    free(val);
+    if (rec == NULL)
+        return KR_EIO;
+    *out = rec;
+    return 0;
+}
+
+int fsm_transition_allowed(Keyraft__KeyState from, Keyraft__KeyState to)
+{
+    switch (to) {
+    case KEYRAFT__KEY_STATE__ACTIVE:
+        return from == KEYRAFT__KEY_STATE__PRE_ACTIVE;
+    case KEYRAFT__KEY_STATE__DEACTIVATED:
+        return from == KEYRAFT__KEY_STATE__ACTIVE || from == KEYRAFT__KEY_STATE__PRE_ACTIVE;
+    case KEYRAFT__KEY_STATE__COMPROMISED:
+        return from == KEYRAFT__KEY_STATE__PRE_ACTIVE || from == KEYRAFT__KEY_STATE__ACTIVE ||
+               from == KEYRAFT__KEY_STATE__DEACTIVATED;
+    case KEYRAFT__KEY_STATE__DESTROYED:
+        return from == KEYRAFT__KEY_STATE__PRE_ACTIVE || from == KEYRAFT__KEY_STATE__DEACTIVATED;
+    case KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED:
+        return from == KEYRAFT__KEY_STATE__COMPROMISED || from == KEYRAFT__KEY_STATE__DESTROYED;
+    default:
+        return 0;
+    }
+}
+
+/* --- apply ------------------------------------------------------------------ */
+
+static void index_put(struct store_batch *b, const Keyraft__KeyRecord *rec, int add)
+{
+    uint8_t key[1200];
+    char num[16];
+    size_t n;
+    /* Destroyed keys leave the name, algorithm and tag indexes; the state index
+     * keeps them findable as tombstones. */
+    int live = rec->state != KEYRAFT__KEY_STATE__DESTROYED &&
+               rec->state != KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED;
+    if (live) {
+        n = fsm_name_key(key, sizeof(key), rec->domain, rec->name);
+        if (n > 0) {
+            if (add)
+                store_batch_put(b, STORE_CF_NAMES, key, n, rec->id, strlen(rec->id));
+            else
+                store_batch_delete(b, STORE_CF_NAMES, key, n);
+        }
+        snprintf(num, sizeof(num), "%02d", (int)rec->algorithm);
+        n = fsm_attr_prefix(key, sizeof(key) - FSM_KEY_ID_LEN, FSM_INDEX_ALG, rec->domain, num, NULL);
+        if (n > 0) {
+            memcpy(key + n, rec->id, FSM_KEY_ID_LEN);
+            if (add)
+                store_batch_put(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN, "", 0);
+            else
+                store_batch_delete(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN);
+        }
+        for (size_t i = 0; i < rec->n_tags; i++) {
+            n = fsm_attr_prefix(key, sizeof(key) - FSM_KEY_ID_LEN, FSM_INDEX_TAG, rec->domain,
+                                rec->tags[i]->key, rec->tags[i]->value);
+            if (n == 0)
+                continue;
+            memcpy(key + n, rec->id, FSM_KEY_ID_LEN);
+            if (add)
+                store_batch_put(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN, "", 0);
+            else
+                store_batch_delete(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN);
+        }
+    }
+    snprintf(num, sizeof(num), "%d", (int)rec->state);
+    n = fsm_attr_prefix(key, sizeof(key) - FSM_KEY_ID_LEN, FSM_INDEX_STATE, rec->domain, num, NULL);
+    if (n > 0) {
+        memcpy(key + n, rec->id, FSM_KEY_ID_LEN);
+        if (add)
+            store_batch_put(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN, "", 0);
+        else
+            store_batch_delete(b, STORE_CF_ATTRS, key, n + FSM_KEY_ID_LEN);
+    }
+}
+
+static int put_record(struct store_batch *b, Keyraft__KeyRecord *rec, uint64_t index)
+{
+    rec->updated_index = index;
+    size_t len = keyraft__key_record__get_packed_size(rec);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    keyraft__key_record__pack(rec, buf);
+    store_batch_put(b, STORE_CF_KEYS, rec->id, strlen(rec->id), buf, len);
+    free(buf);
+    return 0;
+}
+
+static int apply_put_key(struct fsm *fsm, struct store_batch *b, const Keyraft__PutKeyCommand *cmd,
+                         uint64_t index, struct fsm_op_result *res)
+{
+    Keyraft__KeyRecord *rec = cmd->key;
+    if (rec == NULL || !fsm_key_id_valid(rec->id) || rec->name[0] == '\0' ||
+        rec->domain[0] == '\0' || rec->n_versions == 0)
+        return KR_EINVAL;
+    snprintf(res->key_id, sizeof(res->key_id), "%s", rec->id);
+    Keyraft__DomainRecord *dom = NULL;
+    int rv = fsm_get_domain(fsm->store, rec->domain, &dom);
+    if (rv != 0)
+        return rv == KR_ENOTFOUND ? KR_ENOTFOUND : rv;
+    keyraft__domain_record__free_unpacked(dom, NULL);
+    char existing[FSM_KEY_ID_LEN + 1];
+    rv = fsm_find_name(fsm->store, rec->domain, rec->name, existing);
+    if (rv == 0)
+        return KR_EEXIST;
+    if (rv != KR_ENOTFOUND)
+        return rv;
+    Keyraft__KeyRecord *old = NULL;
+    rv = fsm_get_key(fsm->store, rec->id, &old);
+    if (rv == 0) {
+        keyraft__key_record__free_unpacked(old, NULL);
+        return KR_EEXIST; /* id collision: the leader's RNG repeated itself */
+    }
+    if (rv != KR_ENOTFOUND)
+        return rv;
+    rv = put_record(b, rec, index);
+    if (rv == 0)
+        index_put(b, rec, 1);
+    return rv;
+}
+
+static int apply_set_state(struct fsm *fsm, struct store_batch *b,
+                           const Keyraft__SetStateCommand *cmd, uint64_t index,
+                           struct fsm_op_result *res)
+{
+    snprintf(res->key_id, sizeof(res->key_id), "%s", cmd->key_id);
+    Keyraft__KeyRecord *rec = NULL;
+    int rv = fsm_get_key(fsm->store, cmd->key_id, &rec);
+    if (rv != 0)
+        return rv;
+    if (!fsm_transition_allowed(rec->state, cmd->state)) {
+        rv = KR_ESTATE;
+        goto out;
+    }
+    index_put(b, rec, 0);
+    rec->state = cmd->state;
+    switch (cmd->state) {
+    case KEYRAFT__KEY_STATE__ACTIVE:
+        rec->activated_at = cmd->at;
+        break;
+    case KEYRAFT__KEY_STATE__DEACTIVATED:
+        rec->deactivated_at = cmd->at;
+        if (cmd->reason != KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED) {
+            rec->revoked_at = cmd->at;
+            rec->revoke_reason = cmd->reason;
+        }
+        break;
+    case KEYRAFT__KEY_STATE__COMPROMISED:
+        rec->revoked_at = cmd->at;
+        rec->revoke_reason = cmd->reason;
+        if (rec->deactivated_at == 0)
+            rec->deactivated_at = cmd->at;
+        break;
+    default:
+        rv = KR_EINVAL; /* destruction goes through DestroyKeyCommand */
+        goto out;
+    }
+    if (cmd->state != KEYRAFT__KEY_STATE__ACTIVE && cmd->message[0] != '\0') {
+        free(rec->revoke_message);
+        rec->revoke_message = strdup(cmd->message);
+        if (rec->revoke_message == NULL) {
+            rv = KR_ENOMEM;
+            goto out;
+        }
+    }
+    rv = put_record(b, rec, index);
+    if (rv == 0)
+        index_put(b, rec, 1);
+out:
+    keyraft__key_record__free_unpacked(rec, NULL);
+    return rv;
+}
+
+static int key_usable_for_versions(Keyraft__KeyState s)
+{
+    return s == KEYRAFT__KEY_STATE__ACTIVE || s == KEYRAFT__KEY_STATE__PRE_ACTIVE;
+}
+
+static int apply_add_version(struct fsm *fsm, struct store_batch *b,
+                             const Keyraft__AddVersionCommand *cmd, uint64_t index,
+                             struct fsm_op_result *res)
+{
+    snprintf(res->key_id, sizeof(res->key_id), "%s", cmd->key_id);
+    if (cmd->version == NULL)
+        return KR_EINVAL;
+    Keyraft__KeyRecord *rec = NULL;
+    int rv = fsm_get_key(fsm->store, cmd->key_id, &rec);
+    if (rv != 0)
+        return rv;
+    if (!key_usable_for_versions(rec->state)) {
+        rv = KR_ESTATE;
+        goto out;
+    }
+    if (cmd->version->version != rec->current_version + 1) {
+        rv = KR_ESTATE; /* a concurrent rotation won: the client may retry */
+        goto out;
+    }
+    Keyraft__KeyVersionRecord **versions =
+        realloc(rec->versions, (rec->n_versions + 1) * sizeof(*versions));
+    if (versions == NULL) {
+        rv = KR_ENOMEM;
+        goto out;
+    }
+    rec->versions = versions;
+    /* Borrow the command's version for packing; detached before the free. */
+    rec->versions[rec->n_versions++] = cmd->version;
+    rec->current_version = cmd->version->version;
+    rv = put_record(b, rec, index);
+    rec->n_versions--;
+out:
+    keyraft__key_record__free_unpacked(rec, NULL);
+    return rv;
+}
+
+static int apply_destroy(struct fsm *fsm, struct store_batch *b,
+                         const Keyraft__DestroyKeyCommand *cmd, uint64_t index,
+                         struct fsm_op_result *res)
+{
+    snprintf(res->key_id, sizeof(res->key_id), "%s", cmd->key_id);
+    Keyraft__KeyRecord *rec = NULL;
+    int rv = fsm_get_key(fsm->store, cmd->key_id, &rec);
+    if (rv != 0)
+        return rv;
+    Keyraft__KeyState to = rec->state == KEYRAFT__KEY_STATE__COMPROMISED
+                               ? KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED
+                               : KEYRAFT__KEY_STATE__DESTROYED;
+    if (!fsm_transition_allowed(rec->state, to)) {
+        rv = KR_ESTATE;
+        goto out;
+    }
+    index_put(b, rec, 0);
+    rec->state = to;
+    rec->destroyed_at = cmd->at;
+    /* Crypto-shred: the sealed material goes; metadata stays as a tombstone. */
+    for (size_t i = 0; i < rec->n_versions; i++) {
+        Keyraft__KeyVersionRecord *v = rec->versions[i];
+        free(v->sealed.data);
+        v->sealed.data = NULL;
+        v->sealed.len = 0;
+        v->destroyed = 1;
+    }
+    rv = put_record(b, rec, index);
+    if (rv == 0)
+        index_put(b, rec, 1);
+out:
+    keyraft__key_record__free_unpacked(rec, NULL);
+    return rv;
+}
+
+static int apply_put_domain(struct fsm *fsm, struct store_batch *b,
+                            const Keyraft__PutDomainCommand *cmd)
+{
+    const Keyraft__DomainRecord *dom = cmd->domain;
+    if (dom == NULL || dom->id[0] == '\0' || dom->wrapped_key.len == 0)
+        return KR_EINVAL;
+    Keyraft__DomainRecord *old = NULL;
+    int rv = fsm_get_domain(fsm->store, dom->id, &old);
+    if (rv == 0) {
+        keyraft__domain_record__free_unpacked(old, NULL);
+        return KR_EEXIST;
+    }
+    if (rv != KR_ENOTFOUND)
+        return rv;
+    uint8_t key[300];
+    size_t klen = domain_key(key, sizeof(key), dom->id);
+    if (klen == 0)
+        return KR_EINVAL;
+    size_t len = keyraft__domain_record__get_packed_size(dom);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    keyraft__domain_record__pack(dom, buf);
+    store_batch_put(b, STORE_CF_META, key, klen, buf, len);
+    free(buf);
+    return 0;
+}
+
+static size_t dedup_key(uint8_t *buf, size_t cap, const char *request_id)
+{
+    size_t l = strlen(request_id);
+    if (sizeof(DEDUP_PREFIX) - 1 + l > cap)
+        return 0;
+    memcpy(buf, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
+    memcpy(buf + sizeof(DEDUP_PREFIX) - 1, request_id, l);
+    return sizeof(DEDUP_PREFIX) - 1 + l;
+}
+
+/* A retried request gets the first attempt's outcome. */
+static int dedup_lookup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
+{
+    uint8_t key[300];
+    size_t klen = dedup_key(key, sizeof(key), request_id);
+    if (klen == 0)
+        return KR_ENOTFOUND;
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(fsm->store, STORE_CF_META, key, klen, &val, &len);
+    if (rv != 0)
+        return rv;
+    Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);
+    free(val);
+    if (d == NULL)
+        return KR_EIO;
+    res->status = d->status;
+    snprintf(res->key_id, sizeof(res->key_id), "%s", d->key_id);
+    res->index = d->index;
+    keyraft__dedup_record__free_unpacked(d, NULL);
+    return 0;
+}
+
+static void dedup_record(struct store_batch *b, const char *request_id,
+                         const struct fsm_op_result *res)
+{
+    uint8_t key[300];
+    size_t klen = dedup_key(key, sizeof(key), request_id);
+    if (klen == 0)
+        return;
+    Keyraft__DedupRecord d = KEYRAFT__DEDUP_RECORD__INIT;
+    d.status = res->status;
+    d.key_id = (char *)res->key_id;
+    d.index = res->index;
+    uint8_t buf[128];
+    size_t len = keyraft__dedup_record__get_packed_size(&d);
+    if (len > sizeof(buf))
+        return;
+    keyraft__dedup_record__pack(&d, buf);
+    store_batch_put(b, STORE_CF_META, key, klen, buf, len);
+}
+
+static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t index,
+                     uint32_t op_no, uint32_t n_ops, struct fsm_op_result *res)
+{
+    res->index = index;
+    int duplicate = 0;
+    if (cmd->request_id[0] != '\0') {
+        int rv = dedup_lookup(fsm, cmd->request_id, res);
+        if (rv == 0)
+            duplicate = 1;
+        else if (rv != KR_ENOTFOUND)
+            return rv;
+    }
+    struct store_batch *b = store_batch_new();
+    if (b == NULL)
+        return KR_ENOMEM;
+    int st = 0;
+    if (duplicate)
+        goto commit; /* only the position moves */
+    switch (cmd->op_case) {
+    case KEYRAFT__COMMAND__OP_PUT_KEY:
+        st = apply_put_key(fsm, b, cmd->put_key, index, res);
+        break;
+    case KEYRAFT__COMMAND__OP_SET_STATE:
+        st = apply_set_state(fsm, b, cmd->set_state, index, res);
+        break;
+    case KEYRAFT__COMMAND__OP_ADD_VERSION:
+        st = apply_add_version(fsm, b, cmd->add_version, index, res);
+        break;
+    case KEYRAFT__COMMAND__OP_DESTROY_KEY:
+        st = apply_destroy(fsm, b, cmd->destroy_key, index, res);
+        break;
+    case KEYRAFT__COMMAND__OP_PUT_DOMAIN:
+        st = apply_put_domain(fsm, b, cmd->put_domain);
+        break;
+    default:
+        st = KR_EPROTO;
+        break;
+    }
+    if (st == KR_EIO || st == KR_ENOMEM) {
+        store_batch_free(b);
+        return st; /* local failure: raft retries the entry */
+    }
+    if (st != 0) {
+        /* A rejected op writes nothing but its outcome. */
+        store_batch_free(b);
+        b = store_batch_new();
+        if (b == NULL)
+            return KR_ENOMEM;
+    }
+    res->status = st;
+    if (cmd->request_id[0] != '\0')
+        dedup_record(b, cmd->request_id, res);
+commit:;
+    uint8_t pos[12];
+    put_u64be(pos, index);
+    uint32_t next = op_no + 1;
+    pos[8] = (uint8_t)(next >> 24);
+    pos[9] = (uint8_t)(next >> 16);
+    pos[10] = (uint8_t)(next >> 8);
+    pos[11] = (uint8_t)next;
+    store_batch_put(b, STORE_CF_META, FSM_POS_KEY, sizeof(FSM_POS_KEY) - 1, pos, sizeof(pos));
+    /* The store's applied index moves only when the entry's last op lands. */
+    int rv = store_batch_commit(fsm->store, b, next == n_ops ? index : index - 1);
+    store_batch_free(b);
+    if (rv != 0)
+        return rv;
+    fsm->pos_index = index;
+    fsm->pos_op = next;
+    return 0;
+}
+
+int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result **out_result)
+{
+    uint64_t index = fsm->next_index(fsm->arg);
+    *out_result = NULL;
+    if (index <= store_applied_index(fsm->store))
+        return 0; /* replay of an entry the store already holds */
+    Keyraft__CommandBatch *batch = NULL;
+    int rv = command_entry_decode(buf, len, &batch);
+    if (rv != 0) {
+        /* Every node rejects the same bytes the same way: skip it, loudly. */
+        log_error("entry %llu: undecodable command batch (%zu bytes): %s",
+                  (unsigned long long)index, len, kr_strerror(rv));
+        struct store_batch *b = store_batch_new();
+        if (b == NULL)
+            return KR_ENOMEM;
+        rv = store_batch_commit(fsm->store, b, index);
+        store_batch_free(b);
+        return rv;
+    }
+    size_t n = batch->n_commands;
+    struct fsm_result *result = calloc(1, sizeof(*result) + n * sizeof(result->ops[0]));
+    if (result == NULL) {
+        command_batch_free(batch);
+        return KR_ENOMEM;
+    }
+    result->index = index;
+    result->n = n;
+    uint32_t first = (fsm->pos_index == index) ? fsm->pos_op : 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (i < first) {
+            result->ops[i].status = KR_EUNAVAIL; /* applied before a crash; outcome lost */
+            continue;
+        }
+        rv = apply_one(fsm, batch->commands[i], index, i, (uint32_t)n, &result->ops[i]);
+        if (rv != 0) {
+            log_error("entry %llu op %u (%s): store failed: %s", (unsigned long long)index, i,
+                      command_op_name(batch->commands[i]), kr_strerror(rv));
+            command_batch_free(batch);
+            free(result);
+            return rv;
+        }
+    }
+    command_batch_free(batch);
+    free(fsm->last_result);
+    fsm->last_result = result;
+    *out_result = result;
+    return 0;
+}

@@ -1,0 +1,71 @@
+/* fsm.h: the raft state machine and the store schema. Deterministic: no
+ * clock, no RNG, no HSM; only the store. Every node applying the same entries
+ * reaches the same state. */
+#ifndef KR_FSM_H
+#define KR_FSM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "command.h"
+#include "record.pb-c.h"
+#include "store.h"
+
+#define FSM_KEY_ID_LEN 32 /* 4 hex shard + 28 hex random */
+#define FSM_DEFAULT_DOMAIN "default"
+
+/* Outcome of one command of an applied entry. */
+struct fsm_op_result {
+    int status;                       /* 0 or KR_E* */
+    char key_id[FSM_KEY_ID_LEN + 1];  /* the key concerned, if any */
+    uint64_t index;                   /* raft index that applied it (or the
+                                         original one for a deduplicated retry) */
+};
+
+struct fsm_result {
+    uint64_t index;
+    size_t n;
+    struct fsm_op_result ops[];
+};
+
+struct fsm;
+
+/* |next_index| returns the index of the entry about to be applied
+ * (raft_last_applied + 1); canonical/raft does not pass it to apply(). */
+int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg,
+            struct fsm **out);
+void fsm_free(struct fsm *fsm);
+
+/* Applies one raft entry. Returns 0 unless the store failed (then raft
+ * retries the entry). Business errors are per-op results. *out_result (may
+ * be NULL: a replayed entry) is owned by the fsm until the next apply; take
+ * it with fsm_take_result to keep it. */
+int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result **out_result);
+/* Hands |result| over to the caller (free()) if it is the fsm's current one. */
+struct fsm_result *fsm_take_result(struct fsm *fsm, void *result);
+
+/* --- schema, shared with the readers in service.c --------------------------- */
+
+/* Loads a key record. KR_ENOTFOUND if absent. Free with
+ * keyraft__key_record__free_unpacked. */
+int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **out);
+/* Resolves a live (non-destroyed) key name in a domain to its id. */
+int fsm_find_name(struct store *store, const char *domain, const char *name,
+                  char out_id[FSM_KEY_ID_LEN + 1]);
+int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out);
+
+/* Builds index keys (returns length; |buf| holds at least 4 + the parts). */
+size_t fsm_name_key(uint8_t *buf, size_t cap, const char *domain, const char *name);
+enum fsm_index_kind { FSM_INDEX_ALG = 'a', FSM_INDEX_STATE = 's', FSM_INDEX_TAG = 't' };
+/* attrs index key prefix: kind \0 domain \0 value... \0 (then the key id). */
+size_t fsm_attr_prefix(uint8_t *buf, size_t cap, enum fsm_index_kind kind, const char *domain,
+                       const char *v1, const char *v2);
+
+/* A key id for shard |shard| from 14 random bytes (the leader's RNG). */
+void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_KEY_ID_LEN + 1]);
+int fsm_key_id_valid(const char *id);
+
+/* Lifecycle: whether |from| may move to |to| (KMIP / SP 800-57). */
+int fsm_transition_allowed(Keyraft__KeyState from, Keyraft__KeyState to);
+
+#endif

@@ -1,0 +1,230 @@
+/* initnode.c: `keyraftd init`: everything a new node needs, made in its data
+ * directory: HSM token and MWK, certificates, configs, the raft log and the
+ * first domain key. */
+#include "node.h"
+
+#define KR_LOG_MODULE "init"
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <openssl/crypto.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cluster.h"
+#include "config.h"
+#include "crypto.h"
+#include "hsm.h"
+#include "keyraft.h"
+#include "log.h"
+#include "pki.h"
+
+#define CERT_DAYS 825
+#define CA_DAYS 3650
+
+static int write_secret_file(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+        log_error("cannot create %s: %s", path, strerror(errno));
+        return KR_EIO;
+    }
+    size_t n = strlen(text);
+    int rv = (write(fd, text, n) == (ssize_t)n && fsync(fd) == 0) ? 0 : KR_EIO;
+    close(fd);
+    return rv;
+}
+
+static int write_text_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        log_error("cannot create %s: %s", path, strerror(errno));
+        return KR_EIO;
+    }
+    int rv = fputs(text, f) >= 0 ? 0 : KR_EIO;
+    if (fclose(f) != 0)
+        rv = KR_EIO;
+    return rv;
+}
+
+static int random_pin(char *out, size_t hex_len)
+{
+    uint8_t raw[32];
+    if (hex_len / 2 > sizeof(raw) || crypto_random(raw, hex_len / 2) != 0)
+        return KR_ECRYPTO;
+    for (size_t i = 0; i < hex_len / 2; i++)
+        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    OPENSSL_cleanse(raw, sizeof(raw));
+    return 0;
+}
+
+/* Formats into a fixed buffer; a path too long for it fails the init. */
+#define PATHF(buf, ...)                                                   \
+    do {                                                                  \
+        int n_ = snprintf(buf, sizeof(buf), __VA_ARGS__);                 \
+        if (n_ < 0 || (size_t)n_ >= sizeof(buf)) {                        \
+            log_error("path too long under %s", dir);                     \
+            rv = KR_EINVAL;                                               \
+            goto out;                                                     \
+        }                                                                 \
+    } while (0)
+
+int node_init(const struct node_init_options *o)
+{
+    char dir[PATH_MAX], p[PATH_MAX + 64], p2[PATH_MAX + 64], p3[PATH_MAX + 64];
+    char pin[65] = "", so_pin[65] = "";
+    int rv = 0;
+    if (mkdir(o->data_dir, 0700) != 0 && errno != EEXIST) {
+        log_error("cannot create %s: %s", o->data_dir, strerror(errno));
+        return KR_EIO;
+    }
+    if (realpath(o->data_dir, dir) == NULL) {
+        log_error("%s: %s", o->data_dir, strerror(errno));
+        return KR_EIO;
+    }
+    PATHF(p, "%s/keyraftd.conf", dir);
+    if (access(p, F_OK) == 0) {
+        log_error("%s already holds a node (%s exists)", dir, p);
+        return KR_EEXIST;
+    }
+    struct config c;
+    config_defaults(&c);
+    c.node_id = o->node_id ? o->node_id : 1;
+    PATHF(c.data_dir, "%s", dir);
+    if (o->listen)
+        PATHF(c.listen, "%s", o->listen);
+    if (o->raft_address)
+        PATHF(c.raft_address, "%s", o->raft_address);
+    if (o->hsm_module)
+        PATHF(c.hsm_module, "%s", o->hsm_module);
+    PATHF(c.hsm_token_label, "keyraft-node-%llu",
+             (unsigned long long)c.node_id);
+    char host[256];
+    int port;
+    if (config_split_hostport(c.listen, host, sizeof(host), &port) != 0 ||
+        config_split_hostport(c.raft_address, host, sizeof(host), &port) != 0) {
+        log_error("--listen and --raft-address take HOST:PORT");
+        return KR_EINVAL;
+    }
+
+    /* HSM: a SoftHSM token store inside the data dir, unless another module. */
+    int softhsm = strstr(c.hsm_module, "softhsm") != NULL;
+    if (softhsm) {
+        PATHF(p, "%s/tokens", dir);
+        if (mkdir(p, 0700) != 0 && errno != EEXIST)
+            return KR_EIO;
+        PATHF(p2, "%s/softhsm2.conf", dir);
+        char text[PATH_MAX + 128];
+        PATHF(text,
+                 "directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n", p);
+        if ((rv = write_text_file(p2, text)) != 0)
+            return rv;
+        PATHF(c.hsm_softhsm_conf, "%s", p2);
+        setenv("SOFTHSM2_CONF", p2, 1);
+    }
+    const char *env_pin = getenv("KEYRAFT_HSM_PIN");
+    if (env_pin != NULL && env_pin[0] != '\0') {
+        /* The operator keeps the PIN: nothing of it is written here. */
+        snprintf(pin, sizeof(pin), "%s", env_pin);
+        PATHF(c.hsm_pin_env, "KEYRAFT_HSM_PIN");
+    } else {
+        if ((rv = random_pin(pin, 32)) != 0)
+            goto out;
+        PATHF(p, "%s/hsm.pin", dir);
+        if ((rv = write_secret_file(p, pin)) != 0)
+            goto out;
+        PATHF(c.hsm_pin_file, "%s", p);
+        c.hsm_pin_env[0] = '\0';
+    }
+    const char *env_so = getenv("KEYRAFT_HSM_SO_PIN");
+    if (env_so != NULL && env_so[0] != '\0') {
+        snprintf(so_pin, sizeof(so_pin), "%s", env_so);
+    } else {
+        if ((rv = random_pin(so_pin, 32)) != 0)
+            goto out;
+        PATHF(p, "%s/hsm-so.pin", dir);
+        if ((rv = write_secret_file(p, so_pin)) != 0)
+            goto out;
+    }
+    rv = hsm_init_token(c.hsm_module, c.hsm_token_label, so_pin, pin);
+    if (rv != 0) {
+        log_error("cannot initialise HSM token '%s': %s", c.hsm_token_label, kr_strerror(rv));
+        goto out;
+    }
+    struct hsm_config hc = {c.hsm_module, c.hsm_token_label, pin, c.hsm_mwk_label};
+    struct hsm *hsm = NULL;
+    if ((rv = hsm_open(&hc, &hsm)) != 0)
+        goto out;
+    rv = hsm_generate_mwk(hsm);
+    hsm_close(hsm);
+    if (rv != 0) {
+        log_error("cannot generate the master wrap key: %s", kr_strerror(rv));
+        goto out;
+    }
+    log_info("HSM token '%s' ready, master wrap key '%s' generated inside it",
+             c.hsm_token_label, c.hsm_mwk_label);
+
+    /* Certificates. */
+    PATHF(p, "%s/tls", dir);
+    if (mkdir(p, 0700) != 0 && errno != EEXIST) {
+        rv = KR_EIO;
+        goto out;
+    }
+    PATHF(p, "%s/tls/ca.pem", dir);
+    PATHF(p2, "%s/tls/ca.key", dir);
+    if ((rv = pki_make_ca("keyraft cluster CA", CA_DAYS, p, p2)) != 0)
+        goto out;
+    char node_name[64];
+    snprintf(node_name, sizeof(node_name), "node-%llu", (unsigned long long)c.node_id);
+    config_split_hostport(c.listen, host, sizeof(host), &port);
+    PATHF(p3, "%s/tls/node.pem", dir);
+    char keypath[PATH_MAX + 64];
+    PATHF(keypath, "%s/tls/node.key", dir);
+    if ((rv = pki_issue_node(p, p2, node_name, host, CERT_DAYS, p3, keypath)) != 0)
+        goto out;
+    PATHF(c.tls_ca, "%s", p);
+    PATHF(c.tls_cert, "%s", p3);
+    PATHF(c.tls_key, "%s", keypath);
+    PATHF(p3, "%s/tls/admin.pem", dir);
+    PATHF(keypath, "%s/tls/admin.key", dir);
+    if ((rv = pki_issue_client(p, p2, "admin", "admin,officer,user,auditor", CERT_DAYS, p3,
+                               keypath)) != 0)
+        goto out;
+
+    /* Configs. */
+    PATHF(p, "%s/keyraftd.conf", dir);
+    if ((rv = config_write(&c, p)) != 0)
+        goto out;
+    PATHF(p, "%s/client.conf", dir);
+    char text[4 * PATH_MAX];
+    PATHF(text,
+             "# keyraft CLI / libkeyraft client configuration (admin identity)\n"
+             "[client]\nendpoints = %s\nca = tls/ca.pem\ncert = tls/admin.pem\n"
+             "key = tls/admin.key\ntimeout_ms = 30000\n",
+             c.listen);
+    if ((rv = write_text_file(p, text)) != 0)
+        goto out;
+
+    /* Raft: this node as the sole voter, then the first domain key through it. */
+    char raft_dir[PATH_MAX + 16];
+    PATHF(raft_dir, "%s/raft", dir);
+    struct cluster_config cc = {c.node_id, c.raft_address, raft_dir, 0};
+    if ((rv = cluster_bootstrap(&cc)) != 0) {
+        log_error("raft bootstrap failed: %s", kr_strerror(rv));
+        goto out;
+    }
+    OPENSSL_cleanse(pin, sizeof(pin));
+    OPENSSL_cleanse(so_pin, sizeof(so_pin));
+    PATHF(p, "%s/keyraftd.conf", dir);
+    rv = node_run(p, 1);
+    if (rv != 0)
+        log_error("first start failed: %s", kr_strerror(rv));
+out:
+    OPENSSL_cleanse(pin, sizeof(pin));
+    OPENSSL_cleanse(so_pin, sizeof(so_pin));
+    return rv;
+}

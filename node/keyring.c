@@ -1,0 +1,332 @@
+/* keyring.c: domain keys in the secure heap, wrapped by the MWK in the HSM, and
+ * sealing of key material under them. */
+#include "keyring.h"
+
+#define KR_LOG_MODULE "keyring"
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keyraft.h"
+#include "log.h"
+
+#define KEYRING_DOMAIN_KEY_LEN 32
+/* Domain and key ids are bounded so the AAD fits on the stack. */
+#define KEYRING_ID_MAX 256
+#define KEYRING_WRAPPED_LEN (HSM_GCM_IV_LEN + KEYRING_DOMAIN_KEY_LEN + HSM_GCM_TAG_LEN)
+#define KEYRING_SEAL_OVERHEAD (CRYPTO_GCM_NONCE_LEN + CRYPTO_GCM_TAG_LEN)
+
+/* AAD of a wrapped domain key: this prefix, then the domain id. */
+static const char domain_aad_prefix[] = "keyraft-domain-v1";
+/* AAD of sealed material: this prefix, then u32 BE length + domain id, u32 BE
+ * length + key id, u32 BE version, u32 BE algorithm. */
+static const char key_aad_prefix[] = "keyraft-key-v1";
+
+#define DOMAIN_AAD_MAX (sizeof(domain_aad_prefix) - 1 + KEYRING_ID_MAX)
+#define KEY_AAD_MAX (sizeof(key_aad_prefix) - 1 + 4 + KEYRING_ID_MAX + 4 + KEYRING_ID_MAX + 4 + 4)
+
+struct domain {
+    char *id;
+    secbuf key;
+};
+
+struct keyring {
+    struct hsm *hsm;
+    /* Many service threads seal and unseal; loading a domain is rare. */
+    pthread_rwlock_t lock;
+    struct domain *domains;
+    size_t n_domains;
+    size_t cap_domains;
+};
+
+static int id_valid(const char *id)
+{
+    if (id == NULL)
+        return 0;
+    size_t n = strnlen(id, KEYRING_ID_MAX + 1);
+    return n > 0 && n <= KEYRING_ID_MAX;
+}
+
+static size_t put_u32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+    return 4;
+}
+
+static size_t domain_aad(uint8_t out[DOMAIN_AAD_MAX], const char *domain_id)
+{
+    size_t n = sizeof(domain_aad_prefix) - 1, id_len = strlen(domain_id);
+    memcpy(out, domain_aad_prefix, n);
+    memcpy(out + n, domain_id, id_len);
+    return n + id_len;
+}
+
+static size_t key_aad(uint8_t out[KEY_AAD_MAX], const char *domain_id, const char *key_id,
+                      uint32_t version, crypto_alg alg)
+{
+    size_t n = sizeof(key_aad_prefix) - 1;
+    size_t domain_len = strlen(domain_id), key_len = strlen(key_id);
+    memcpy(out, key_aad_prefix, n);
+    n += put_u32(out + n, (uint32_t)domain_len);
+    memcpy(out + n, domain_id, domain_len);
+    n += domain_len;
+    n += put_u32(out + n, (uint32_t)key_len);
+    memcpy(out + n, key_id, key_len);
+    n += key_len;
+    n += put_u32(out + n, version);
+    n += put_u32(out + n, (uint32_t)alg);
+    return n;
+}
+
+/* Caller holds the lock (read or write). */
+static struct domain *domain_find(const struct keyring *keyring, const char *domain_id)
+{
+    for (size_t i = 0; i < keyring->n_domains; i++)
+        if (strcmp(keyring->domains[i].id, domain_id) == 0)
+            return &keyring->domains[i];
+    return NULL;
+}
+
+/* Takes |key| on success (it is left {NULL, 0}); KR_EEXIST when the domain is
+ * already loaded. Caller holds the write lock. */
+static int domain_insert_locked(struct keyring *keyring, const char *domain_id, secbuf *key)
+{
+    if (domain_find(keyring, domain_id) != NULL)
+        return KR_EEXIST;
+    if (keyring->n_domains == keyring->cap_domains) {
+        size_t cap = keyring->cap_domains ? keyring->cap_domains * 2 : 8;
+        struct domain *grown = realloc(keyring->domains, cap * sizeof(*grown));
+        if (grown == NULL)
+            return KR_ENOMEM;
+        keyring->domains = grown;
+        keyring->cap_domains = cap;
+    }
+    char *id = strdup(domain_id);
+    if (id == NULL)
+        return KR_ENOMEM;
+    keyring->domains[keyring->n_domains++] = (struct domain){id, *key};
+    key->data = NULL;
+    key->len = 0;
+    return 0;
+}
+
+int keyring_new(struct hsm *hsm, struct keyring **out)
+{
+    if (hsm == NULL || out == NULL)
+        return KR_EINVAL;
+    struct keyring *keyring = calloc(1, sizeof(*keyring));
+    if (keyring == NULL)
+        return KR_ENOMEM;
+    if (pthread_rwlock_init(&keyring->lock, NULL) != 0) {
+        free(keyring);
+        return KR_EINTERNAL;
+    }
+    keyring->hsm = hsm;
+    *out = keyring;
+    return 0;
+}
+
+void keyring_free(struct keyring *keyring)
+{
+    if (keyring == NULL)
+        return;
+    for (size_t i = 0; i < keyring->n_domains; i++) {
+        secbuf_free(&keyring->domains[i].key);
+        free(keyring->domains[i].id);
+    }
+    free(keyring->domains);
+    pthread_rwlock_destroy(&keyring->lock);
+    free(keyring);
+}
+
+int keyring_create_domain(struct keyring *keyring, const char *domain_id, uint8_t **out_wrapped,
+                          size_t *out_wrapped_len)
+{
+    secbuf key = {NULL, 0};
+    uint8_t *wrapped = NULL;
+    size_t wrapped_len = 0;
+    uint8_t aad[DOMAIN_AAD_MAX];
+    int rc;
+
+    if (keyring == NULL || !id_valid(domain_id) || out_wrapped == NULL ||
+        out_wrapped_len == NULL)
+        return KR_EINVAL;
+    if (keyring_has_domain(keyring, domain_id)) {
+        log_error("domain %s: a key is already loaded; refusing to replace it", domain_id);
+        return KR_EEXIST;
+    }
+    rc = secbuf_alloc(&key, KEYRING_DOMAIN_KEY_LEN);
+    if (rc != 0)
+        goto out;
+    rc = hsm_random(keyring->hsm, key.data, key.len);
+    if (rc != 0) {
+        log_error("domain %s: no random bytes from the HSM for its key", domain_id);
+        goto out;
+    }
+    size_t aad_len = domain_aad(aad, domain_id);
+    rc = hsm_mwk_encrypt(keyring->hsm, aad, aad_len, key.data, key.len, &wrapped, &wrapped_len);
+    if (rc != 0) {
+        log_error("domain %s: cannot wrap its key under the MWK", domain_id);
+        goto out;
+    }
+    pthread_rwlock_wrlock(&keyring->lock);
+    rc = domain_insert_locked(keyring, domain_id, &key);
+    pthread_rwlock_unlock(&keyring->lock);
+    if (rc == KR_EEXIST)
+        log_error("domain %s: loaded by another thread meanwhile; keeping that key", domain_id);
+    if (rc != 0)
+        goto out;
+    *out_wrapped = wrapped;
+    *out_wrapped_len = wrapped_len;
+    wrapped = NULL;
+out:
+    secbuf_free(&key);
+    free(wrapped);
+    return rc;
+}
+
+int keyring_load_domain(struct keyring *keyring, const char *domain_id, const uint8_t *wrapped,
+                        size_t wrapped_len)
+{
+    secbuf key = {NULL, 0};
+    uint8_t aad[DOMAIN_AAD_MAX];
+    size_t key_len = 0;
+    int rc;
+
+    if (keyring == NULL || !id_valid(domain_id) || (wrapped == NULL && wrapped_len > 0))
+        return KR_EINVAL;
+    if (keyring_has_domain(keyring, domain_id))
+        return 0;
+    if (wrapped_len != KEYRING_WRAPPED_LEN) {
+        log_error("domain %s: wrapped key is %zu bytes, not %d: it does not open", domain_id,
+                  wrapped_len, KEYRING_WRAPPED_LEN);
+        return KR_EAUTH;
+    }
+    rc = secbuf_alloc(&key, KEYRING_DOMAIN_KEY_LEN);
+    if (rc != 0)
+        goto out;
+    /* The HSM call is slow: no lock is held across it. */
+    size_t aad_len = domain_aad(aad, domain_id);
+    rc = hsm_mwk_decrypt(keyring->hsm, aad, aad_len, wrapped, wrapped_len, key.data, &key_len);
+    if (rc == KR_EAUTH)
+        log_error("domain %s: wrapped key does not open under this MWK for this domain",
+                  domain_id);
+    if (rc != 0)
+        goto out;
+    pthread_rwlock_wrlock(&keyring->lock);
+    rc = domain_insert_locked(keyring, domain_id, &key);
+    pthread_rwlock_unlock(&keyring->lock);
+    if (rc == KR_EEXIST) /* another thread loaded it meanwhile */
+        rc = 0;
+out:
+    secbuf_free(&key);
+    return rc;
+}
+
+int keyring_has_domain(const struct keyring *keyring, const char *domain_id)
+{
+    if (keyring == NULL || domain_id == NULL)
+        return 0;
+    pthread_rwlock_t *lock = (pthread_rwlock_t *)&keyring->lock;
+    pthread_rwlock_rdlock(lock);
+    int found = domain_find(keyring, domain_id) != NULL;
+    pthread_rwlock_unlock(lock);
+    return found;
+}
+
+int keyring_seal(struct keyring *keyring, const char *domain_id, const char *key_id,
+                 uint32_t version, crypto_alg alg, const uint8_t *material, size_t len,
+                 uint8_t **out_sealed, size_t *out_sealed_len)
+{
+    uint8_t aad[KEY_AAD_MAX];
+    uint8_t *sealed = NULL;
+    size_t sealed_len = 0;
+    int rc;
+
+    if (keyring == NULL || !id_valid(domain_id) || !id_valid(key_id) ||
+        (material == NULL && len > 0) || out_sealed == NULL || out_sealed_len == NULL ||
+        len > SIZE_MAX - KEYRING_SEAL_OVERHEAD)
+        return KR_EINVAL;
+    sealed = malloc(len + KEYRING_SEAL_OVERHEAD);
+    if (sealed == NULL)
+        return KR_ENOMEM;
+    size_t aad_len = key_aad(aad, domain_id, key_id, version, alg);
+
+    pthread_rwlock_rdlock(&keyring->lock);
+    const struct domain *domain = domain_find(keyring, domain_id);
+    if (domain == NULL)
+        rc = KR_ENOTFOUND;
+    else
+        rc = crypto_gcm_seal(domain->key.data, domain->key.len, aad, aad_len, material, len,
+                             sealed, &sealed_len);
+    pthread_rwlock_unlock(&keyring->lock);
+    if (rc == KR_ENOTFOUND)
+        log_error("key %s: domain %s is not loaded", key_id, domain_id);
+    else if (rc != 0)
+        log_error("key %s version %u: cannot seal under domain %s", key_id, version, domain_id);
+    if (rc != 0)
+        goto out;
+    *out_sealed = sealed;
+    *out_sealed_len = sealed_len;
+    sealed = NULL;
+out:
+    free(sealed);
+    return rc;
+}
+
+int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
+                   uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
+                   secbuf *out)
+{
+    uint8_t aad[KEY_AAD_MAX];
+    secbuf material = {NULL, 0};
+    size_t material_len = 0;
+    int rc;
+
+    if (keyring == NULL || !id_valid(domain_id) || !id_valid(key_id) ||
+        (sealed == NULL && sealed_len > 0) || out == NULL)
+        return KR_EINVAL;
+    if (sealed_len < KEYRING_SEAL_OVERHEAD) {
+        log_error("key %s version %u: sealed blob of %zu bytes is truncated", key_id, version,
+                  sealed_len);
+        return KR_EAUTH;
+    }
+    rc = secbuf_alloc(&material, sealed_len - KEYRING_SEAL_OVERHEAD);
+    if (rc != 0)
+        return rc;
+    size_t aad_len = key_aad(aad, domain_id, key_id, version, alg);
+
+    pthread_rwlock_rdlock(&keyring->lock);
+    const struct domain *domain = domain_find(keyring, domain_id);
+    if (domain == NULL)
+        rc = KR_ENOTFOUND;
+    else
+        rc = crypto_gcm_open(domain->key.data, domain->key.len, aad, aad_len, sealed,
+                             sealed_len, material.data, &material_len);
+    pthread_rwlock_unlock(&keyring->lock);
+    if (rc == KR_ENOTFOUND)
+        log_error("key %s: domain %s is not loaded", key_id, domain_id);
+    else if (rc == KR_EAUTH)
+        log_error("key %s version %u: sealed blob does not open under domain %s (tampered, or "
+                  "bound to another key, version, domain or algorithm)",
+                  key_id, version, domain_id);
+    else if (rc != 0)
+        log_error("key %s version %u: cannot unseal under domain %s", key_id, version,
+                  domain_id);
+    if (rc == 0 && material_len != material.len) {
+        log_error("key %s version %u: unsealed %zu bytes, expected %zu", key_id, version,
+                  material_len, material.len);
+        rc = KR_EINTERNAL;
+    }
+    if (rc != 0)
+        goto out;
+    *out = material;
+    material.data = NULL;
+    material.len = 0;
+out:
+    secbuf_free(&material);
+    return rc;
+}

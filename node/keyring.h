@@ -1,0 +1,45 @@
+/* keyring.h: the key hierarchy. MWK (in the HSM) wraps domain keys; domain keys
+ * live in the secure heap and seal each key version's material with
+ * AES-256-GCM, AAD = "keyraft-key-v1" | domain | key id | version | algorithm
+ * (length-prefixed), so a blob moved to another key, version, domain or
+ * algorithm does not open. */
+#ifndef KR_KEYRING_H
+#define KR_KEYRING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "crypto.h"
+#include "hsm.h"
+#include "secmem.h"
+
+struct keyring;
+
+/* |hsm| is borrowed and must outlive the keyring. */
+int keyring_new(struct hsm *hsm, struct keyring **out);
+/* Wipes every domain key. Accepts NULL. */
+void keyring_free(struct keyring *keyring);
+
+/* Makes a new domain key (HSM RNG), wraps it under the MWK (AAD binds the
+ * domain id) and loads it. *out_wrapped is malloc'd; it is safe to store. */
+int keyring_create_domain(struct keyring *keyring, const char *domain_id,
+                          uint8_t **out_wrapped, size_t *out_wrapped_len);
+/* Unwraps a stored domain key through the HSM into the secure heap. Loading
+ * an already loaded domain is a no-op. KR_EAUTH when the blob does not open
+ * under this MWK with this domain id. */
+int keyring_load_domain(struct keyring *keyring, const char *domain_id,
+                        const uint8_t *wrapped, size_t wrapped_len);
+int keyring_has_domain(const struct keyring *keyring, const char *domain_id);
+
+/* Seals |material| for key |key_id| version |version|. *out_sealed is
+ * malloc'd: nonce | ciphertext | tag. KR_ENOTFOUND for an unloaded domain. */
+int keyring_seal(struct keyring *keyring, const char *domain_id, const char *key_id,
+                 uint32_t version, crypto_alg alg, const uint8_t *material, size_t len,
+                 uint8_t **out_sealed, size_t *out_sealed_len);
+/* Opens a sealed blob into |out| (secure heap; secbuf_free it). KR_EAUTH when
+ * the blob was tampered with or is bound to other metadata. */
+int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
+                   uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
+                   secbuf *out);
+
+#endif

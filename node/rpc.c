@@ -1,0 +1,97 @@
+/* rpc.c: framing and (de)serialisation of the client protocol. */
+#include "rpc.h"
+
+#include <openssl/crypto.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keyraft.h"
+
+void rpc_reader_init(struct rpc_reader *r, uint32_t max_frame)
+{
+    memset(r, 0, sizeof(*r));
+    r->max_frame = max_frame;
+}
+
+void rpc_reader_cleanup(struct rpc_reader *r)
+{
+    if (r->buf) {
+        OPENSSL_cleanse(r->buf, r->cap);
+        free(r->buf);
+    }
+    memset(r, 0, sizeof(*r));
+}
+
+int rpc_reader_feed(struct rpc_reader *r, const uint8_t *data, size_t len)
+{
+    if (r->start > 0) {
+        /* Slide the unconsumed tail to the front, wiping what moved away. */
+        size_t keep = r->len - r->start;
+        memmove(r->buf, r->buf + r->start, keep);
+        OPENSSL_cleanse(r->buf + keep, r->len - keep);
+        r->len = keep;
+        r->start = 0;
+    }
+    if (r->len + len > r->cap) {
+        size_t cap = r->cap ? r->cap : 4096;
+        while (cap < r->len + len)
+            cap *= 2;
+        uint8_t *nb = malloc(cap);
+        if (nb == NULL)
+            return KR_ENOMEM;
+        if (r->buf) {
+            memcpy(nb, r->buf, r->len);
+            OPENSSL_cleanse(r->buf, r->cap);
+            free(r->buf);
+        }
+        r->buf = nb;
+        r->cap = cap;
+    }
+    memcpy(r->buf + r->len, data, len);
+    r->len += len;
+    return 0;
+}
+
+int rpc_reader_next(struct rpc_reader *r, const uint8_t **payload, size_t *len)
+{
+    size_t avail = r->len - r->start;
+    if (avail < 4)
+        return 0;
+    const uint8_t *p = r->buf + r->start;
+    uint32_t n = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    if (n > r->max_frame)
+        return KR_ETOOBIG;
+    if (avail < 4u + n)
+        return 0;
+    *payload = p + 4;
+    *len = n;
+    r->start += 4u + n;
+    return 1;
+}
+
+int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out)
+{
+    Keyraft__Request *req = keyraft__request__unpack(NULL, len, payload);
+    if (req == NULL)
+        return KR_EPROTO;
+    *out = req;
+    return 0;
+}
+
+int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len)
+{
+    size_t n = keyraft__response__get_packed_size(resp);
+    if (n > UINT32_MAX)
+        return KR_ETOOBIG;
+    uint8_t *buf = malloc(4 + n);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    buf[0] = (uint8_t)(n >> 24);
+    buf[1] = (uint8_t)(n >> 16);
+    buf[2] = (uint8_t)(n >> 8);
+    buf[3] = (uint8_t)n;
+    keyraft__response__pack(resp, buf + 4);
+    *out = buf;
+    *out_len = 4 + n;
+    return 0;
+}

@@ -1,0 +1,39 @@
+/* rpc.h: framing of the client protocol: 4-byte big-endian length + one
+ * protobuf message. Pure functions over buffers; no I/O. */
+#ifndef KR_RPC_H
+#define KR_RPC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keyraft.pb-c.h"
+
+/* Accumulates stream bytes and yields whole frames. */
+struct rpc_reader {
+    uint8_t *buf;
+    size_t start; /* first unconsumed byte */
+    size_t len;   /* bytes held, from 0 */
+    size_t cap;
+    uint32_t max_frame;
+};
+
+void rpc_reader_init(struct rpc_reader *reader, uint32_t max_frame);
+/* Wipes (requests may carry key material) and frees. */
+void rpc_reader_cleanup(struct rpc_reader *reader);
+
+/* Appends bytes. KR_ENOMEM; the reader never holds more than one frame plus
+ * what was fed beyond it. */
+int rpc_reader_feed(struct rpc_reader *reader, const uint8_t *data, size_t len);
+
+/* 1 and a borrowed view of the next whole frame's payload (valid until the
+ * next feed or next call); 0 when more bytes are needed; KR_ETOOBIG when the
+ * announced length exceeds max_frame (the stream cannot be resynchronised). */
+int rpc_reader_next(struct rpc_reader *reader, const uint8_t **payload, size_t *len);
+
+/* Parses a Request payload. KR_EPROTO when it does not parse. */
+int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out);
+
+/* Serialises |resp| with its length prefix into a malloc'd buffer. */
+int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len);
+
+#endif

@@ -1,0 +1,1571 @@
+/* service.c: the key operations. Runs on the node's loop thread; slow work
+ * (key generation) goes to the worker pool. */
+#include "service.h"
+
+#define KR_LOG_MODULE "service"
+#include <openssl/crypto.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "crypto.h"
+#include "fsm.h"
+#include "keyraft.h"
+#include "log.h"
+#include "secmem.h"
+
+#define NAME_MAX_LEN 256
+#define TAG_MAX 64
+#define TAG_KEY_MAX 128
+#define TAG_VALUE_MAX 256
+#define RANDOM_MAX 65536
+#define REVOKE_MESSAGE_MAX 1024
+#define LIST_DEFAULT 100
+#define LIST_SCAN_FACTOR 20 /* a page scans at most limit * factor + 1000 index rows */
+
+enum blob_kind { BLOB_CIPHERTEXT = 'c', BLOB_SIGNATURE = 's', BLOB_MAC = 'm', BLOB_WRAP = 'w' };
+#define BLOB_MAGIC 'K'
+#define BLOB_FORMAT 1
+
+struct service {
+    struct service_deps deps;
+    unsigned pending;
+    int domain_in_progress;
+    int ready;
+    uint64_t started_ms;
+};
+
+/* --- per-call arena: every byte of a response; wiped when the call ends ---- */
+
+struct arena_block {
+    struct arena_block *next;
+    size_t len;
+    max_align_t data[];
+};
+
+struct call {
+    struct service *svc;
+    Keyraft__Request *req;
+    service_reply_cb cb;
+    void *ctx;
+    char principal[256];
+    char address[64];
+    struct arena_block *arena;
+    Keyraft__Response resp;
+    /* work in progress for writes */
+    uv_work_t work;
+    Keyraft__Algorithm alg;
+    secbuf material;
+    int work_status;
+    char key_id[FSM_KEY_ID_LEN + 1];
+    Keyraft__KeyRecord *rec; /* loaded record (rotate) */
+};
+
+static void *arena_alloc(struct call *call, size_t len)
+{
+    struct arena_block *b = calloc(1, sizeof(*b) + len + 1);
+    if (b == NULL)
+        return NULL;
+    b->len = len + 1;
+    b->next = call->arena;
+    call->arena = b;
+    return b->data;
+}
+
+static char *arena_strdup(struct call *call, const char *s)
+{
+    size_t n = strlen(s);
+    char *p = arena_alloc(call, n + 1);
+    if (p != NULL)
+        memcpy(p, s, n + 1);
+    return p;
+}
+
+static void arena_free(struct call *call)
+{
+    while (call->arena) {
+        struct arena_block *b = call->arena;
+        call->arena = b->next;
+        OPENSSL_cleanse(b->data, b->len);
+        free(b);
+    }
+}
+
+static uint64_t now_ms(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (uint64_t)tv.tv_sec * 1000u + (uint64_t)tv.tv_usec / 1000u;
+}
+
+/* --- replies ------------------------------------------------------------------ */
+
+static void call_finish(struct call *call)
+{
+    call->resp.id = call->req->id;
+    call->cb(call->ctx, &call->resp);
+    arena_free(call);
+    secbuf_free(&call->material);
+    if (call->rec)
+        keyraft__key_record__free_unpacked(call->rec, NULL);
+    keyraft__request__free_unpacked(call->req, NULL);
+    free(call);
+}
+
+static void reply_error(struct call *call, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void reply_error(struct call *call, int status, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    call->resp.status = status;
+    call->resp.message = arena_strdup(call, msg);
+    if (call->resp.message == NULL)
+        call->resp.message = (char *)"out of memory";
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT__NOT_SET;
+    call_finish(call);
+}
+
+/* --- keys: lookup and presentation ---------------------------------------------- */
+
+static const char *caller_domain(const struct call *call)
+{
+    (void)call;
+    return FSM_DEFAULT_DOMAIN;
+}
+
+/* Loads the key a KeyRef names, in the caller's domain. On failure the call
+ * has been answered and NULL is returned. */
+static Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
+{
+    struct store *store = call->svc->deps.store;
+    char id[FSM_KEY_ID_LEN + 1];
+    if (ref == NULL || (ref->id[0] == '\0' && ref->name[0] == '\0')) {
+        reply_error(call, KR_EINVAL, "a key id or name is required");
+        return NULL;
+    }
+    int rv;
+    if (ref->id[0] != '\0') {
+        if (!fsm_key_id_valid(ref->id)) {
+            reply_error(call, KR_ENOTFOUND, "no key with id '%.80s' (ids are 32 hex digits)",
+                        ref->id);
+            return NULL;
+        }
+        snprintf(id, sizeof(id), "%s", ref->id);
+    } else {
+        rv = fsm_find_name(store, caller_domain(call), ref->name, id);
+        if (rv == KR_ENOTFOUND) {
+            reply_error(call, rv, "no key named '%.256s'", ref->name);
+            return NULL;
+        }
+        if (rv != 0) {
+            reply_error(call, rv, "name lookup failed: %s", kr_strerror(rv));
+            return NULL;
+        }
+    }
+    Keyraft__KeyRecord *rec = NULL;
+    rv = fsm_get_key(store, id, &rec);
+    if (rv == KR_ENOTFOUND || (rv == 0 && strcmp(rec->domain, caller_domain(call)) != 0)) {
+        if (rec)
+            keyraft__key_record__free_unpacked(rec, NULL);
+        reply_error(call, KR_ENOTFOUND, "no key with id %s", id);
+        return NULL;
+    }
+    if (rv != 0) {
+        reply_error(call, rv, "reading key %s: %s", id, kr_strerror(rv));
+        return NULL;
+    }
+    return rec;
+}
+
+static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__KeyRecord *rec)
+{
+    Keyraft__KeyAttributes *a = arena_alloc(call, sizeof(*a));
+    if (a == NULL)
+        return NULL;
+    keyraft__key_attributes__init(a);
+    a->id = arena_strdup(call, rec->id);
+    a->name = arena_strdup(call, rec->name);
+    a->domain = arena_strdup(call, rec->domain);
+    a->revoke_message = arena_strdup(call, rec->revoke_message);
+    if (!a->id || !a->name || !a->domain || !a->revoke_message)
+        return NULL;
+    a->algorithm = rec->algorithm;
+    a->state = rec->state;
+    a->current_version = rec->current_version;
+    a->created_at = rec->created_at;
+    a->activated_at = rec->activated_at;
+    a->deactivated_at = rec->deactivated_at;
+    a->revoked_at = rec->revoked_at;
+    a->destroyed_at = rec->destroyed_at;
+    a->revoke_reason = rec->revoke_reason;
+    a->exportable = rec->exportable;
+    a->commit_index = rec->updated_index;
+    a->n_versions = rec->n_versions;
+    a->versions = arena_alloc(call, rec->n_versions * sizeof(*a->versions));
+    if (a->versions == NULL)
+        return NULL;
+    for (size_t i = 0; i < rec->n_versions; i++) {
+        const Keyraft__KeyVersionRecord *v = rec->versions[i];
+        Keyraft__VersionInfo *vi = arena_alloc(call, sizeof(*vi));
+        if (vi == NULL)
+            return NULL;
+        keyraft__version_info__init(vi);
+        vi->version = v->version;
+        vi->created_at = v->created_at;
+        vi->destroyed = v->destroyed;
+        vi->kcv = arena_strdup(call, v->kcv);
+        if (vi->kcv == NULL)
+            return NULL;
+        if (v->public_key.len) {
+            vi->public_key.data = arena_alloc(call, v->public_key.len);
+            if (vi->public_key.data == NULL)
+                return NULL;
+            memcpy(vi->public_key.data, v->public_key.data, v->public_key.len);
+            vi->public_key.len = v->public_key.len;
+        }
+        a->versions[i] = vi;
+    }
+    a->n_tags = rec->n_tags;
+    a->tags = arena_alloc(call, rec->n_tags * sizeof(*a->tags));
+    if (a->tags == NULL)
+        return NULL;
+    for (size_t i = 0; i < rec->n_tags; i++) {
+        Keyraft__Tag *t = arena_alloc(call, sizeof(*t));
+        if (t == NULL)
+            return NULL;
+        keyraft__tag__init(t);
+        t->key = arena_strdup(call, rec->tags[i]->key);
+        t->value = arena_strdup(call, rec->tags[i]->value);
+        if (!t->key || !t->value)
+            return NULL;
+        a->tags[i] = t;
+    }
+    return a;
+}
+
+static void reply_key(struct call *call, const Keyraft__KeyRecord *rec, uint64_t commit_index)
+{
+    Keyraft__KeyAttributes *a = attributes_of(call, rec);
+    if (a == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_KEY;
+    call->resp.key = a;
+    call->resp.commit_index = commit_index;
+    call_finish(call);
+}
+
+static const Keyraft__KeyVersionRecord *find_version(const Keyraft__KeyRecord *rec, uint32_t v)
+{
+    for (size_t i = 0; i < rec->n_versions; i++)
+        if (rec->versions[i]->version == v)
+            return rec->versions[i];
+    return NULL;
+}
+
+/* The domain key must be loaded before sealing or unsealing. */
+static int ensure_domain(struct service *svc, const char *domain)
+{
+    if (keyring_has_domain(svc->deps.keyring, domain))
+        return 0;
+    Keyraft__DomainRecord *dom = NULL;
+    int rv = fsm_get_domain(svc->deps.store, domain, &dom);
+    if (rv != 0)
+        return rv;
+    rv = keyring_load_domain(svc->deps.keyring, domain, dom->wrapped_key.data,
+                             dom->wrapped_key.len);
+    keyraft__domain_record__free_unpacked(dom, NULL);
+    if (rv != 0)
+        log_error("domain %s: cannot unwrap its key with this node's MWK: %s", domain,
+                  kr_strerror(rv));
+    return rv;
+}
+
+/* Opens one version's material into |out|. Answers the call on failure. */
+static int unseal_version(struct call *call, const Keyraft__KeyRecord *rec,
+                          const Keyraft__KeyVersionRecord *v, secbuf *out)
+{
+    if (v->destroyed || v->sealed.len == 0) {
+        reply_error(call, KR_ESTATE, "version %u of key %s is destroyed", v->version, rec->id);
+        return -1;
+    }
+    int rv = ensure_domain(call->svc, rec->domain);
+    if (rv == 0)
+        rv = keyring_unseal(call->svc->deps.keyring, rec->domain, rec->id, v->version,
+                            rec->algorithm, v->sealed.data, v->sealed.len, out);
+    if (rv != 0) {
+        log_error("key %s version %u: cannot unseal: %s", rec->id, v->version, kr_strerror(rv));
+        reply_error(call, rv == KR_EAUTH ? KR_EINTERNAL : rv,
+                    "key %s version %u cannot be opened on this node (%s)", rec->id,
+                    v->version, kr_strerror(rv));
+        return -1;
+    }
+    return 0;
+}
+
+/* --- self-describing blobs ----------------------------------------------------- */
+
+static size_t blob_header(uint8_t *out, enum blob_kind kind, const char *key_id, uint32_t version)
+{
+    size_t idlen = strlen(key_id);
+    out[0] = BLOB_MAGIC;
+    out[1] = BLOB_FORMAT;
+    out[2] = (uint8_t)kind;
+    out[3] = (uint8_t)idlen;
+    memcpy(out + 4, key_id, idlen);
+    uint8_t *p = out + 4 + idlen;
+    p[0] = (uint8_t)(version >> 24);
+    p[1] = (uint8_t)(version >> 16);
+    p[2] = (uint8_t)(version >> 8);
+    p[3] = (uint8_t)version;
+    return 8 + idlen;
+}
+
+/* Parses a blob header; the key id is copied out. Returns the header length,
+ * or 0 when |in| is not a blob of |kind|. */
+static size_t blob_parse(const uint8_t *in, size_t len, enum blob_kind kind,
+                         char out_id[FSM_KEY_ID_LEN + 1], uint32_t *out_version)
+{
+    if (len < 8 || in[0] != BLOB_MAGIC || in[1] != BLOB_FORMAT || in[2] != (uint8_t)kind ||
+        in[3] != FSM_KEY_ID_LEN || len < 8u + FSM_KEY_ID_LEN)
+        return 0;
+    memcpy(out_id, in + 4, FSM_KEY_ID_LEN);
+    out_id[FSM_KEY_ID_LEN] = '\0';
+    if (!fsm_key_id_valid(out_id))
+        return 0;
+    const uint8_t *p = in + 4 + FSM_KEY_ID_LEN;
+    *out_version = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    return 8 + FSM_KEY_ID_LEN;
+}
+
+/* --- state checks ------------------------------------------------------------------ */
+
+static int can_protect(Keyraft__KeyState s) { return s == KEYRAFT__KEY_STATE__ACTIVE; }
+
+static int can_process(Keyraft__KeyState s)
+{
+    /* SP 800-57: deactivated and compromised keys may still process
+     * (decrypt, verify) data they protected. */
+    return s == KEYRAFT__KEY_STATE__ACTIVE || s == KEYRAFT__KEY_STATE__DEACTIVATED ||
+           s == KEYRAFT__KEY_STATE__COMPROMISED;
+}
+
+static int check_state(struct call *call, const Keyraft__KeyRecord *rec, int ok, const char *op)
+{
+    if (ok)
+        return 0;
+    reply_error(call, KR_ESTATE, "key %s is %s: %s is not allowed in that state", rec->id,
+                kr_state_name(rec->state), op);
+    return -1;
+}
+
+static int check_type(struct call *call, const Keyraft__KeyRecord *rec, int ok, const char *op)
+{
+    if (ok)
+        return 0;
+    reply_error(call, KR_EKEYTYPE, "key %s is %s: %s needs a different algorithm", rec->id,
+                kr_alg_name(rec->algorithm), op);
+    return -1;
+}
+
+/* --- writes ---------------------------------------------------------------------------- */
+
+static int valid_text(const char *s, size_t max)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > max)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+            return 0;
+    return 1;
+}
+
+static int validate_new_key(struct call *call, const char *name, Keyraft__Algorithm alg,
+                            Keyraft__Tag **tags, size_t n_tags)
+{
+    if (!valid_text(name, NAME_MAX_LEN)) {
+        reply_error(call, KR_EINVAL, "a key name is 1..%d printable characters", NAME_MAX_LEN);
+        return -1;
+    }
+    if (kr_alg_name(alg)[0] == '?' || alg == KEYRAFT__ALGORITHM__ALG_UNSPECIFIED) {
+        reply_error(call, KR_EINVAL, "unknown or missing algorithm (%d)", (int)alg);
+        return -1;
+    }
+    if (n_tags > TAG_MAX) {
+        reply_error(call, KR_EINVAL, "at most %d tags", TAG_MAX);
+        return -1;
+    }
+    for (size_t i = 0; i < n_tags; i++) {
+        if (!valid_text(tags[i]->key, TAG_KEY_MAX) ||
+            (tags[i]->value[0] && !valid_text(tags[i]->value, TAG_VALUE_MAX))) {
+            reply_error(call, KR_EINVAL, "tag %zu: key 1..%d, value 0..%d printable characters",
+                        i + 1, TAG_KEY_MAX, TAG_VALUE_MAX);
+            return -1;
+        }
+    }
+    char id[FSM_KEY_ID_LEN + 1];
+    int rv = fsm_find_name(call->svc->deps.store, caller_domain(call), name, id);
+    if (rv == 0) {
+        reply_error(call, KR_EEXIST, "a key named '%s' already exists (%s)", name, id);
+        return -1;
+    }
+    return 0;
+}
+
+static int require_leader(struct call *call)
+{
+    struct cluster_status st;
+    cluster_get_status(call->svc->deps.cluster, &st);
+    if (st.is_leader)
+        return 0;
+    reply_error(call, KR_ENOTLEADER, "this node is %s; the leader is node %llu (%s)", st.role,
+                (unsigned long long)st.leader_id,
+                st.leader_address[0] ? st.leader_address : "unknown");
+    return -1;
+}
+
+static void write_done(void *arg, const struct fsm_op_result *res)
+{
+    struct call *call = arg;
+    call->svc->pending--;
+    if (res->status != 0) {
+        const char *why = res->status == KR_EEXIST     ? "the name is taken"
+                          : res->status == KR_ESTATE   ? "the key's state changed meanwhile"
+                          : res->status == KR_ENOTLEADER ? "leadership was lost; outcome unknown, retry with the same request id"
+                                                       : kr_strerror(res->status);
+        reply_error(call, res->status, "%s", why);
+        return;
+    }
+    Keyraft__KeyRecord *rec = NULL;
+    int rv = fsm_get_key(call->svc->deps.store, res->key_id, &rec);
+    if (rv != 0) {
+        reply_error(call, rv, "applied, but reading key %s back failed", res->key_id);
+        return;
+    }
+    reply_key(call, rec, res->index);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void propose(struct call *call, Keyraft__Command *cmd)
+{
+    cmd->request_id = call->req->request_id;
+    int rv = cluster_propose(call->svc->deps.cluster, cmd, write_done, call);
+    if (rv != 0) {
+        reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
+        return;
+    }
+    call->svc->pending++;
+}
+
+/* Seals |call->material| as version |version| of a key. */
+static int seal_version(struct call *call, const char *domain, uint32_t version,
+                        Keyraft__KeyVersionRecord *v, char *kcv, uint8_t **pub, size_t *pub_len,
+                        uint8_t **sealed, size_t *sealed_len)
+{
+    int rv = crypto_key_info(call->alg, call->material.data, call->material.len, kcv, pub, pub_len);
+    if (rv != 0)
+        return rv;
+    rv = ensure_domain(call->svc, domain);
+    if (rv != 0)
+        return rv;
+    rv = keyring_seal(call->svc->deps.keyring, domain, call->key_id, version, call->alg,
+                      call->material.data, call->material.len, sealed, sealed_len);
+    if (rv != 0)
+        return rv;
+    v->version = version;
+    v->created_at = now_ms();
+    v->sealed.data = *sealed;
+    v->sealed.len = *sealed_len;
+    v->kcv = kcv;
+    v->public_key.data = *pub;
+    v->public_key.len = *pub ? *pub_len : 0;
+    return 0;
+}
+
+static void generate_work(uv_work_t *work)
+{
+    struct call *call = work->data;
+    call->work_status = crypto_generate(call->alg, &call->material);
+}
+
+static void put_key_with_material(struct call *call, const char *name, Keyraft__Tag **tags,
+                                  size_t n_tags, int pre_active, int non_exportable)
+{
+    uint8_t rnd[14];
+    int rv = crypto_random(rnd, sizeof(rnd));
+    if (rv != 0) {
+        reply_error(call, rv, "random id: %s", kr_strerror(rv));
+        return;
+    }
+    fsm_format_key_id(0, rnd, call->key_id);
+    char kcv[17] = "";
+    uint8_t *pub = NULL, *sealed = NULL;
+    size_t pub_len = 0, sealed_len = 0;
+    Keyraft__KeyVersionRecord v = KEYRAFT__KEY_VERSION_RECORD__INIT;
+    rv = seal_version(call, caller_domain(call), 1, &v, kcv, &pub, &pub_len, &sealed, &sealed_len);
+    secbuf_free(&call->material);
+    if (rv != 0) {
+        free(pub);
+        free(sealed);
+        reply_error(call, rv, "sealing the new key failed: %s", kr_strerror(rv));
+        return;
+    }
+    Keyraft__KeyVersionRecord *versions[1] = {&v};
+    Keyraft__KeyRecord rec = KEYRAFT__KEY_RECORD__INIT;
+    rec.id = call->key_id;
+    rec.name = (char *)name;
+    rec.domain = (char *)caller_domain(call);
+    rec.algorithm = call->alg;
+    uint64_t now = now_ms();
+    rec.state = pre_active ? KEYRAFT__KEY_STATE__PRE_ACTIVE : KEYRAFT__KEY_STATE__ACTIVE;
+    rec.current_version = 1;
+    rec.n_versions = 1;
+    rec.versions = versions;
+    rec.created_at = now;
+    rec.activated_at = pre_active ? 0 : now;
+    rec.n_tags = n_tags;
+    rec.tags = tags;
+    rec.exportable = !non_exportable;
+    Keyraft__PutKeyCommand put = KEYRAFT__PUT_KEY_COMMAND__INIT;
+    put.key = &rec;
+    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+    cmd.op_case = KEYRAFT__COMMAND__OP_PUT_KEY;
+    cmd.put_key = &put;
+    propose(call, &cmd);
+    free(pub);
+    free(sealed);
+}
+
+static void create_after_work(uv_work_t *work, int status)
+{
+    struct call *call = work->data;
+    call->svc->pending--;
+    if (status != 0 || call->work_status != 0) {
+        reply_error(call, call->work_status ? call->work_status : KR_EINTERNAL,
+                    "key generation failed");
+        return;
+    }
+    if (require_leader(call) != 0)
+        return;
+    const Keyraft__CreateKeyRequest *r = call->req->create;
+    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable);
+}
+
+static void op_create(struct call *call)
+{
+    const Keyraft__CreateKeyRequest *r = call->req->create;
+    if (require_leader(call) != 0 ||
+        validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
+        return;
+    call->alg = r->algorithm;
+    call->work.data = call;
+    int rv = uv_queue_work(call->svc->deps.loop, &call->work, generate_work, create_after_work);
+    if (rv != 0) {
+        reply_error(call, KR_EINTERNAL, "worker pool: %s", uv_strerror(rv));
+        return;
+    }
+    call->svc->pending++;
+}
+
+static void op_import(struct call *call)
+{
+    const Keyraft__ImportKeyRequest *r = call->req->import;
+    if (require_leader(call) != 0 ||
+        validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
+        return;
+    int rv = crypto_check_material(r->algorithm, r->material.data, r->material.len);
+    if (rv != 0) {
+        reply_error(call, KR_EINVAL, "the material is not a valid %s key",
+                    kr_alg_name(r->algorithm));
+        return;
+    }
+    call->alg = r->algorithm;
+    rv = secbuf_copy(&call->material, r->material.data, r->material.len);
+    /* The request's copy is wiped now: it is freed only at the end of the call. */
+    OPENSSL_cleanse(r->material.data, r->material.len);
+    if (rv != 0) {
+        reply_error(call, rv, "out of secure memory");
+        return;
+    }
+    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable);
+}
+
+static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__KeyState to,
+                      Keyraft__RevokeReason reason, const char *message, const char *op)
+{
+    if (require_leader(call) != 0)
+        return;
+    Keyraft__KeyRecord *rec = load_key(call, ref);
+    if (rec == NULL)
+        return;
+    int ok = fsm_transition_allowed(rec->state, to);
+    const char *hint = "";
+    if (!ok && to == KEYRAFT__KEY_STATE__DESTROYED && rec->state == KEYRAFT__KEY_STATE__ACTIVE)
+        hint = "; deactivate or revoke it first";
+    if (!ok) {
+        reply_error(call, KR_ESTATE, "key %s is %s: cannot %s it%s", rec->id,
+                    kr_state_name(rec->state), op, hint);
+        keyraft__key_record__free_unpacked(rec, NULL);
+        return;
+    }
+    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+    Keyraft__SetStateCommand ss = KEYRAFT__SET_STATE_COMMAND__INIT;
+    Keyraft__DestroyKeyCommand dk = KEYRAFT__DESTROY_KEY_COMMAND__INIT;
+    if (to == KEYRAFT__KEY_STATE__DESTROYED || to == KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED) {
+        dk.key_id = rec->id;
+        dk.at = now_ms();
+        cmd.op_case = KEYRAFT__COMMAND__OP_DESTROY_KEY;
+        cmd.destroy_key = &dk;
+    } else {
+        ss.key_id = rec->id;
+        ss.state = to;
+        ss.at = now_ms();
+        ss.reason = reason;
+        ss.message = (char *)(message ? message : "");
+        cmd.op_case = KEYRAFT__COMMAND__OP_SET_STATE;
+        cmd.set_state = &ss;
+    }
+    propose(call, &cmd);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_revoke(struct call *call)
+{
+    const Keyraft__RevokeKeyRequest *r = call->req->revoke;
+    if (r->reason == KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED ||
+        kr_reason_name(r->reason)[0] == '?') {
+        reply_error(call, KR_EINVAL,
+                    "a revocation reason is required: compromised, superseded, cessation, "
+                    "affiliation-changed, privilege-withdrawn");
+        return;
+    }
+    if (strlen(r->message) > REVOKE_MESSAGE_MAX) {
+        reply_error(call, KR_EINVAL, "revocation message longer than %d", REVOKE_MESSAGE_MAX);
+        return;
+    }
+    Keyraft__KeyState to = r->reason == KEYRAFT__REVOKE_REASON__KEY_COMPROMISE
+                               ? KEYRAFT__KEY_STATE__COMPROMISED
+                               : KEYRAFT__KEY_STATE__DEACTIVATED;
+    set_state(call, r->key, to, r->reason, r->message, "revoke");
+}
+
+static void op_destroy(struct call *call)
+{
+    if (require_leader(call) != 0)
+        return;
+    Keyraft__KeyRecord *rec = load_key(call, call->req->destroy->key);
+    if (rec == NULL)
+        return;
+    Keyraft__KeyState to = rec->state == KEYRAFT__KEY_STATE__COMPROMISED
+                               ? KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED
+                               : KEYRAFT__KEY_STATE__DESTROYED;
+    keyraft__key_record__free_unpacked(rec, NULL);
+    set_state(call, call->req->destroy->key, to, 0, NULL, "destroy");
+}
+
+static void rotate_after_work(uv_work_t *work, int status)
+{
+    struct call *call = work->data;
+    call->svc->pending--;
+    if (status != 0 || call->work_status != 0) {
+        reply_error(call, call->work_status ? call->work_status : KR_EINTERNAL,
+                    "key generation failed");
+        return;
+    }
+    if (require_leader(call) != 0)
+        return;
+    Keyraft__KeyRecord *rec = call->rec;
+    char kcv[17] = "";
+    uint8_t *pub = NULL, *sealed = NULL;
+    size_t pub_len = 0, sealed_len = 0;
+    Keyraft__KeyVersionRecord v = KEYRAFT__KEY_VERSION_RECORD__INIT;
+    snprintf(call->key_id, sizeof(call->key_id), "%s", rec->id);
+    int rv = seal_version(call, rec->domain, rec->current_version + 1, &v, kcv, &pub, &pub_len,
+                          &sealed, &sealed_len);
+    secbuf_free(&call->material);
+    if (rv != 0) {
+        free(pub);
+        free(sealed);
+        reply_error(call, rv, "sealing the new version failed: %s", kr_strerror(rv));
+        return;
+    }
+    Keyraft__AddVersionCommand av = KEYRAFT__ADD_VERSION_COMMAND__INIT;
+    av.key_id = rec->id;
+    av.version = &v;
+    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+    cmd.op_case = KEYRAFT__COMMAND__OP_ADD_VERSION;
+    cmd.add_version = &av;
+    propose(call, &cmd);
+    free(pub);
+    free(sealed);
+}
+
+static void op_rotate(struct call *call)
+{
+    if (require_leader(call) != 0)
+        return;
+    Keyraft__KeyRecord *rec = load_key(call, call->req->rotate->key);
+    if (rec == NULL)
+        return;
+    if (rec->state != KEYRAFT__KEY_STATE__ACTIVE && rec->state != KEYRAFT__KEY_STATE__PRE_ACTIVE) {
+        reply_error(call, KR_ESTATE, "key %s is %s: only active or pre-active keys rotate",
+                    rec->id, kr_state_name(rec->state));
+        keyraft__key_record__free_unpacked(rec, NULL);
+        return;
+    }
+    call->rec = rec;
+    call->alg = rec->algorithm;
+    call->work.data = call;
+    int rv = uv_queue_work(call->svc->deps.loop, &call->work, generate_work, rotate_after_work);
+    if (rv != 0) {
+        reply_error(call, KR_EINTERNAL, "worker pool: %s", uv_strerror(rv));
+        return;
+    }
+    call->svc->pending++;
+}
+
+/* --- reads ------------------------------------------------------------------------------- */
+
+static void op_get(struct call *call)
+{
+    Keyraft__KeyRecord *rec = load_key(call, call->req->get->key);
+    if (rec == NULL)
+        return;
+    reply_key(call, rec, 0);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_export(struct call *call)
+{
+    const Keyraft__ExportKeyRequest *r = call->req->export;
+    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    if (rec == NULL)
+        return;
+    secbuf mat = {0};
+    if (!call->svc->deps.config->allow_export) {
+        reply_error(call, KR_EPERM, "export is disabled on this cluster ([policy] allow_export)");
+        goto out;
+    }
+    if (!rec->exportable) {
+        reply_error(call, KR_EPERM, "key %s was created non-exportable", rec->id);
+        goto out;
+    }
+    if (rec->state == KEYRAFT__KEY_STATE__DESTROYED ||
+        rec->state == KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED) {
+        reply_error(call, KR_ESTATE, "key %s is destroyed", rec->id);
+        goto out;
+    }
+    uint32_t version = r->version ? r->version : rec->current_version;
+    const Keyraft__KeyVersionRecord *v = find_version(rec, version);
+    if (v == NULL) {
+        reply_error(call, KR_ENOTFOUND, "key %s has no version %u", rec->id, version);
+        goto out;
+    }
+    if (unseal_version(call, rec, v, &mat) != 0)
+        goto out;
+    Keyraft__ExportKeyResponse *er = arena_alloc(call, sizeof(*er));
+    uint8_t *copy = arena_alloc(call, mat.len);
+    Keyraft__KeyAttributes *a = attributes_of(call, rec);
+    if (er == NULL || copy == NULL || a == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    keyraft__export_key_response__init(er);
+    memcpy(copy, mat.data, mat.len);
+    er->material.data = copy;
+    er->material.len = mat.len;
+    er->version = version;
+    er->attributes = a;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_EXPORT;
+    call->resp.export = er;
+    log_info("key %s version %u exported to %s", rec->id, version, call->principal);
+    call_finish(call);
+out:
+    secbuf_free(&mat);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+struct list_plan {
+    uint8_t lower[1200];
+    size_t lower_len;
+    uint8_t upper[1200];
+    size_t upper_len;
+    enum store_cf cf;
+    size_t prefix_len; /* bytes before the key id (attrs) or name (names) */
+};
+
+static int hex_decode(const char *hex, uint8_t *out, size_t cap, size_t *out_len)
+{
+    size_t n = strlen(hex);
+    if (n % 2 || n / 2 > cap)
+        return -1;
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned v = 0;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1)
+            return -1;
+        out[i] = (uint8_t)v;
+    }
+    *out_len = n / 2;
+    return 0;
+}
+
+static void op_list(struct call *call)
+{
+    const Keyraft__ListKeysRequest *r = call->req->list;
+    const struct config *cfg = call->svc->deps.config;
+    const char *domain = caller_domain(call);
+    struct list_plan plan = {0};
+    char num[16];
+    uint32_t limit = r->limit ? r->limit : LIST_DEFAULT;
+    if (limit > cfg->list_max)
+        limit = cfg->list_max;
+    if (r->state != 0 && kr_state_name(r->state)[0] == '?') {
+        reply_error(call, KR_EINVAL, "unknown state filter");
+        return;
+    }
+    if (r->algorithm != 0 && kr_alg_name(r->algorithm)[0] == '?') {
+        reply_error(call, KR_EINVAL, "unknown algorithm filter");
+        return;
+    }
+    /* Drive the scan with the most selective index the filter offers. */
+    if (r->tag != NULL && r->tag->key[0] != '\0') {
+        plan.cf = STORE_CF_ATTRS;
+        plan.lower_len = fsm_attr_prefix(plan.lower, sizeof(plan.lower) - 64, FSM_INDEX_TAG,
+                                         domain, r->tag->key, r->tag->value);
+    } else if (r->prefix[0] == '\0' && r->state != 0) {
+        plan.cf = STORE_CF_ATTRS;
+        snprintf(num, sizeof(num), "%d", (int)r->state);
+        plan.lower_len = fsm_attr_prefix(plan.lower, sizeof(plan.lower) - 64, FSM_INDEX_STATE,
+                                         domain, num, NULL);
+    } else if (r->prefix[0] == '\0' && r->algorithm != 0) {
+        plan.cf = STORE_CF_ATTRS;
+        snprintf(num, sizeof(num), "%02d", (int)r->algorithm);
+        plan.lower_len = fsm_attr_prefix(plan.lower, sizeof(plan.lower) - 64, FSM_INDEX_ALG,
+                                         domain, num, NULL);
+    } else {
+        plan.cf = STORE_CF_NAMES;
+        /* "domain\0": the empty name leaves just the separator. */
+        plan.lower_len = fsm_name_key(plan.lower, sizeof(plan.lower) - 64, domain, "");
+        size_t pl = strlen(r->prefix);
+        if (plan.lower_len + pl > sizeof(plan.lower) - 64)
+            plan.lower_len = 0;
+        else {
+            memcpy(plan.lower + plan.lower_len, r->prefix, pl);
+            plan.prefix_len = plan.lower_len;
+            plan.lower_len += pl;
+        }
+    }
+    if (plan.lower_len == 0) {
+        reply_error(call, KR_EINVAL, "filter too long");
+        return;
+    }
+    if (plan.cf == STORE_CF_ATTRS)
+        plan.prefix_len = plan.lower_len;
+    /* upper bound: the prefix + 1 at its last byte that is not 0xff */
+    memcpy(plan.upper, plan.lower, plan.lower_len);
+    plan.upper_len = plan.lower_len;
+    while (plan.upper_len > 0 && plan.upper[plan.upper_len - 1] == 0xff)
+        plan.upper_len--;
+    if (plan.upper_len > 0)
+        plan.upper[plan.upper_len - 1]++;
+    uint8_t start[1200];
+    size_t start_len = plan.lower_len;
+    memcpy(start, plan.lower, plan.lower_len);
+    if (r->after[0] != '\0') {
+        size_t clen = 0;
+        if (hex_decode(r->after, start, sizeof(start) - 1, &clen) != 0 || clen < plan.lower_len ||
+            memcmp(start, plan.lower, plan.lower_len) != 0) {
+            reply_error(call, KR_EINVAL, "the cursor does not belong to this listing");
+            return;
+        }
+        start[clen] = '\0'; /* strictly after the cursor */
+        start_len = clen + 1;
+    }
+    struct store_iter *it = NULL;
+    int rv = store_iter_new(call->svc->deps.store, plan.cf, start, start_len,
+                            plan.upper_len ? plan.upper : NULL, plan.upper_len, &it);
+    if (rv != 0) {
+        reply_error(call, rv, "listing failed: %s", kr_strerror(rv));
+        return;
+    }
+    Keyraft__ListKeysResponse *lr = arena_alloc(call, sizeof(*lr));
+    Keyraft__KeyAttributes **keys = arena_alloc(call, limit * sizeof(*keys));
+    if (lr == NULL || keys == NULL) {
+        store_iter_free(it);
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    keyraft__list_keys_response__init(lr);
+    lr->keys = keys;
+    size_t budget = (size_t)limit * LIST_SCAN_FACTOR + 1000;
+    size_t scanned = 0;
+    const uint8_t *last = NULL;
+    size_t last_len = 0;
+    int more = 0;
+    for (; store_iter_valid(it); store_iter_next(it)) {
+        if (lr->n_keys == limit || scanned == budget) {
+            more = 1;
+            break;
+        }
+        scanned++;
+        size_t klen = 0, vlen = 0;
+        const uint8_t *k = store_iter_key(it, &klen);
+        const uint8_t *v = store_iter_value(it, &vlen);
+        last = k;
+        last_len = klen;
+        char id[FSM_KEY_ID_LEN + 1];
+        if (plan.cf == STORE_CF_NAMES) {
+            if (vlen != FSM_KEY_ID_LEN)
+                continue;
+            memcpy(id, v, FSM_KEY_ID_LEN);
+        } else {
+            if (klen < FSM_KEY_ID_LEN)
+                continue;
+            memcpy(id, k + klen - FSM_KEY_ID_LEN, FSM_KEY_ID_LEN);
+        }
+        id[FSM_KEY_ID_LEN] = '\0';
+        Keyraft__KeyRecord *rec = NULL;
+        if (fsm_get_key(call->svc->deps.store, id, &rec) != 0)
+            continue;
+        int match = 1;
+        if (r->algorithm && rec->algorithm != r->algorithm)
+            match = 0;
+        if (r->state && rec->state != r->state)
+            match = 0;
+        if (r->prefix[0] && strncmp(rec->name, r->prefix, strlen(r->prefix)) != 0)
+            match = 0;
+        if (match) {
+            Keyraft__KeyAttributes *a = attributes_of(call, rec);
+            if (a == NULL) {
+                keyraft__key_record__free_unpacked(rec, NULL);
+                store_iter_free(it);
+                reply_error(call, KR_ENOMEM, "out of memory");
+                return;
+            }
+            keys[lr->n_keys++] = a;
+        }
+        keyraft__key_record__free_unpacked(rec, NULL);
+    }
+    if (more && last != NULL) {
+        char *cur = arena_alloc(call, last_len * 2 + 1);
+        if (cur == NULL) {
+            store_iter_free(it);
+            reply_error(call, KR_ENOMEM, "out of memory");
+            return;
+        }
+        for (size_t i = 0; i < last_len; i++)
+            sprintf(cur + 2 * i, "%02x", last[i]);
+        lr->next_cursor = cur;
+    }
+    store_iter_free(it);
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_LIST;
+    call->resp.list = lr;
+    call_finish(call);
+}
+
+/* --- crypto operations ------------------------------------------------------------------ */
+
+static uint8_t *with_header(struct call *call, enum blob_kind kind, const char *id,
+                            uint32_t version, size_t body_cap, size_t *hdr_len)
+{
+    uint8_t *buf = arena_alloc(call, SERVICE_BLOB_HEADER_MAX + body_cap);
+    if (buf != NULL)
+        *hdr_len = blob_header(buf, kind, id, version);
+    return buf;
+}
+
+/* GCM AAD = blob header | caller's AAD, so key id and version cannot be
+ * swapped on a ciphertext. */
+static int aad_join(struct call *call, const uint8_t *hdr, size_t hdr_len,
+                    const ProtobufCBinaryData *aad, uint8_t **out, size_t *out_len)
+{
+    *out = arena_alloc(call, hdr_len + aad->len);
+    if (*out == NULL)
+        return KR_ENOMEM;
+    memcpy(*out, hdr, hdr_len);
+    if (aad->len)
+        memcpy(*out + hdr_len, aad->data, aad->len);
+    *out_len = hdr_len + aad->len;
+    return 0;
+}
+
+/* Encrypts |pt| under the current version of an AES key into the arena. */
+static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const uint8_t *pt,
+                      size_t pt_len, const ProtobufCBinaryData *aad, ProtobufCBinaryData *out,
+                      uint32_t *out_version)
+{
+    if (check_type(call, rec, crypto_is_aes(rec->algorithm), "encrypt") != 0 ||
+        check_state(call, rec, can_protect(rec->state), "encrypt") != 0)
+        return -1;
+    const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
+    secbuf key = {0};
+    if (v == NULL || unseal_version(call, rec, v, &key) != 0)
+        return -1;
+    size_t hdr_len = 0;
+    uint8_t *buf = with_header(call, BLOB_CIPHERTEXT, rec->id, v->version,
+                               pt_len + CRYPTO_GCM_NONCE_LEN + CRYPTO_GCM_TAG_LEN, &hdr_len);
+    uint8_t *full_aad = NULL;
+    size_t full_aad_len = 0;
+    int rv = buf ? aad_join(call, buf, hdr_len, aad, &full_aad, &full_aad_len) : KR_ENOMEM;
+    size_t body = 0;
+    if (rv == 0)
+        rv = crypto_gcm_seal(key.data, key.len, full_aad, full_aad_len, pt, pt_len,
+                             buf + hdr_len, &body);
+    secbuf_free(&key);
+    if (rv != 0) {
+        reply_error(call, rv, "encryption failed: %s", kr_strerror(rv));
+        return -1;
+    }
+    out->data = buf;
+    out->len = hdr_len + body;
+    *out_version = v->version;
+    return 0;
+}
+
+static void op_encrypt(struct call *call)
+{
+    const Keyraft__EncryptRequest *r = call->req->encrypt;
+    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    if (rec == NULL)
+        return;
+    Keyraft__EncryptResponse *er = arena_alloc(call, sizeof(*er));
+    if (er == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    keyraft__encrypt_response__init(er);
+    if (encrypt_to(call, rec, r->plaintext.data, r->plaintext.len, &r->aad, &er->ciphertext,
+                   &er->version) != 0)
+        goto out;
+    er->key_id = arena_strdup(call, rec->id);
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_ENCRYPT;
+    call->resp.encrypt = er;
+    call_finish(call);
+out:
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+/* Resolves the key a blob names and checks it matches |ref| when given. */
+static Keyraft__KeyRecord *blob_key(struct call *call, const ProtobufCBinaryData *blob,
+                                    enum blob_kind kind, const Keyraft__KeyRef *ref,
+                                    const Keyraft__KeyVersionRecord **out_v, size_t *out_hdr)
+{
+    char id[FSM_KEY_ID_LEN + 1];
+    uint32_t version = 0;
+    size_t hdr = blob_parse(blob->data, blob->len, kind, id, &version);
+    if (hdr == 0) {
+        reply_error(call, KR_EINVAL, "not a keyraft %s (bad header)",
+                    kind == BLOB_CIPHERTEXT ? "ciphertext"
+                    : kind == BLOB_SIGNATURE ? "signature"
+                    : kind == BLOB_MAC ? "MAC" : "wrapped key");
+        return NULL;
+    }
+    Keyraft__KeyRef by_id = KEYRAFT__KEY_REF__INIT;
+    by_id.id = id;
+    Keyraft__KeyRecord *rec = load_key(call, &by_id);
+    if (rec == NULL)
+        return NULL;
+    if (ref != NULL && ((ref->id[0] && strcmp(ref->id, rec->id) != 0) ||
+                        (!ref->id[0] && ref->name[0] && strcmp(ref->name, rec->name) != 0))) {
+        reply_error(call, KR_EAUTH, "made by key %s, not by the key named in the request", id);
+        keyraft__key_record__free_unpacked(rec, NULL);
+        return NULL;
+    }
+    const Keyraft__KeyVersionRecord *v = find_version(rec, version);
+    if (v == NULL) {
+        reply_error(call, KR_ENOTFOUND, "key %s has no version %u", id, version);
+        keyraft__key_record__free_unpacked(rec, NULL);
+        return NULL;
+    }
+    *out_v = v;
+    *out_hdr = hdr;
+    return rec;
+}
+
+static int decrypt_blob(struct call *call, const ProtobufCBinaryData *ct,
+                        const ProtobufCBinaryData *aad, Keyraft__KeyRecord **out_rec,
+                        ProtobufCBinaryData *out_pt, uint32_t *out_version)
+{
+    const Keyraft__KeyVersionRecord *v = NULL;
+    size_t hdr = 0;
+    Keyraft__KeyRecord *rec = blob_key(call, ct, BLOB_CIPHERTEXT, NULL, &v, &hdr);
+    if (rec == NULL)
+        return -1;
+    *out_rec = rec;
+    if (check_type(call, rec, crypto_is_aes(rec->algorithm), "decrypt") != 0 ||
+        check_state(call, rec, can_process(rec->state), "decrypt") != 0)
+        return -1;
+    if (ct->len < hdr + CRYPTO_GCM_NONCE_LEN + CRYPTO_GCM_TAG_LEN) {
+        reply_error(call, KR_EINVAL, "ciphertext truncated");
+        return -1;
+    }
+    secbuf key = {0};
+    if (unseal_version(call, rec, v, &key) != 0)
+        return -1;
+    uint8_t *full_aad = NULL;
+    size_t full_aad_len = 0;
+    uint8_t *pt = arena_alloc(call, ct->len - hdr);
+    int rv = pt ? aad_join(call, ct->data, hdr, aad, &full_aad, &full_aad_len) : KR_ENOMEM;
+    size_t pt_len = 0;
+    if (rv == 0)
+        rv = crypto_gcm_open(key.data, key.len, full_aad, full_aad_len, ct->data + hdr,
+                             ct->len - hdr, pt, &pt_len);
+    secbuf_free(&key);
+    if (rv == KR_EAUTH) {
+        reply_error(call, KR_EAUTH, "decryption failed: wrong AAD or a tampered ciphertext");
+        return -1;
+    }
+    if (rv != 0) {
+        reply_error(call, rv, "decryption failed: %s", kr_strerror(rv));
+        return -1;
+    }
+    out_pt->data = pt;
+    out_pt->len = pt_len;
+    *out_version = v->version;
+    return 0;
+}
+
+static void op_decrypt(struct call *call)
+{
+    const Keyraft__DecryptRequest *r = call->req->decrypt;
+    Keyraft__KeyRecord *rec = NULL;
+    Keyraft__DecryptResponse *dr = arena_alloc(call, sizeof(*dr));
+    if (dr == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    keyraft__decrypt_response__init(dr);
+    if (decrypt_blob(call, &r->ciphertext, &r->aad, &rec, &dr->plaintext, &dr->version) == 0) {
+        dr->key_id = arena_strdup(call, rec->id);
+        call->resp.result_case = KEYRAFT__RESPONSE__RESULT_DECRYPT;
+        call->resp.decrypt = dr;
+        call_finish(call);
+    }
+    if (rec)
+        keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_sign(struct call *call, int is_mac)
+{
+    const Keyraft__SignRequest *r = is_mac ? call->req->mac : call->req->sign;
+    const char *op = is_mac ? "mac" : "sign";
+    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    if (rec == NULL)
+        return;
+    secbuf key = {0};
+    uint8_t *sig = NULL;
+    size_t sig_len = 0;
+    int ok_type = is_mac ? crypto_is_hmac(rec->algorithm) : crypto_is_signing(rec->algorithm);
+    if (check_type(call, rec, ok_type, op) != 0 ||
+        check_state(call, rec, can_protect(rec->state), op) != 0)
+        goto out;
+    const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
+    if (v == NULL || unseal_version(call, rec, v, &key) != 0)
+        goto out;
+    uint8_t mac[64];
+    int rv;
+    if (is_mac) {
+        rv = crypto_mac(rec->algorithm, key.data, key.len, r->message.data, r->message.len, mac,
+                        &sig_len);
+    } else {
+        rv = crypto_sign(rec->algorithm, key.data, key.len, r->message.data, r->message.len,
+                         &sig, &sig_len);
+    }
+    if (rv != 0) {
+        reply_error(call, rv, "%s failed: %s", op, kr_strerror(rv));
+        goto out;
+    }
+    size_t hdr = 0;
+    uint8_t *blob = with_header(call, is_mac ? BLOB_MAC : BLOB_SIGNATURE, rec->id, v->version,
+                                sig_len, &hdr);
+    Keyraft__SignResponse *sr = arena_alloc(call, sizeof(*sr));
+    if (blob == NULL || sr == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    memcpy(blob + hdr, is_mac ? mac : sig, sig_len);
+    keyraft__sign_response__init(sr);
+    sr->signature.data = blob;
+    sr->signature.len = hdr + sig_len;
+    sr->key_id = arena_strdup(call, rec->id);
+    sr->version = v->version;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_SIGN;
+    call->resp.sign = sr;
+    call_finish(call);
+out:
+    free(sig);
+    secbuf_free(&key);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_verify(struct call *call, int is_mac)
+{
+    const Keyraft__VerifyRequest *r = is_mac ? call->req->verify_mac : call->req->verify;
+    const char *op = is_mac ? "verify-mac" : "verify";
+    const Keyraft__KeyVersionRecord *v = NULL;
+    size_t hdr = 0;
+    Keyraft__KeyRecord *rec =
+        blob_key(call, &r->signature, is_mac ? BLOB_MAC : BLOB_SIGNATURE, r->key, &v, &hdr);
+    if (rec == NULL)
+        return;
+    secbuf key = {0};
+    int ok_type = is_mac ? crypto_is_hmac(rec->algorithm) : crypto_is_signing(rec->algorithm);
+    if (check_type(call, rec, ok_type, op) != 0 ||
+        check_state(call, rec, can_process(rec->state), op) != 0)
+        goto out;
+    int rv;
+    const uint8_t *sig = r->signature.data + hdr;
+    size_t sig_len = r->signature.len - hdr;
+    if (is_mac) {
+        if (unseal_version(call, rec, v, &key) != 0)
+            goto out;
+        rv = crypto_mac_verify(rec->algorithm, key.data, key.len, r->message.data, r->message.len,
+                               sig, sig_len);
+    } else {
+        rv = crypto_verify_public(rec->algorithm, v->public_key.data, v->public_key.len,
+                                  r->message.data, r->message.len, sig, sig_len);
+    }
+    if (rv != 0 && rv != KR_EAUTH) {
+        reply_error(call, rv, "%s failed: %s", op, kr_strerror(rv));
+        goto out;
+    }
+    Keyraft__VerifyResponse *vr = arena_alloc(call, sizeof(*vr));
+    if (vr == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    keyraft__verify_response__init(vr);
+    vr->valid = rv == 0;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_VERIFY;
+    call->resp.verify = vr;
+    call_finish(call);
+out:
+    secbuf_free(&key);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_data_key(struct call *call)
+{
+    const Keyraft__DataKeyRequest *r = call->req->data_key;
+    uint32_t bits = r->bits ? r->bits : 256;
+    if (bits != 128 && bits != 256) {
+        reply_error(call, KR_EINVAL, "data key bits must be 128 or 256");
+        return;
+    }
+    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    if (rec == NULL)
+        return;
+    Keyraft__DataKeyResponse *dr = arena_alloc(call, sizeof(*dr));
+    uint8_t *pt = arena_alloc(call, bits / 8);
+    if (dr == NULL || pt == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    keyraft__data_key_response__init(dr);
+    int rv = crypto_random(pt, bits / 8);
+    if (rv != 0) {
+        reply_error(call, rv, "random: %s", kr_strerror(rv));
+        goto out;
+    }
+    if (encrypt_to(call, rec, pt, bits / 8, &r->aad, &dr->wrapped, &dr->version) != 0)
+        goto out;
+    dr->plaintext.data = pt;
+    dr->plaintext.len = bits / 8;
+    dr->key_id = arena_strdup(call, rec->id);
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_DATA_KEY;
+    call->resp.data_key = dr;
+    call_finish(call);
+out:
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_wrap(struct call *call)
+{
+    const Keyraft__WrapRequest *r = call->req->wrap;
+    if (r->material.len == 0 || r->material.len > 64 * 1024) {
+        reply_error(call, KR_EINVAL, "wrap takes 1..65536 bytes of key material");
+        return;
+    }
+    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    if (rec == NULL)
+        return;
+    secbuf key = {0};
+    if (check_type(call, rec, crypto_is_aes(rec->algorithm), "wrap") != 0 ||
+        check_state(call, rec, can_protect(rec->state), "wrap") != 0)
+        goto out;
+    const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
+    if (v == NULL || unseal_version(call, rec, v, &key) != 0)
+        goto out;
+    size_t hdr = 0, body = 0;
+    uint8_t *blob = with_header(call, BLOB_WRAP, rec->id, v->version, r->material.len + 16, &hdr);
+    Keyraft__WrapResponse *wr = arena_alloc(call, sizeof(*wr));
+    int rv = (blob && wr) ? crypto_kwp_wrap(key.data, key.len, r->material.data, r->material.len,
+                                            blob + hdr, &body)
+                          : KR_ENOMEM;
+    if (rv != 0) {
+        reply_error(call, rv, "wrap failed: %s", kr_strerror(rv));
+        goto out;
+    }
+    keyraft__wrap_response__init(wr);
+    wr->wrapped.data = blob;
+    wr->wrapped.len = hdr + body;
+    wr->key_id = arena_strdup(call, rec->id);
+    wr->version = v->version;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_WRAP;
+    call->resp.wrap = wr;
+    call_finish(call);
+out:
+    secbuf_free(&key);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_unwrap(struct call *call)
+{
+    const Keyraft__UnwrapRequest *r = call->req->unwrap;
+    const Keyraft__KeyVersionRecord *v = NULL;
+    size_t hdr = 0;
+    Keyraft__KeyRecord *rec = blob_key(call, &r->wrapped, BLOB_WRAP, r->key, &v, &hdr);
+    if (rec == NULL)
+        return;
+    secbuf key = {0};
+    if (check_type(call, rec, crypto_is_aes(rec->algorithm), "unwrap") != 0 ||
+        check_state(call, rec, can_process(rec->state), "unwrap") != 0)
+        goto out;
+    if (unseal_version(call, rec, v, &key) != 0)
+        goto out;
+    size_t out_len = 0;
+    uint8_t *mat = arena_alloc(call, r->wrapped.len);
+    Keyraft__UnwrapResponse *ur = arena_alloc(call, sizeof(*ur));
+    int rv = (mat && ur) ? crypto_kwp_unwrap(key.data, key.len, r->wrapped.data + hdr,
+                                             r->wrapped.len - hdr, mat, &out_len)
+                         : KR_ENOMEM;
+    if (rv == KR_EAUTH) {
+        reply_error(call, rv, "unwrap failed: integrity check failed (tampered or wrong key)");
+        goto out;
+    }
+    if (rv != 0) {
+        reply_error(call, rv, "unwrap failed: %s", kr_strerror(rv));
+        goto out;
+    }
+    keyraft__unwrap_response__init(ur);
+    ur->material.data = mat;
+    ur->material.len = out_len;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_UNWRAP;
+    call->resp.unwrap = ur;
+    call_finish(call);
+out:
+    secbuf_free(&key);
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
+static void op_random(struct call *call)
+{
+    uint32_t n = call->req->random->length;
+    if (n == 0 || n > RANDOM_MAX) {
+        reply_error(call, KR_EINVAL, "random takes 1..%d bytes", RANDOM_MAX);
+        return;
+    }
+    Keyraft__RandomResponse *rr = arena_alloc(call, sizeof(*rr));
+    uint8_t *buf = arena_alloc(call, n);
+    if (rr == NULL || buf == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    int rv = crypto_random(buf, n);
+    if (rv != 0) {
+        reply_error(call, rv, "random: %s", kr_strerror(rv));
+        return;
+    }
+    keyraft__random_response__init(rr);
+    rr->data.data = buf;
+    rr->data.len = n;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_RANDOM;
+    call->resp.random = rr;
+    call_finish(call);
+}
+
+static void op_status(struct call *call)
+{
+    struct cluster_status st;
+    cluster_get_status(call->svc->deps.cluster, &st);
+    Keyraft__StatusResponse *sr = arena_alloc(call, sizeof(*sr));
+    if (sr == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    keyraft__status_response__init(sr);
+    const struct config *cfg = call->svc->deps.config;
+    sr->node_id = cfg->node_id;
+    sr->address = arena_strdup(call, cfg->listen);
+    sr->role = arena_strdup(call, st.role);
+    sr->leader_id = st.leader_id;
+    sr->leader_address = arena_strdup(call, st.leader_address);
+    sr->term = st.term;
+    sr->commit_index = st.commit_index;
+    sr->applied_index = st.applied_index;
+    sr->key_count = store_estimate_count(call->svc->deps.store, STORE_CF_KEYS);
+    sr->version = arena_strdup(call, KEYRAFT_VERSION);
+    sr->principal = arena_strdup(call, call->principal);
+    sr->uptime_ms = now_ms() - call->svc->started_ms;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_NODE_STATUS;
+    call->resp.node_status = sr;
+    call_finish(call);
+}
+
+static uint64_t raft_applied_or_zero(struct service *svc)
+{
+    struct cluster_status st;
+    cluster_get_status(svc->deps.cluster, &st);
+    return st.applied_index;
+}
+
+/* --- dispatch ---------------------------------------------------------------------------- */
+
+void service_handle(struct service *svc, const struct service_caller *caller,
+                    Keyraft__Request *req, service_reply_cb cb, void *ctx)
+{
+    struct call *call = calloc(1, sizeof(*call));
+    if (call == NULL) {
+        Keyraft__Response resp = KEYRAFT__RESPONSE__INIT;
+        resp.id = req->id;
+        resp.status = KR_ENOMEM;
+        resp.message = (char *)"out of memory";
+        cb(ctx, &resp);
+        keyraft__request__free_unpacked(req, NULL);
+        return;
+    }
+    call->svc = svc;
+    call->req = req;
+    call->cb = cb;
+    call->ctx = ctx;
+    keyraft__response__init(&call->resp);
+    snprintf(call->principal, sizeof(call->principal), "%s",
+             caller->principal ? caller->principal : "");
+    snprintf(call->address, sizeof(call->address), "%s", caller->address ? caller->address : "");
+    if (req->op_case != KEYRAFT__REQUEST__OP_STATUS && !service_ready(svc)) {
+        reply_error(call, KR_EUNAVAIL, "the node is starting: no domain key loaded yet");
+        return;
+    }
+    if (req->min_index > raft_applied_or_zero(svc)) {
+        reply_error(call, KR_EUNAVAIL, "this node has applied up to %llu, the request needs %llu",
+                    (unsigned long long)raft_applied_or_zero(svc),
+                    (unsigned long long)req->min_index);
+        return;
+    }
+    switch (req->op_case) {
+    case KEYRAFT__REQUEST__OP_CREATE: op_create(call); break;
+    case KEYRAFT__REQUEST__OP_IMPORT: op_import(call); break;
+    case KEYRAFT__REQUEST__OP_GET: op_get(call); break;
+    case KEYRAFT__REQUEST__OP_EXPORT: op_export(call); break;
+    case KEYRAFT__REQUEST__OP_LIST: op_list(call); break;
+    case KEYRAFT__REQUEST__OP_ACTIVATE:
+        set_state(call, req->activate->key, KEYRAFT__KEY_STATE__ACTIVE, 0, NULL, "activate");
+        break;
+    case KEYRAFT__REQUEST__OP_DEACTIVATE:
+        set_state(call, req->deactivate->key, KEYRAFT__KEY_STATE__DEACTIVATED, 0, NULL,
+                  "deactivate");
+        break;
+    case KEYRAFT__REQUEST__OP_REVOKE: op_revoke(call); break;
+    case KEYRAFT__REQUEST__OP_DESTROY: op_destroy(call); break;
+    case KEYRAFT__REQUEST__OP_ROTATE: op_rotate(call); break;
+    case KEYRAFT__REQUEST__OP_ENCRYPT: op_encrypt(call); break;
+    case KEYRAFT__REQUEST__OP_DECRYPT: op_decrypt(call); break;
+    case KEYRAFT__REQUEST__OP_SIGN: op_sign(call, 0); break;
+    case KEYRAFT__REQUEST__OP_VERIFY: op_verify(call, 0); break;
+    case KEYRAFT__REQUEST__OP_MAC: op_sign(call, 1); break;
+    case KEYRAFT__REQUEST__OP_VERIFY_MAC: op_verify(call, 1); break;
+    case KEYRAFT__REQUEST__OP_DATA_KEY: op_data_key(call); break;
+    case KEYRAFT__REQUEST__OP_WRAP: op_wrap(call); break;
+    case KEYRAFT__REQUEST__OP_UNWRAP: op_unwrap(call); break;
+    case KEYRAFT__REQUEST__OP_RANDOM: op_random(call); break;
+    case KEYRAFT__REQUEST__OP_STATUS: op_status(call); break;
+    default:
+        reply_error(call, KR_EINVAL, "the request names no operation this node knows");
+        break;
+    }
+}
+
+/* --- lifecycle ---------------------------------------------------------------------------- */
+
+int service_new(const struct service_deps *deps, struct service **out)
+{
+    struct service *svc = calloc(1, sizeof(*svc));
+    if (svc == NULL)
+        return KR_ENOMEM;
+    svc->deps = *deps;
+    svc->started_ms = now_ms();
+    *out = svc;
+    return 0;
+}
+
+void service_free(struct service *svc) { free(svc); }
+
+unsigned service_pending(const struct service *svc) { return svc->pending; }
+
+int service_ready(struct service *svc)
+{
+    if (svc->ready)
+        return 1;
+    /* Ready once the domain is committed, not merely generated here. */
+    Keyraft__DomainRecord *dom = NULL;
+    if (fsm_get_domain(svc->deps.store, FSM_DEFAULT_DOMAIN, &dom) != 0)
+        return 0;
+    keyraft__domain_record__free_unpacked(dom, NULL);
+    svc->ready = ensure_domain(svc, FSM_DEFAULT_DOMAIN) == 0;
+    return svc->ready;
+}
+
+static void domain_done(void *arg, const struct fsm_op_result *res)
+{
+    struct service *svc = arg;
+    svc->domain_in_progress = 0;
+    if (res->status != 0 && res->status != KR_EEXIST)
+        log_warn("creating the default domain: %s", kr_strerror(res->status));
+    else
+        log_info("default domain ready");
+}
+
+void service_tick(struct service *svc)
+{
+    if (svc->domain_in_progress || !cluster_is_leader(svc->deps.cluster))
+        return;
+    Keyraft__DomainRecord *dom = NULL;
+    int rv = fsm_get_domain(svc->deps.store, FSM_DEFAULT_DOMAIN, &dom);
+    if (rv == 0) {
+        keyraft__domain_record__free_unpacked(dom, NULL);
+        return;
+    }
+    if (rv != KR_ENOTFOUND)
+        return;
+    uint8_t *wrapped = NULL;
+    size_t wrapped_len = 0;
+    rv = keyring_create_domain(svc->deps.keyring, FSM_DEFAULT_DOMAIN, &wrapped, &wrapped_len);
+    if (rv != 0) {
+        log_error("cannot make the default domain key: %s", kr_strerror(rv));
+        return;
+    }
+    Keyraft__DomainRecord rec = KEYRAFT__DOMAIN_RECORD__INIT;
+    rec.id = (char *)FSM_DEFAULT_DOMAIN;
+    rec.wrapped_key.data = wrapped;
+    rec.wrapped_key.len = wrapped_len;
+    rec.created_at = now_ms();
+    rec.mwk_label = (char *)svc->deps.config->hsm_mwk_label;
+    Keyraft__PutDomainCommand pd = KEYRAFT__PUT_DOMAIN_COMMAND__INIT;
+    pd.domain = &rec;
+    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+    cmd.op_case = KEYRAFT__COMMAND__OP_PUT_DOMAIN;
+    cmd.put_domain = &pd;
+    rv = cluster_propose(svc->deps.cluster, &cmd, domain_done, svc);
+    free(wrapped);
+    if (rv == 0)
+        svc->domain_in_progress = 1;
+}

@@ -1,0 +1,62 @@
+/* service.h: the operations. Each request: validate, check the key's state
+ * and type, then either read the store and compute in place, or build a
+ * command and propose it through the cluster, replying once it applied. */
+#ifndef KR_SERVICE_H
+#define KR_SERVICE_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "cluster.h"
+#include "config.h"
+#include "keyraft.pb-c.h"
+#include "keyring.h"
+#include "store.h"
+
+struct service_deps {
+    uv_loop_t *loop;
+    struct store *store;
+    struct cluster *cluster;
+    struct keyring *keyring;
+    const struct config *config;
+};
+
+struct service;
+
+int service_new(const struct service_deps *deps, struct service **out);
+/* Call after every pending request replied (the loop drained). */
+void service_free(struct service *service);
+
+/* Who sent a request (from the verified client certificate). */
+struct service_caller {
+    const char *principal;
+    const char *roles;
+    const char *address;
+};
+
+/* Called exactly once per request. |resp| and everything it points to is
+ * owned by the service and valid only during the call (secrets in it are
+ * wiped right after): serialise it, do not keep it. */
+typedef void (*service_reply_cb)(void *ctx, const Keyraft__Response *resp);
+
+/* Handles |req|, taking ownership of it (freed with
+ * keyraft__request__free_unpacked). |caller| is copied. The reply may come
+ * before this returns, or later from the loop. */
+void service_handle(struct service *service, const struct service_caller *caller,
+                    Keyraft__Request *req, service_reply_cb cb, void *ctx);
+
+/* Periodic leader duties (called from a loop timer): makes the default
+ * domain once this node leads a cluster that has none. */
+void service_tick(struct service *service);
+
+/* 1 once the default domain's key is loaded and requests can be served. */
+int service_ready(struct service *service);
+
+/* Number of requests waiting for raft or the worker pool. */
+unsigned service_pending(const struct service *service);
+
+/* Self-describing blob header used by ciphertexts, signatures, MACs and
+ * wrapped keys: 'K', format, kind, id length, id, u32 BE version. */
+#define SERVICE_BLOB_HEADER_MAX (4 + 64 + 4)
+
+#endif

@@ -1,0 +1,73 @@
+/* store.h: RocksDB. Column families, batched writes that record the raft
+ * applied index atomically, point reads and bounded iterators. Knows nothing
+ * of keys' meaning: the schema lives in fsm.h. */
+#ifndef KR_STORE_H
+#define KR_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum store_cf {
+    STORE_CF_KEYS,   /* key id -> KeyRecord */
+    STORE_CF_NAMES,  /* domain \0 name -> key id */
+    STORE_CF_ATTRS,  /* secondary indexes for list/locate -> empty */
+    STORE_CF_DUE,    /* time -> key id, scheduled transitions */
+    STORE_CF_AUDIT,  /* audit records */
+    STORE_CF_META,   /* domains, dedup, applied index, config */
+    STORE_CF_COUNT
+};
+
+struct store;
+struct store_batch;
+
+/* Opens or creates the database at |path| with every column family. The WAL is
+ * off: durability comes from the raft log, and the applied index is written
+ * in the same atomic batch as the data (atomic_flush across families), so a
+ * restart replays exactly the entries past store_applied_index(). */
+int store_open(const char *path, struct store **out);
+/* Destroys the column family handles, then closes. Accepts NULL. */
+void store_close(struct store *store);
+
+/* The raft index of the last applied batch (0 for a new store). */
+uint64_t store_applied_index(const struct store *store);
+
+/* Point read. On success *out_value is malloc'd (free()). KR_ENOTFOUND when
+ * absent, KR_EIO with the RocksDB error logged. */
+int store_get(struct store *store, enum store_cf cf, const void *key, size_t key_len,
+              uint8_t **out_value, size_t *out_len);
+
+struct store_batch *store_batch_new(void);
+void store_batch_free(struct store_batch *batch); /* accepts NULL */
+void store_batch_put(struct store_batch *batch, enum store_cf cf, const void *key,
+                     size_t key_len, const void *value, size_t value_len);
+void store_batch_delete(struct store_batch *batch, enum store_cf cf, const void *key,
+                        size_t key_len);
+/* Writes the batch and |applied_index| atomically. The batch stays owned by
+ * the caller. */
+int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t applied_index);
+
+/* Makes everything committed so far durable (flushes memtables of all
+ * families, waits). Called before raft may compact its log. */
+int store_flush(struct store *store);
+
+/* Forward iteration over [lower, upper) of a family; lower and upper may each
+ * be NULL (no bound). The iterator sees a consistent snapshot. */
+struct store_iter;
+int store_iter_new(struct store *store, enum store_cf cf, const void *lower, size_t lower_len,
+                   const void *upper, size_t upper_len, struct store_iter **out);
+/* 1 while positioned on an entry, 0 at the end (or after a read error). */
+int store_iter_valid(const struct store_iter *iter);
+void store_iter_next(struct store_iter *iter);
+/* 0, or KR_EIO (logged) when a read error ended the iteration early: check it
+ * once store_iter_valid() is 0, before trusting the scan as complete. */
+int store_iter_status(const struct store_iter *iter);
+/* Borrowed views, valid until the next move. */
+const uint8_t *store_iter_key(const struct store_iter *iter, size_t *len);
+const uint8_t *store_iter_value(const struct store_iter *iter, size_t *len);
+/* Accepts NULL. Every iterator must be freed before store_close. */
+void store_iter_free(struct store_iter *iter);
+
+/* Approximate number of keys in a family (RocksDB estimate). */
+uint64_t store_estimate_count(struct store *store, enum store_cf cf);
+
+#endif

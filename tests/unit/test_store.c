@@ -1,0 +1,575 @@
+/* test_store.c: the RocksDB store: persistence, atomic batches, bounded snapshot iterators, crash consistency. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "keyraft.h"
+#include "log.h"
+#include "store.h"
+
+/* The crash test runs these in a fresh process (exec of this binary): a
+ * forked copy of a process that already ran RocksDB has no background
+ * threads, so its flushes would never finish. */
+#define CHILD_CRASH "--crash-child"
+#define CHILD_TRY_OPEN "--try-open"
+#define CRASH_FLUSHED_BATCHES 50
+#define CRASH_TOTAL_BATCHES 80
+#define CRASH_KEYS_PER_BATCH 100
+
+struct fixture {
+    char dir[64];
+    char db[96];
+};
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static int setup(void **state)
+{
+    struct fixture *f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return -1;
+    snprintf(f->dir, sizeof(f->dir), "/tmp/kr-test-store-XXXXXX");
+    if (mkdtemp(f->dir) == NULL) {
+        free(f);
+        return -1;
+    }
+    snprintf(f->db, sizeof(f->db), "%s/db", f->dir);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fixture *f = *state;
+    int rc = nftw(f->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    free(f);
+    return rc;
+}
+
+static struct store *open_ok(const char *path)
+{
+    struct store *s = NULL;
+    assert_int_equal(store_open(path, &s), 0);
+    assert_non_null(s);
+    return s;
+}
+
+static void put_one(struct store *s, enum store_cf cf, const char *key, const char *value,
+                    uint64_t index)
+{
+    struct store_batch *b = store_batch_new();
+    assert_non_null(b);
+    store_batch_put(b, cf, key, strlen(key), value, strlen(value));
+    assert_int_equal(store_batch_commit(s, b, index), 0);
+    store_batch_free(b);
+}
+
+static void assert_value(struct store *s, enum store_cf cf, const void *key, size_t key_len,
+                         const char *want)
+{
+    uint8_t *v = NULL;
+    size_t len = 0;
+    assert_int_equal(store_get(s, cf, key, key_len, &v, &len), 0);
+    assert_int_equal(len, strlen(want));
+    assert_memory_equal(v, want, len);
+    free(v);
+}
+
+static void assert_absent(struct store *s, enum store_cf cf, const void *key, size_t key_len)
+{
+    uint8_t *v = (uint8_t *)"untouched";
+    size_t len = 42;
+    assert_int_equal(store_get(s, cf, key, key_len, &v, &len), KR_ENOTFOUND);
+    /* Out-params are written only on success. */
+    assert_string_equal((const char *)v, "untouched");
+    assert_int_equal(len, 42);
+}
+
+static void test_new_store_is_empty(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 0);
+    assert_absent(s, STORE_CF_KEYS, "k", 1);
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_META, NULL, 0, NULL, 0, &it), 0);
+    /* Not even the applied index is written before the first commit. */
+    assert_int_equal(store_iter_valid(it), 0);
+    store_iter_free(it);
+    store_close(s);
+    store_close(NULL);
+}
+
+static void test_reopen_keeps_data_and_applied_index(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "key-1", "record-1", 7);
+    struct store_batch *b = store_batch_new();
+    store_batch_put(b, STORE_CF_NAMES, "dom\0name", 8, "key-1", 5);
+    assert_int_equal(store_batch_commit(s, b, 8), 0);
+    store_batch_free(b);
+    put_one(s, STORE_CF_KEYS, "key-1", "record-1b", 12);
+    assert_int_equal(store_applied_index(s), 12);
+    store_close(s);
+
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 12);
+    assert_value(s, STORE_CF_KEYS, "key-1", 5, "record-1b");
+    assert_value(s, STORE_CF_NAMES, "dom\0name", 8, "key-1");
+    /* Families are separate key spaces. */
+    assert_absent(s, STORE_CF_NAMES, "key-1", 5);
+    assert_absent(s, STORE_CF_ATTRS, "key-1", 5);
+    put_one(s, STORE_CF_AUDIT, "a", "b", 13);
+    store_close(s);
+
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 13);
+    assert_value(s, STORE_CF_AUDIT, "a", 1, "b");
+    store_close(s);
+}
+
+static void test_batch_spans_families(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_DUE, "old", "gone soon", 1);
+
+    struct store_batch *b = store_batch_new();
+    assert_non_null(b);
+    store_batch_put(b, STORE_CF_KEYS, "id", 2, "rec", 3);
+    store_batch_put(b, STORE_CF_NAMES, "d\0n", 3, "id", 2);
+    store_batch_put(b, STORE_CF_ATTRS, "idx", 3, "", 0);
+    store_batch_delete(b, STORE_CF_DUE, "old", 3);
+    store_batch_put(b, STORE_CF_META, "tmp", 3, "x", 1);
+    store_batch_delete(b, STORE_CF_META, "tmp", 3); /* order within a batch holds */
+    store_batch_put(b, STORE_CF_AUDIT, "a1", 2, "first", 5);
+    store_batch_put(b, STORE_CF_AUDIT, "a1", 2, "second", 6);
+
+    /* Nothing is visible before the commit. */
+    assert_absent(s, STORE_CF_KEYS, "id", 2);
+    assert_value(s, STORE_CF_DUE, "old", 3, "gone soon");
+
+    assert_int_equal(store_batch_commit(s, b, 2), 0);
+    store_batch_free(b);
+    assert_int_equal(store_applied_index(s), 2);
+    assert_value(s, STORE_CF_KEYS, "id", 2, "rec");
+    assert_value(s, STORE_CF_NAMES, "d\0n", 3, "id");
+    assert_value(s, STORE_CF_ATTRS, "idx", 3, "");
+    assert_absent(s, STORE_CF_DUE, "old", 3);
+    assert_absent(s, STORE_CF_META, "tmp", 3);
+    assert_value(s, STORE_CF_AUDIT, "a1", 2, "second");
+
+    /* An empty batch still advances the applied index. */
+    b = store_batch_new();
+    assert_int_equal(store_batch_commit(s, b, 3), 0);
+    store_batch_free(b);
+    assert_int_equal(store_applied_index(s), 3);
+    store_batch_free(NULL);
+    store_close(s);
+}
+
+static void test_bad_batch_writes_nothing(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "keep", "v", 4);
+
+    struct store_batch *b = store_batch_new();
+    store_batch_put(b, STORE_CF_KEYS, "new", 3, "v", 1);
+    store_batch_delete(b, STORE_CF_KEYS, "keep", 4);
+    store_batch_put(b, STORE_CF_COUNT, "bad", 3, "v", 1);
+    assert_int_equal(store_batch_commit(s, b, 5), KR_EINVAL);
+    store_batch_free(b);
+
+    assert_int_equal(store_applied_index(s), 4);
+    assert_absent(s, STORE_CF_KEYS, "new", 3);
+    assert_value(s, STORE_CF_KEYS, "keep", 4, "v");
+    uint8_t *v = NULL;
+    size_t len = 0;
+    assert_int_equal(store_get(s, STORE_CF_COUNT, "keep", 4, &v, &len), KR_EINVAL);
+    store_close(s);
+
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 4);
+    store_close(s);
+}
+
+/* Collects the keys an iterator yields, "|"-separated, \0 shown as '0'. */
+static void iter_keys(struct store *s, enum store_cf cf, const void *lo, size_t lo_len,
+                      const void *hi, size_t hi_len, char *out, size_t cap)
+{
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, cf, lo, lo_len, hi, hi_len, &it), 0);
+    size_t n = 0;
+    out[0] = '\0';
+    for (; store_iter_valid(it); store_iter_next(it)) {
+        size_t klen = 0, vlen = 0;
+        const uint8_t *k = store_iter_key(it, &klen);
+        const uint8_t *v = store_iter_value(it, &vlen);
+        assert_non_null(k);
+        assert_non_null(v);
+        /* Every test value is the key itself. */
+        assert_int_equal(vlen, klen);
+        assert_memory_equal(k, v, klen);
+        for (size_t i = 0; i < klen && n + 2 < cap; i++)
+            out[n++] = k[i] == 0 ? '0' : (char)k[i];
+        if (n + 2 < cap)
+            out[n++] = '|';
+        out[n] = '\0';
+    }
+    assert_int_equal(store_iter_status(it), 0);
+    size_t len = 7;
+    assert_null(store_iter_key(it, &len));
+    assert_int_equal(len, 0);
+    store_iter_free(it);
+}
+
+static void test_iter_bounds_binary_keys(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    static const struct {
+        const char *k;
+        size_t len;
+    } keys[] = {
+        {"\0\0", 2}, {"a", 1}, {"a\0x", 3}, {"a\0y", 3}, {"a\1", 2}, {"ab", 2}, {"b\0", 2},
+    };
+    struct store_batch *b = store_batch_new();
+    for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        store_batch_put(b, STORE_CF_ATTRS, keys[i].k, keys[i].len, keys[i].k, keys[i].len);
+    store_batch_put(b, STORE_CF_NAMES, "zz", 2, "zz", 2); /* other family: never seen */
+    assert_int_equal(store_batch_commit(s, b, 1), 0);
+    store_batch_free(b);
+
+    char got[256];
+    iter_keys(s, STORE_CF_ATTRS, NULL, 0, NULL, 0, got, sizeof(got));
+    assert_string_equal(got, "00|a|a0x|a0y|a\1|ab|b0|");
+    /* Prefix "a\0": [a\0, a\1). */
+    iter_keys(s, STORE_CF_ATTRS, "a\0", 2, "a\1", 2, got, sizeof(got));
+    assert_string_equal(got, "a0x|a0y|");
+    /* Lower bound is inclusive, upper exclusive. */
+    iter_keys(s, STORE_CF_ATTRS, "a", 1, "ab", 2, got, sizeof(got));
+    assert_string_equal(got, "a|a0x|a0y|a\1|");
+    iter_keys(s, STORE_CF_ATTRS, "a\0y", 3, NULL, 0, got, sizeof(got));
+    assert_string_equal(got, "a0y|a\1|ab|b0|");
+    iter_keys(s, STORE_CF_ATTRS, NULL, 0, "a", 1, got, sizeof(got));
+    assert_string_equal(got, "00|");
+    /* Empty ranges. */
+    iter_keys(s, STORE_CF_ATTRS, "a\0z", 3, "a\1", 2, got, sizeof(got));
+    assert_string_equal(got, "");
+    iter_keys(s, STORE_CF_ATTRS, "c", 1, NULL, 0, got, sizeof(got));
+    assert_string_equal(got, "");
+
+    /* The bounds are copied: the caller's buffers may go away. */
+    char lo[2] = {'a', '\0'}, hi[2] = {'a', '\1'};
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_ATTRS, lo, 2, hi, 2, &it), 0);
+    memset(lo, 0xff, sizeof(lo));
+    memset(hi, 0, sizeof(hi));
+    int n = 0;
+    for (; store_iter_valid(it); store_iter_next(it))
+        n++;
+    assert_int_equal(n, 2);
+    store_iter_free(it);
+
+    /* And everything survives a reopen from SST files. */
+    assert_int_equal(store_flush(s), 0);
+    store_close(s);
+    s = open_ok(f->db);
+    iter_keys(s, STORE_CF_ATTRS, "a\0", 2, "a\1", 2, got, sizeof(got));
+    assert_string_equal(got, "a0x|a0y|");
+    store_close(s);
+}
+
+static void test_iter_sees_snapshot(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "k1", "v1", 1);
+    put_one(s, STORE_CF_KEYS, "k3", "v3", 2);
+
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_KEYS, NULL, 0, NULL, 0, &it), 0);
+
+    struct store_batch *b = store_batch_new();
+    store_batch_put(b, STORE_CF_KEYS, "k2", 2, "v2", 2);
+    store_batch_put(b, STORE_CF_KEYS, "k3", 2, "changed", 7);
+    store_batch_delete(b, STORE_CF_KEYS, "k1", 2);
+    assert_int_equal(store_batch_commit(s, b, 3), 0);
+    store_batch_free(b);
+
+    size_t klen = 0, vlen = 0;
+    assert_int_equal(store_iter_valid(it), 1);
+    assert_memory_equal(store_iter_key(it, &klen), "k1", 2);
+    assert_memory_equal(store_iter_value(it, &vlen), "v1", 2);
+    store_iter_next(it);
+    assert_int_equal(store_iter_valid(it), 1);
+    assert_memory_equal(store_iter_key(it, &klen), "k3", 2);
+    const uint8_t *v = store_iter_value(it, &vlen);
+    assert_int_equal(vlen, 2);
+    assert_memory_equal(v, "v3", 2);
+    store_iter_next(it);
+    assert_int_equal(store_iter_valid(it), 0);
+    store_iter_next(it); /* harmless at the end */
+    assert_int_equal(store_iter_valid(it), 0);
+    store_iter_free(it);
+
+    /* A new iterator sees the new state. */
+    assert_int_equal(store_iter_new(s, STORE_CF_KEYS, "k2", 2, NULL, 0, &it), 0);
+    assert_int_equal(store_iter_valid(it), 1);
+    assert_memory_equal(store_iter_key(it, &klen), "k2", 2);
+    store_iter_next(it);
+    assert_int_equal(store_iter_valid(it), 1);
+    v = store_iter_value(it, &vlen);
+    assert_int_equal(vlen, 7);
+    assert_memory_equal(v, "changed", 7);
+    store_iter_next(it);
+    assert_int_equal(store_iter_valid(it), 0);
+    store_iter_free(it);
+    assert_absent(s, STORE_CF_KEYS, "k1", 2);
+    store_close(s);
+}
+
+static int spawn_self(const char *mode, const char *db)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        execl("/proc/self/exe", "test_store", mode, db, (char *)NULL);
+        _exit(127);
+    }
+    assert_true(pid > 0);
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+/* Exit 0 when the open failed with KR_EIO, as a second keyraftd must. */
+static int child_try_open(const char *db)
+{
+    struct store *s = NULL;
+    int rc = store_open(db, &s);
+    if (rc == 0) {
+        store_close(s);
+        return 1;
+    }
+    return rc == KR_EIO ? 0 : 2;
+}
+
+static void test_second_open_is_refused(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "k", "v", 1);
+
+    struct store *again = NULL;
+    assert_int_equal(store_open(f->db, &again), KR_EIO);
+    assert_null(again);
+    /* Another process is refused too. */
+    assert_int_equal(spawn_self(CHILD_TRY_OPEN, f->db), 0);
+
+    /* The holder is unaffected, and the lock goes with the close. */
+    assert_value(s, STORE_CF_KEYS, "k", 1, "v");
+    store_close(s);
+    assert_int_equal(spawn_self(CHILD_TRY_OPEN, f->db), 1);
+    s = open_ok(f->db);
+    assert_value(s, STORE_CF_KEYS, "k", 1, "v");
+    store_close(s);
+}
+
+static void test_open_unusable_path_fails(void **state)
+{
+    struct fixture *f = *state;
+    char path[128];
+    snprintf(path, sizeof(path), "%s/file", f->dir);
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fclose(fp);
+    char below[160];
+    snprintf(below, sizeof(below), "%s/db", path);
+    struct store *s = NULL;
+    assert_int_equal(store_open(below, &s), KR_EIO);
+    assert_null(s);
+}
+
+#define BULK_BATCHES 100
+#define BULK_PER_BATCH 1000
+
+static void test_100k_keys_survive_reopen(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    char key[32], value[64];
+    for (unsigned i = 0; i < BULK_BATCHES; i++) {
+        struct store_batch *b = store_batch_new();
+        assert_non_null(b);
+        for (unsigned j = 0; j < BULK_PER_BATCH; j++) {
+            unsigned n = i * BULK_PER_BATCH + j;
+            int kl = snprintf(key, sizeof(key), "key-%08u", n);
+            int vl = snprintf(value, sizeof(value), "value-%08u-padding-padding", n);
+            store_batch_put(b, STORE_CF_KEYS, key, (size_t)kl, value, (size_t)vl);
+        }
+        assert_int_equal(store_batch_commit(s, b, i + 1), 0);
+        store_batch_free(b);
+    }
+    store_close(s);
+
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), BULK_BATCHES);
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_KEYS, NULL, 0, NULL, 0, &it), 0);
+    unsigned n = 0;
+    for (; store_iter_valid(it); store_iter_next(it), n++) {
+        size_t klen = 0;
+        const uint8_t *k = store_iter_key(it, &klen);
+        int want = snprintf(key, sizeof(key), "key-%08u", n);
+        assert_int_equal(klen, (size_t)want);
+        assert_memory_equal(k, key, klen);
+    }
+    assert_int_equal(store_iter_status(it), 0);
+    store_iter_free(it);
+    assert_int_equal(n, BULK_BATCHES * BULK_PER_BATCH);
+
+    uint64_t est = store_estimate_count(s, STORE_CF_KEYS);
+    assert_true(est >= n / 2 && est <= (uint64_t)n * 2);
+    assert_true(store_estimate_count(s, STORE_CF_NAMES) < 100);
+    assert_value(s, STORE_CF_KEYS, "key-00054321", 12, "value-00054321-padding-padding");
+    store_close(s);
+}
+
+static void test_flush_leaves_no_checkpoint(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    assert_int_equal(store_flush(s), 0); /* nothing to flush */
+    put_one(s, STORE_CF_META, "cfg", "1", 9);
+    assert_int_equal(store_flush(s), 0);
+    assert_int_equal(store_flush(s), 0);
+    char path[160];
+    snprintf(path, sizeof(path), "%s/flush-checkpoint", f->db);
+    struct stat st;
+    assert_int_equal(stat(path, &st), -1);
+    assert_int_equal(errno, ENOENT);
+    assert_value(s, STORE_CF_META, "cfg", 3, "1");
+    store_close(s);
+}
+
+static void crash_key(unsigned batch, unsigned j, char *key, size_t cap)
+{
+    snprintf(key, cap, "b%04u-k%04u", batch, j);
+}
+
+/* Commits CRASH_FLUSHED_BATCHES batches, flushes, commits more without a
+ * flush, then dies without closing. */
+static int child_crash(const char *db)
+{
+    struct store *s = NULL;
+    if (store_open(db, &s) != 0)
+        return 2;
+    char key[32], value[512];
+    memset(value, 'v', sizeof(value));
+    for (unsigned i = 1; i <= CRASH_TOTAL_BATCHES; i++) {
+        struct store_batch *b = store_batch_new();
+        if (b == NULL)
+            return 3;
+        for (unsigned j = 0; j < CRASH_KEYS_PER_BATCH; j++) {
+            crash_key(i, j, key, sizeof(key));
+            store_batch_put(b, i % 2 ? STORE_CF_KEYS : STORE_CF_AUDIT, key, strlen(key), value,
+                            sizeof(value));
+        }
+        store_batch_put(b, STORE_CF_META, "last", 4, &i, sizeof(i));
+        if (store_batch_commit(s, b, i) != 0)
+            return 4;
+        store_batch_free(b);
+        if (i == CRASH_FLUSHED_BATCHES && store_flush(s) != 0)
+            return 5;
+    }
+    _exit(0);
+}
+
+static void test_crash_keeps_index_and_data_consistent(void **state)
+{
+    struct fixture *f = *state;
+    assert_int_equal(spawn_self(CHILD_CRASH, f->db), 0);
+
+    struct store *s = open_ok(f->db);
+    uint64_t applied = store_applied_index(s);
+    assert_true(applied >= CRASH_FLUSHED_BATCHES);
+    assert_true(applied <= CRASH_TOTAL_BATCHES);
+    /* Everything up to the applied index is there, nothing past it: replay
+     * from applied + 1 rebuilds exactly the lost state. */
+    uint8_t *v = NULL;
+    size_t len = 0;
+    assert_int_equal(store_get(s, STORE_CF_META, "last", 4, &v, &len), 0);
+    unsigned last = 0;
+    assert_int_equal(len, sizeof(last));
+    memcpy(&last, v, sizeof(last));
+    free(v);
+    assert_int_equal(last, applied);
+    char key[32];
+    for (unsigned i = 1; i <= CRASH_TOTAL_BATCHES; i++) {
+        enum store_cf cf = i % 2 ? STORE_CF_KEYS : STORE_CF_AUDIT;
+        for (unsigned j = 0; j < CRASH_KEYS_PER_BATCH; j++) {
+            crash_key(i, j, key, sizeof(key));
+            int rc = store_get(s, cf, key, strlen(key), &v, &len);
+            if (i <= applied) {
+                assert_int_equal(rc, 0);
+                assert_int_equal(len, 512);
+                free(v);
+            } else {
+                assert_int_equal(rc, KR_ENOTFOUND);
+            }
+        }
+    }
+    /* The store keeps working after the crash. */
+    put_one(s, STORE_CF_KEYS, "after", "crash", applied + 1);
+    store_close(s);
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), applied + 1);
+    store_close(s);
+}
+
+int main(int argc, char **argv)
+{
+    log_set_level(LOG_LEVEL_WARN);
+    if (argc == 3 && strcmp(argv[1], CHILD_CRASH) == 0)
+        return child_crash(argv[2]);
+    if (argc == 3 && strcmp(argv[1], CHILD_TRY_OPEN) == 0)
+        return child_try_open(argv[2]);
+
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_new_store_is_empty, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reopen_keeps_data_and_applied_index, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_batch_spans_families, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_batch_writes_nothing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_iter_bounds_binary_keys, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_iter_sees_snapshot, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_second_open_is_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_open_unusable_path_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_100k_keys_survive_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_flush_leaves_no_checkpoint, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_crash_keeps_index_and_data_consistent, setup,
+                                        teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
