@@ -142,6 +142,23 @@ void keyring_free(struct keyring *keyring)
     free(keyring);
 }
 
+int keyring_unload_domain(struct keyring *keyring, const char *domain_id)
+{
+    int rv = KR_ENOTFOUND;
+    pthread_rwlock_wrlock(&keyring->lock);
+    for (size_t i = 0; i < keyring->n_domains; i++) {
+        if (strcmp(keyring->domains[i].id, domain_id) != 0)
+            continue;
+        secbuf_free(&keyring->domains[i].key);
+        free(keyring->domains[i].id);
+        keyring->domains[i] = keyring->domains[--keyring->n_domains];
+        rv = 0;
+        break;
+    }
+    pthread_rwlock_unlock(&keyring->lock);
+    return rv;
+}
+
 int keyring_create_domain(struct keyring *keyring, const char *domain_id, uint8_t **out_wrapped,
                           size_t *out_wrapped_len)
 {

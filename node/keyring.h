@@ -29,6 +29,9 @@ int keyring_create_domain(struct keyring *keyring, const char *domain_id,
  * under this MWK with this domain id. */
 int keyring_load_domain(struct keyring *keyring, const char *domain_id,
                         const uint8_t *wrapped, size_t wrapped_len);
+/* Wipes and forgets a loaded domain key: for a created domain whose
+ * proposal failed, so that only committed domain keys stay loaded. */
+int keyring_unload_domain(struct keyring *keyring, const char *domain_id);
 int keyring_has_domain(const struct keyring *keyring, const char *domain_id);
 
 /* Seals |material| for key |key_id| version |version|. *out_sealed is

@@ -1,6 +1,7 @@
 /* rpc.c: framing and (de)serialisation of the client protocol. */
 #include "rpc.h"
 
+#include <malloc.h>
 #include <openssl/crypto.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,9 +70,32 @@ int rpc_reader_next(struct rpc_reader *r, const uint8_t **payload, size_t *len)
     return 1;
 }
 
+static void *wiping_alloc(void *data, size_t size)
+{
+    (void)data;
+    return malloc(size);
+}
+
+static void wiping_free(void *data, void *ptr)
+{
+    (void)data;
+    if (ptr == NULL)
+        return;
+    OPENSSL_cleanse(ptr, malloc_usable_size(ptr));
+    free(ptr);
+}
+
+ProtobufCAllocator rpc_wiping_allocator = {wiping_alloc, wiping_free, NULL};
+
+void rpc_request_free(Keyraft__Request *req)
+{
+    if (req != NULL)
+        keyraft__request__free_unpacked(req, &rpc_wiping_allocator);
+}
+
 int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out)
 {
-    Keyraft__Request *req = keyraft__request__unpack(NULL, len, payload);
+    Keyraft__Request *req = keyraft__request__unpack(&rpc_wiping_allocator, len, payload);
     if (req == NULL)
         return KR_EPROTO;
     *out = req;

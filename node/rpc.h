@@ -30,8 +30,15 @@ int rpc_reader_feed(struct rpc_reader *reader, const uint8_t *data, size_t len);
  * announced length exceeds max_frame (the stream cannot be resynchronised). */
 int rpc_reader_next(struct rpc_reader *reader, const uint8_t **payload, size_t *len);
 
-/* Parses a Request payload. KR_EPROTO when it does not parse. */
+/* protobuf-c allocator that wipes every block it frees: requests carry
+ * plaintexts and key material. Free requests with it too. */
+extern ProtobufCAllocator rpc_wiping_allocator;
+
+/* Parses a Request payload (with rpc_wiping_allocator): free it with
+ * rpc_request_free. KR_EPROTO when it does not parse. */
 int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out);
+
+void rpc_request_free(Keyraft__Request *req);
 
 /* Serialises |resp| with its length prefix into a malloc'd buffer. */
 int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len);

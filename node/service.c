@@ -14,6 +14,7 @@
 #include "fsm.h"
 #include "keyraft.h"
 #include "log.h"
+#include "rpc.h"
 #include "secmem.h"
 
 #define NAME_MAX_LEN 256
@@ -110,7 +111,7 @@ static void call_finish(struct call *call)
     secbuf_free(&call->material);
     if (call->rec)
         keyraft__key_record__free_unpacked(call->rec, NULL);
-    keyraft__request__free_unpacked(call->req, NULL);
+    rpc_request_free(call->req);
     free(call);
 }
 
@@ -1440,7 +1441,7 @@ void service_handle(struct service *svc, const struct service_caller *caller,
         resp.status = KR_ENOMEM;
         resp.message = (char *)"out of memory";
         cb(ctx, &resp);
-        keyraft__request__free_unpacked(req, NULL);
+        rpc_request_free(req);
         return;
     }
     call->svc = svc;
@@ -1528,10 +1529,15 @@ static void domain_done(void *arg, const struct fsm_op_result *res)
 {
     struct service *svc = arg;
     svc->domain_in_progress = 0;
-    if (res->status != 0 && res->status != KR_EEXIST)
-        log_warn("creating the default domain: %s", kr_strerror(res->status));
-    else
-        log_info("default domain ready");
+    if (res->status == 0) {
+        log_info("default domain created");
+        return;
+    }
+    /* The key made for the proposal was not committed: forget it, and load
+     * whatever the cluster did commit, when it did. */
+    keyring_unload_domain(svc->deps.keyring, FSM_DEFAULT_DOMAIN);
+    if (res->status != KR_EEXIST)
+        log_warn("creating the default domain: %s; retrying", kr_strerror(res->status));
 }
 
 void service_tick(struct service *svc)
@@ -1568,4 +1574,6 @@ void service_tick(struct service *svc)
     free(wrapped);
     if (rv == 0)
         svc->domain_in_progress = 1;
+    else
+        keyring_unload_domain(svc->deps.keyring, FSM_DEFAULT_DOMAIN);
 }

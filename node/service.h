@@ -40,7 +40,7 @@ struct service_caller {
 typedef void (*service_reply_cb)(void *ctx, const Keyraft__Response *resp);
 
 /* Handles |req|, taking ownership of it (freed with
- * keyraft__request__free_unpacked). |caller| is copied. The reply may come
+ * rpc_request_free). |caller| is copied. The reply may come
  * before this returns, or later from the loop. */
 void service_handle(struct service *service, const struct service_caller *caller,
                     Keyraft__Request *req, service_reply_cb cb, void *ctx);
