@@ -21,7 +21,7 @@
 
 /* test_tls links kr_tls alone, so the certificates come from pki.c compiled
  * into this test. */
-#include "pki.c"
+#include "pki.h"
 
 struct paths {
     char dir[64];
