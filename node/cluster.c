@@ -305,7 +305,7 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     c->raft_fsm.restore = fsm_restore_cb;
     rv = raft_init(&c->raft, &c->io, &c->raft_fsm, config->node_id, c->address);
     if (rv != 0) {
-        log_error("raft init: %s", raft_errmsg(&c->raft));
+        log_error("raft init: %s", raft_strerror(rv));
         raft_uv_close(&c->io);
         raft_uv_tcp_close(&c->transport);
         return KR_EUNAVAIL;
@@ -383,7 +383,9 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     uv_prepare_start(&c->flusher, flusher_cb);
     rv = raft_start(&c->raft);
     if (rv != 0) {
-        log_error("raft start: %s", raft_errmsg(&c->raft));
+        const char *why = raft_errmsg(&c->raft);
+        log_error("raft start on %s: %s%s", c->address, why && why[0] ? why : raft_strerror(rv),
+                  rv == RAFT_IOERR ? " (is the raft address in use by another process?)" : "");
         c->stopping = 1;
         /* Caller runs the loop through cluster_stop to release handles. */
         *out = c;

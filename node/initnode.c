@@ -4,6 +4,7 @@
 #include "node.h"
 
 #define KR_LOG_MODULE "init"
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -51,6 +52,20 @@ static int write_text_file(const char *path, const char *text)
     return rv;
 }
 
+static int dir_is_empty(const char *path)
+{
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return 0;
+    int empty = 1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+            empty = 0;
+    closedir(d);
+    return empty;
+}
+
 static int random_pin(char *out, size_t hex_len)
 {
     uint8_t raw[32];
@@ -89,6 +104,11 @@ int node_init(const struct node_init_options *o)
     PATHF(p, "%s/keyraftd.conf", dir);
     if (access(p, F_OK) == 0) {
         log_error("%s already holds a node (%s exists)", dir, p);
+        return KR_EEXIST;
+    }
+    if (!dir_is_empty(dir)) {
+        log_error("%s is not empty: init needs an empty or new directory (a failed init "
+                  "leaves one behind: remove it and retry)", dir);
         return KR_EEXIST;
     }
     struct config c;
@@ -195,8 +215,9 @@ int node_init(const struct node_init_options *o)
                                keypath)) != 0)
         goto out;
 
-    /* Configs. */
-    PATHF(p, "%s/keyraftd.conf", dir);
+    /* Configs. The node config gets its final name only once the first start
+     * succeeded, so a half-made directory is never taken for a node. */
+    PATHF(p, "%s/keyraftd.conf.init", dir);
     if ((rv = config_write(&c, p)) != 0)
         goto out;
     PATHF(p, "%s/client.conf", dir);
@@ -219,12 +240,21 @@ int node_init(const struct node_init_options *o)
     }
     OPENSSL_cleanse(pin, sizeof(pin));
     OPENSSL_cleanse(so_pin, sizeof(so_pin));
-    PATHF(p, "%s/keyraftd.conf", dir);
+    PATHF(p, "%s/keyraftd.conf.init", dir);
     rv = node_run(p, 1);
-    if (rv != 0)
+    if (rv != 0) {
         log_error("first start failed: %s", kr_strerror(rv));
+        goto out;
+    }
+    PATHF(p2, "%s/keyraftd.conf", dir);
+    if (rename(p, p2) != 0) {
+        log_error("cannot rename %s: %s", p, strerror(errno));
+        rv = KR_EIO;
+    }
 out:
     OPENSSL_cleanse(pin, sizeof(pin));
     OPENSSL_cleanse(so_pin, sizeof(so_pin));
+    if (rv != 0)
+        log_error("init of %s failed; remove the directory before trying again", dir);
     return rv;
 }

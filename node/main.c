@@ -79,7 +79,8 @@ int main(int argc, char **argv)
         io.data_dir = data;
         int rv = node_init(&io);
         if (rv != 0) {
-            fprintf(stderr, "keyraftd init: %s\n", kr_strerror(rv));
+            fprintf(stderr, "keyraftd init: failed (%s); the log above says why\n",
+                    kr_status_name(rv));
             return 1;
         }
         printf("node initialised in %s\n"
@@ -99,7 +100,8 @@ int main(int argc, char **argv)
     }
     int rv = node_run(config, 0);
     if (rv != 0) {
-        fprintf(stderr, "keyraftd: %s\n", kr_strerror(rv));
+        fprintf(stderr, "keyraftd: stopped on error (%s); the log above says why\n",
+                kr_status_name(rv));
         return 1;
     }
     return 0;
