@@ -33,6 +33,9 @@ int command_entry_payload(const uint8_t *buf, size_t len, const uint8_t **payloa
     size_t n = (size_t)buf[4] << 24 | (size_t)buf[5] << 16 | (size_t)buf[6] << 8 | buf[7];
     if (n > len - COMMAND_ENTRY_HEADER || command_entry_size(n) != len)
         return KR_EPROTO;
+    for (size_t i = COMMAND_ENTRY_HEADER + n; i < len; i++)
+        if (buf[i] != 0)
+            return KR_EPROTO;
     *payload = buf + COMMAND_ENTRY_HEADER;
     *payload_len = n;
     return 0;

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ini.h>
+#include <openssl/crypto.h>
 #include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -260,14 +261,21 @@ int config_read_pin(const struct config *c, char *pin, size_t cap)
             log_error("cannot read HSM PIN file %s: %s", c->hsm_pin_file, strerror(errno));
             return KR_ECONFIG;
         }
-        ssize_t n = read(fd, pin, cap - 1);
+        ssize_t n = read(fd, pin, cap);
         close(fd);
-        if (n <= 0) {
+        if (n >= (ssize_t)cap) {
+            OPENSSL_cleanse(pin, cap);
+            log_error("HSM PIN file %s holds more than %zu bytes", c->hsm_pin_file, cap - 1);
+            return KR_ECONFIG;
+        }
+        if (n > 0) {
+            pin[n] = '\0';
+            pin[strcspn(pin, "\r\n")] = '\0';
+        }
+        if (n <= 0 || pin[0] == '\0') {
             log_error("HSM PIN file %s is empty", c->hsm_pin_file);
             return KR_ECONFIG;
         }
-        pin[n] = '\0';
-        pin[strcspn(pin, "\r\n")] = '\0';
         return 0;
     }
     const char *v = getenv(c->hsm_pin_env);

@@ -357,7 +357,9 @@ static int apply_set_state(struct fsm *fsm, struct store_batch *b,
         goto out;
     }
     if (cmd->state != KEYRAFT__KEY_STATE__ACTIVE && cmd->message[0] != '\0') {
-        free(rec->revoke_message);
+        /* An unset string is protobuf-c's static empty string: not ours to free. */
+        if (rec->revoke_message != protobuf_c_empty_string)
+            free(rec->revoke_message);
         rec->revoke_message = strdup(cmd->message);
         if (rec->revoke_message == NULL) {
             rv = KR_ENOMEM;

@@ -25,6 +25,8 @@ void rpc_reader_cleanup(struct rpc_reader *r)
 
 int rpc_reader_feed(struct rpc_reader *r, const uint8_t *data, size_t len)
 {
+    if (len == 0)
+        return 0;
     if (r->start > 0) {
         /* Slide the unconsumed tail to the front, wiping what moved away. */
         size_t keep = r->len - r->start;
@@ -62,11 +64,11 @@ int rpc_reader_next(struct rpc_reader *r, const uint8_t **payload, size_t *len)
     uint32_t n = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
     if (n > r->max_frame)
         return KR_ETOOBIG;
-    if (avail < 4u + n)
+    if (avail - 4 < n)
         return 0;
     *payload = p + 4;
     *len = n;
-    r->start += 4u + n;
+    r->start += 4 + (size_t)n;
     return 1;
 }
 

@@ -22,6 +22,7 @@
 #define TAG_KEY_MAX 128
 #define TAG_VALUE_MAX 256
 #define RANDOM_MAX 65536
+#define REQUEST_ID_MAX 64
 #define REVOKE_MESSAGE_MAX 1024
 #define LIST_DEFAULT 100
 #define LIST_SCAN_FACTOR 20 /* a page scans at most limit * factor + 1000 index rows */
@@ -458,7 +459,14 @@ static void write_done(void *arg, const struct fsm_op_result *res)
 
 static void propose(struct call *call, Keyraft__Command *cmd)
 {
-    cmd->request_id = call->req->request_id;
+    /* Deduplication is per principal: another client reusing an id gets its
+     * own outcome, never someone else's key. */
+    char request_id[REQUEST_ID_MAX + 260];
+    request_id[0] = '\0';
+    if (call->req->request_id[0] != '\0')
+        snprintf(request_id, sizeof(request_id), "%s/%s", call->principal,
+                 call->req->request_id);
+    cmd->request_id = request_id;
     int rv = cluster_propose(call->svc->deps.cluster, cmd, write_done, call);
     if (rv != 0) {
         reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
@@ -521,6 +529,17 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
         return;
     }
     Keyraft__KeyVersionRecord *versions[1] = {&v};
+    /* Tags are rebuilt from their two strings: the client's own messages may
+     * carry unknown fields that protobuf-c re-encodes into bytes it cannot
+     * parse back, which would poison the raft entry for every client in it. */
+    Keyraft__Tag tag_store[TAG_MAX];
+    Keyraft__Tag *tag_ptrs[TAG_MAX];
+    for (size_t i = 0; i < n_tags; i++) {
+        keyraft__tag__init(&tag_store[i]);
+        tag_store[i].key = tags[i]->key;
+        tag_store[i].value = tags[i]->value;
+        tag_ptrs[i] = &tag_store[i];
+    }
     Keyraft__KeyRecord rec = KEYRAFT__KEY_RECORD__INIT;
     rec.id = call->key_id;
     rec.name = (char *)name;
@@ -534,7 +553,7 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     rec.created_at = now;
     rec.activated_at = pre_active ? 0 : now;
     rec.n_tags = n_tags;
-    rec.tags = tags;
+    rec.tags = tag_ptrs;
     rec.exportable = !non_exportable;
     Keyraft__PutKeyCommand put = KEYRAFT__PUT_KEY_COMMAND__INIT;
     put.key = &rec;
@@ -1454,6 +1473,10 @@ void service_handle(struct service *svc, const struct service_caller *caller,
     snprintf(call->address, sizeof(call->address), "%s", caller->address ? caller->address : "");
     if (req->op_case != KEYRAFT__REQUEST__OP_STATUS && !service_ready(svc)) {
         reply_error(call, KR_EUNAVAIL, "the node is starting: no domain key loaded yet");
+        return;
+    }
+    if (strlen(req->request_id) > REQUEST_ID_MAX) {
+        reply_error(call, KR_EINVAL, "request_id longer than %d characters", REQUEST_ID_MAX);
         return;
     }
     if (req->min_index > raft_applied_or_zero(svc)) {

@@ -36,6 +36,7 @@ struct tls_conn {
     int failed;
     char *peer_name;  /* verified peer CN, set when the handshake completes */
     char *peer_roles; /* its OU entries, comma-joined */
+    int peer_is_node; /* the peer's certificate may serve (serverAuth): a node */
     char error[TLS_ERROR_MAX];
 };
 
@@ -343,6 +344,7 @@ static int capture_peer(struct tls_conn *conn)
     }
     conn->peer_name = name;
     conn->peer_roles = roles;
+    conn->peer_is_node = X509_check_purpose(peer, X509_PURPOSE_SSL_SERVER, 0) == 1;
     name = NULL;
     roles = NULL;
     rv = 0;
@@ -516,6 +518,11 @@ int tls_conn_handshake_done(const struct tls_conn *conn)
 const char *tls_conn_peer_name(const struct tls_conn *conn)
 {
     return conn->peer_name;
+}
+
+int tls_conn_peer_is_node(const struct tls_conn *conn)
+{
+    return conn->peer_name != NULL && conn->peer_is_node;
 }
 
 const char *tls_conn_peer_roles(const struct tls_conn *conn)
