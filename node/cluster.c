@@ -13,6 +13,7 @@
 
 #include "keyraft.h"
 #include "log.h"
+#include "peer.h"
 
 #define CLUSTER_MAX_IN_FLIGHT 64   /* entries; each holds many commands */
 #define CLUSTER_MAX_QUEUED 65536   /* commands waiting for an entry */
@@ -53,6 +54,7 @@ struct cluster {
     void (*stop_cb)(void *arg);
     void *stop_arg;
     char address[64];
+    int tls_transport;
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -281,20 +283,34 @@ static int make_dir(const char *dir)
     return 0;
 }
 
+/* The transport's memory goes once raft_uv closed it. */
+static void transport_release(struct cluster *c)
+{
+    if (c->tls_transport)
+        peer_transport_cleanup(&c->transport);
+    else
+        raft_uv_tcp_close(&c->transport);
+}
+
 static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_config *config)
 {
     int rv = make_dir(config->raft_dir);
     if (rv != 0)
         return rv;
-    rv = raft_uv_tcp_init(&c->transport, loop);
+    c->tls_transport = config->peer_server_tls != NULL;
+    if (c->tls_transport)
+        rv = peer_transport_init(&c->transport, loop, config->peer_server_tls,
+                                 config->peer_client_tls);
+    else
+        rv = raft_uv_tcp_init(&c->transport, loop);
     if (rv != 0) {
-        log_error("raft transport: %s", raft_strerror(rv));
+        log_error("raft transport: cannot set up");
         return KR_EUNAVAIL;
     }
     rv = raft_uv_init(&c->io, loop, config->raft_dir, &c->transport);
     if (rv != 0) {
         log_error("raft log in %s: %s", config->raft_dir, c->io.errmsg);
-        raft_uv_tcp_close(&c->transport);
+        transport_release(c);
         return KR_EIO;
     }
     snprintf(c->address, sizeof(c->address), "%s", config->raft_address);
@@ -307,7 +323,7 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     if (rv != 0) {
         log_error("raft init: %s", raft_strerror(rv));
         raft_uv_close(&c->io);
-        raft_uv_tcp_close(&c->transport);
+        transport_release(c);
         return KR_EUNAVAIL;
     }
     return 0;
@@ -317,7 +333,6 @@ static void bootstrap_closed(struct raft *r)
 {
     struct cluster *c = r->data;
     raft_uv_close(&c->io);
-    raft_uv_tcp_close(&c->transport);
 }
 
 int cluster_bootstrap(const struct cluster_config *config)
@@ -348,6 +363,7 @@ int cluster_bootstrap(const struct cluster_config *config)
     }
     raft_close(&c->raft, bootstrap_closed);
     uv_run(&loop, UV_RUN_DEFAULT);
+    transport_release(c);
 out:
     uv_loop_close(&loop);
     free(c);
@@ -409,7 +425,6 @@ static void raft_closed(struct raft *r)
 {
     struct cluster *c = r->data;
     raft_uv_close(&c->io);
-    raft_uv_tcp_close(&c->transport);
     uv_close((uv_handle_t *)&c->flusher, flusher_closed);
 }
 
@@ -431,6 +446,7 @@ void cluster_free(struct cluster *c)
 {
     if (c == NULL)
         return;
+    transport_release(c);
     fsm_free(c->fsm);
     free(c->queue);
     free(c);

@@ -10,12 +10,17 @@
 #include "command.h"
 #include "fsm.h"
 #include "store.h"
+#include "tls.h"
 
 struct cluster_config {
     uint64_t node_id;
     const char *raft_address; /* IPv4:PORT */
     const char *raft_dir;     /* raft log and snapshots */
     unsigned snapshot_threshold; /* entries between snapshots */
+    /* Peer TLS (both borrowed; NULL only for cluster_bootstrap, which never
+     * talks to peers). */
+    struct tls_ctx *peer_server_tls;
+    struct tls_ctx *peer_client_tls;
 };
 
 struct cluster;

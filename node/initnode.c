@@ -233,7 +233,8 @@ int node_init(const struct node_init_options *o)
     /* Raft: this node as the sole voter, then the first domain key through it. */
     char raft_dir[PATH_MAX + 16];
     PATHF(raft_dir, "%s/raft", dir);
-    struct cluster_config cc = {c.node_id, c.raft_address, raft_dir, 0};
+    struct cluster_config cc = {.node_id = c.node_id, .raft_address = c.raft_address,
+                                .raft_dir = raft_dir};
     if ((rv = cluster_bootstrap(&cc)) != 0) {
         log_error("raft bootstrap failed: %s", kr_strerror(rv));
         goto out;

@@ -34,6 +34,7 @@ struct node {
     struct cluster *cluster;
     struct service *service;
     struct tls_ctx *tls;
+    struct tls_ctx *peer_client_tls;
     struct server *server;
     uv_timer_t ticker;
     uv_signal_t sigint, sigterm;
@@ -151,6 +152,11 @@ int node_run(const char *config_path, int until_ready)
         log_error("TLS setup failed: %s", kr_strerror(rv));
         goto out_store;
     }
+    if ((rv = tls_client_ctx_new(n->config.tls_ca, n->config.tls_cert, n->config.tls_key,
+                                 &n->peer_client_tls)) != 0) {
+        log_error("peer TLS setup failed: %s", kr_strerror(rv));
+        goto out_tls;
+    }
     if (uv_loop_init(&n->loop) != 0) {
         rv = KR_EINTERNAL;
         goto out_tls;
@@ -161,6 +167,8 @@ int node_run(const char *config_path, int until_ready)
         .node_id = n->config.node_id,
         .raft_address = n->config.raft_address,
         .raft_dir = raft_dir,
+        .peer_server_tls = n->tls,
+        .peer_client_tls = n->peer_client_tls,
     };
     rv = cluster_start(&n->loop, &cc, n->store, &n->cluster);
     int cluster_rv = rv;
@@ -213,6 +221,7 @@ int node_run(const char *config_path, int until_ready)
         log_warn("event loop closed with handles still open");
     log_info("stopped");
 out_tls:
+    tls_ctx_free(n->peer_client_tls);
     tls_ctx_free(n->tls);
 out_store:
     store_close(n->store);
