@@ -491,13 +491,18 @@ static size_t dedup_key(uint8_t *buf, size_t cap, const char *request_id)
 /* A retried request gets the first attempt's outcome. */
 static int dedup_lookup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
 {
+    return fsm_find_dedup(fsm->store, request_id, res);
+}
+
+int fsm_find_dedup(struct store *store, const char *request_id, struct fsm_op_result *res)
+{
     uint8_t key[300];
     size_t klen = dedup_key(key, sizeof(key), request_id);
     if (klen == 0)
         return KR_ENOTFOUND;
     uint8_t *val = NULL;
     size_t len = 0;
-    int rv = store_get(fsm->store, STORE_CF_META, key, klen, &val, &len);
+    int rv = store_get(store, STORE_CF_META, key, klen, &val, &len);
     if (rv != 0)
         return rv;
     Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);

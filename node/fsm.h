@@ -52,6 +52,8 @@ int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **ou
 /* Resolves a live (non-destroyed) key name in a domain to its id. */
 int fsm_find_name(struct store *store, const char *domain, const char *name,
                   char out_id[FSM_KEY_ID_LEN + 1]);
+/* The recorded outcome of a request id already applied; KR_ENOTFOUND if none. */
+int fsm_find_dedup(struct store *store, const char *request_id, struct fsm_op_result *res);
 int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out);
 
 /* Builds index keys (returns length; |buf| holds at least 4 + the parts). */

@@ -47,6 +47,50 @@ int hsm_mwk_decrypt(struct hsm *hsm, const uint8_t *aad, size_t aad_len,
 /* Random bytes from the token's RNG (for the domain keys). */
 int hsm_random(struct hsm *hsm, uint8_t *out, size_t len);
 
+/* --- Copying the MWK to a new node's token, HSM to HSM -------------------------
+ * The MWK is never plaintext on any host: the new node makes an RSA transport
+ * key in its token, a member's token wraps its MWK under that public key
+ * (RSA-OAEP, SHA-1: the only OAEP hash SoftHSM 2.6 wraps with), and the new
+ * token unwraps it. The blob is safe to send: only the recipient token opens it.
+ * Whoever passes an SPKI to hsm_wrap_mwk_for vouches for it (the SO PIN is
+ * that authority): the caller must have authenticated the new node first. */
+
+/* On the NEW node: generates an RSA-2048 pair labelled |label| in the token
+ * (private: sensitive, never extractable, unwrap only; public: wrap only) and
+ * returns the public key as DER SubjectPublicKeyInfo in *out_spki (malloc'd,
+ * not secret). KR_EEXIST if an object with that label is already there. */
+int hsm_make_transport_key(struct hsm *hsm, const char *label, uint8_t **out_spki,
+                           size_t *out_len);
+
+/* On a MEMBER node: wraps the MWK labelled |mwk_label| of token |token_label|
+ * under the RSA public key |spki| (DER SubjectPublicKeyInfo, 2048 to 8192
+ * bits) and returns the blob in *out_blob (malloc'd, not secret).
+ * Standalone, with its own module handle and session, because of how PKCS#11
+ * logins work: only the SO may mark the recipient key CKA_TRUSTED (without
+ * which the token refuses to wrap the MWK), and login state belongs to the
+ * whole process per token, so the SO cannot log in while this process holds
+ * the user login. Hence the contract: no struct hsm (or other user session)
+ * may be open on that token in this process during the call; close it and
+ * reopen it after (KR_EBUSY otherwise, and the open handle is left as it
+ * was). Another process (the running node) holding the user login does not
+ * matter. The call logs in as SO, imports the key as a session object,
+ * logs out, logs in as user, wraps, and destroys the imported key.
+ * KR_EPERM on a wrong PIN, KR_ENOTFOUND when the token has no such MWK,
+ * KR_EINVAL on an SPKI that is not a fitting RSA key. */
+int hsm_wrap_mwk_for(const char *module_path, const char *token_label, const char *so_pin,
+                     const char *user_pin, const char *mwk_label, const uint8_t *spki,
+                     size_t spki_len, uint8_t **out_blob, size_t *out_len);
+
+/* On the NEW node: unwraps |blob| with the transport key |transport_label|
+ * into the token as the MWK (the handle's mwk_label), with the same
+ * attributes as hsm_generate_mwk, so this copy can be copied on later; then
+ * destroys the transport key pair. KR_EEXIST if the token already has an MWK,
+ * KR_ENOTFOUND without that transport key, KR_EAUTH when the blob does not
+ * open (tampered, or made for another token: the transport key is kept, so a
+ * good blob can follow), KR_EHSM on other token failures. */
+int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *blob,
+                   size_t len);
+
 #define HSM_GCM_IV_LEN 12
 #define HSM_GCM_TAG_LEN 16
 

@@ -142,6 +142,19 @@ static void conn_send_response(struct conn *c, const Keyraft__Response *resp)
         conn_close(c);
         return;
     }
+    if (len - 4 > KR_MAX_FRAME) {
+        /* Every client refuses frames over KR_MAX_FRAME: say so instead. */
+        OPENSSL_cleanse(frame, len);
+        free(frame);
+        Keyraft__Response err = KEYRAFT__RESPONSE__INIT;
+        err.id = resp->id;
+        err.status = KR_ETOOBIG;
+        err.message = (char *)"the reply would exceed the frame limit: send less data per request";
+        if (rpc_encode_response(&err, &frame, &len) != 0) {
+            conn_close(c);
+            return;
+        }
+    }
     int rv = tls_conn_write(c->tls, frame, len);
     OPENSSL_cleanse(frame, len);
     free(frame);

@@ -348,6 +348,13 @@ static size_t blob_parse(const uint8_t *in, size_t len, enum blob_kind kind,
     return 8 + FSM_KEY_ID_LEN;
 }
 
+/* An enum value this build knows (unknown numbers arrive from newer clients
+ * or hostile ones). */
+static int enum_known(const ProtobufCEnumDescriptor *d, int value)
+{
+    return protobuf_c_enum_descriptor_get_value(d, value) != NULL;
+}
+
 /* --- state checks ------------------------------------------------------------------ */
 
 static int can_protect(Keyraft__KeyState s) { return s == KEYRAFT__KEY_STATE__ACTIVE; }
@@ -398,7 +405,8 @@ static int validate_new_key(struct call *call, const char *name, Keyraft__Algori
         reply_error(call, KR_EINVAL, "a key name is 1..%d printable characters", NAME_MAX_LEN);
         return -1;
     }
-    if (kr_alg_name(alg)[0] == '?' || alg == KEYRAFT__ALGORITHM__ALG_UNSPECIFIED) {
+    if (!enum_known(&keyraft__algorithm__descriptor, alg) ||
+        alg == KEYRAFT__ALGORITHM__ALG_UNSPECIFIED) {
         reply_error(call, KR_EINVAL, "unknown or missing algorithm (%d)", (int)alg);
         return -1;
     }
@@ -457,15 +465,36 @@ static void write_done(void *arg, const struct fsm_op_result *res)
     keyraft__key_record__free_unpacked(rec, NULL);
 }
 
+/* Deduplication is per principal: another client reusing an id gets its own
+ * outcome, never someone else's key. */
+static void scoped_request_id(const struct call *call, char *out, size_t cap)
+{
+    out[0] = '\0';
+    if (call->req->request_id[0] != '\0')
+        snprintf(out, cap, "%s/%s", call->principal, call->req->request_id);
+}
+
+/* A retried write whose first attempt applied gets that attempt's outcome,
+ * before any check that the first attempt itself would now fail (the name is
+ * taken, the state moved). Returns 1 when it answered. */
+static int reply_if_retry(struct call *call)
+{
+    char request_id[REQUEST_ID_MAX + 260];
+    scoped_request_id(call, request_id, sizeof(request_id));
+    if (request_id[0] == '\0')
+        return 0;
+    struct fsm_op_result res;
+    if (fsm_find_dedup(call->svc->deps.store, request_id, &res) != 0)
+        return 0;
+    call->svc->pending++; /* write_done takes it back */
+    write_done(call, &res);
+    return 1;
+}
+
 static void propose(struct call *call, Keyraft__Command *cmd)
 {
-    /* Deduplication is per principal: another client reusing an id gets its
-     * own outcome, never someone else's key. */
     char request_id[REQUEST_ID_MAX + 260];
-    request_id[0] = '\0';
-    if (call->req->request_id[0] != '\0')
-        snprintf(request_id, sizeof(request_id), "%s/%s", call->principal,
-                 call->req->request_id);
+    scoped_request_id(call, request_id, sizeof(request_id));
     cmd->request_id = request_id;
     int rv = cluster_propose(call->svc->deps.cluster, cmd, write_done, call);
     if (rv != 0) {
@@ -583,7 +612,7 @@ static void create_after_work(uv_work_t *work, int status)
 static void op_create(struct call *call)
 {
     const Keyraft__CreateKeyRequest *r = call->req->create;
-    if (require_leader(call) != 0 ||
+    if (require_leader(call) != 0 || reply_if_retry(call) ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     call->alg = r->algorithm;
@@ -599,7 +628,7 @@ static void op_create(struct call *call)
 static void op_import(struct call *call)
 {
     const Keyraft__ImportKeyRequest *r = call->req->import;
-    if (require_leader(call) != 0 ||
+    if (require_leader(call) != 0 || reply_if_retry(call) ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     int rv = crypto_check_material(r->algorithm, r->material.data, r->material.len);
@@ -622,7 +651,7 @@ static void op_import(struct call *call)
 static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__KeyState to,
                       Keyraft__RevokeReason reason, const char *message, const char *op)
 {
-    if (require_leader(call) != 0)
+    if (require_leader(call) != 0 || reply_if_retry(call))
         return;
     Keyraft__KeyRecord *rec = load_key(call, ref);
     if (rec == NULL)
@@ -662,7 +691,7 @@ static void op_revoke(struct call *call)
 {
     const Keyraft__RevokeKeyRequest *r = call->req->revoke;
     if (r->reason == KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED ||
-        kr_reason_name(r->reason)[0] == '?') {
+        !enum_known(&keyraft__revoke_reason__descriptor, r->reason)) {
         reply_error(call, KR_EINVAL,
                     "a revocation reason is required: compromised, superseded, cessation, "
                     "affiliation-changed, privilege-withdrawn");
@@ -680,7 +709,7 @@ static void op_revoke(struct call *call)
 
 static void op_destroy(struct call *call)
 {
-    if (require_leader(call) != 0)
+    if (require_leader(call) != 0 || reply_if_retry(call))
         return;
     Keyraft__KeyRecord *rec = load_key(call, call->req->destroy->key);
     if (rec == NULL)
@@ -731,7 +760,7 @@ static void rotate_after_work(uv_work_t *work, int status)
 
 static void op_rotate(struct call *call)
 {
-    if (require_leader(call) != 0)
+    if (require_leader(call) != 0 || reply_if_retry(call))
         return;
     Keyraft__KeyRecord *rec = load_key(call, call->req->rotate->key);
     if (rec == NULL)
@@ -848,11 +877,11 @@ static void op_list(struct call *call)
     uint32_t limit = r->limit ? r->limit : LIST_DEFAULT;
     if (limit > cfg->list_max)
         limit = cfg->list_max;
-    if (r->state != 0 && kr_state_name(r->state)[0] == '?') {
+    if (r->state != 0 && !enum_known(&keyraft__key_state__descriptor, r->state)) {
         reply_error(call, KR_EINVAL, "unknown state filter");
         return;
     }
-    if (r->algorithm != 0 && kr_alg_name(r->algorithm)[0] == '?') {
+    if (r->algorithm != 0 && !enum_known(&keyraft__algorithm__descriptor, r->algorithm)) {
         reply_error(call, KR_EINVAL, "unknown algorithm filter");
         return;
     }
@@ -928,7 +957,7 @@ static void op_list(struct call *call)
     lr->keys = keys;
     size_t budget = (size_t)limit * LIST_SCAN_FACTOR + 1000;
     size_t scanned = 0;
-    const uint8_t *last = NULL;
+    uint8_t last[1200]; /* a copy: the iterator's view dies when it moves */
     size_t last_len = 0;
     int more = 0;
     for (; store_iter_valid(it); store_iter_next(it)) {
@@ -940,7 +969,9 @@ static void op_list(struct call *call)
         size_t klen = 0, vlen = 0;
         const uint8_t *k = store_iter_key(it, &klen);
         const uint8_t *v = store_iter_value(it, &vlen);
-        last = k;
+        if (klen > sizeof(last))
+            continue; /* cannot be one of our index keys */
+        memcpy(last, k, klen);
         last_len = klen;
         char id[FSM_KEY_ID_LEN + 1];
         if (plan.cf == STORE_CF_NAMES) {
@@ -975,7 +1006,7 @@ static void op_list(struct call *call)
         }
         keyraft__key_record__free_unpacked(rec, NULL);
     }
-    if (more && last != NULL) {
+    if (more && last_len > 0) {
         char *cur = arena_alloc(call, last_len * 2 + 1);
         if (cur == NULL) {
             store_iter_free(it);
