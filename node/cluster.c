@@ -55,6 +55,8 @@ struct cluster {
     void *stop_arg;
     char address[64];
     int tls_transport;
+    void (*apply_hook)(void *arg, uint64_t applied_index);
+    void *apply_hook_arg;
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -73,7 +75,16 @@ static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf
     if (rv != 0)
         return RAFT_IOERR; /* raft retries this entry */
     *result = res;
+    if (c->apply_hook)
+        c->apply_hook(c->apply_hook_arg, raft_last_applied(&c->raft) + 1);
     return 0;
+}
+
+void cluster_set_apply_hook(struct cluster *c, void (*hook)(void *arg, uint64_t applied_index),
+                            void *arg)
+{
+    c->apply_hook = hook;
+    c->apply_hook_arg = arg;
 }
 
 /* The raft snapshot is a manifest: the store's data at or past its index is

@@ -48,6 +48,11 @@ typedef void (*cluster_done_cb)(void *arg, const struct fsm_op_result *result);
 int cluster_propose(struct cluster *cluster, const Keyraft__Command *command,
                     cluster_done_cb cb, void *arg);
 
+/* |hook| runs on the loop after every applied entry (the store is at
+ * |applied_index|); it must not call back into raft. */
+void cluster_set_apply_hook(struct cluster *cluster, void (*hook)(void *arg, uint64_t applied_index),
+                            void *arg);
+
 struct cluster_status {
     int is_leader;
     const char *role;           /* "leader", "follower", ... */

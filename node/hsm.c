@@ -1,10 +1,17 @@
 /* hsm.c: the node's PKCS#11 token through p11-kit: token setup, one logged-in
- * session per handle, and AES-256-GCM under the MWK inside the token. */
+ * session per handle, AES-256-GCM under the MWK inside the token, and the
+ * HSM-to-HSM copy of the MWK to a new node's token (RSA-OAEP key transport). */
 #include "hsm.h"
 
 #define KR_LOG_MODULE "hsm"
 #include <p11-kit/pkcs11.h>
 #include <p11-kit/p11-kit.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/x509.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,6 +24,12 @@
 #define HSM_LABEL_LEN 32 /* CK_TOKEN_INFO.label: blank padded, not terminated */
 #define HSM_MWK_LEN 32
 #define HSM_GCM_OVERHEAD (HSM_GCM_IV_LEN + HSM_GCM_TAG_LEN)
+#define HSM_OBJECT_LABEL_MAX 128 /* CKA_LABEL of keys: ours, so capped */
+#define HSM_TRANSPORT_BITS 2048
+#define HSM_RSA_MIN_BITS 2048
+#define HSM_RSA_MAX_BITS 8192
+#define HSM_RSA_MAX_BYTES (HSM_RSA_MAX_BITS / 8) /* also the largest blob */
+#define HSM_SPKI_MAX 4096                         /* DER of an 8192-bit RSA key is ~1.1 KB */
 
 struct hsm {
     CK_FUNCTION_LIST *module;
@@ -97,6 +110,14 @@ static const char *ckr_name(CK_RV rv)
         CKR_CASE(CKR_LIBRARY_LOAD_FAILED);
         CKR_CASE(CKR_PIN_TOO_WEAK);
         CKR_CASE(CKR_FUNCTION_REJECTED);
+        CKR_CASE(CKR_UNWRAPPING_KEY_HANDLE_INVALID);
+        CKR_CASE(CKR_UNWRAPPING_KEY_SIZE_RANGE);
+        CKR_CASE(CKR_UNWRAPPING_KEY_TYPE_INCONSISTENT);
+        CKR_CASE(CKR_WRAPPED_KEY_INVALID);
+        CKR_CASE(CKR_WRAPPED_KEY_LEN_RANGE);
+        CKR_CASE(CKR_WRAPPING_KEY_HANDLE_INVALID);
+        CKR_CASE(CKR_WRAPPING_KEY_SIZE_RANGE);
+        CKR_CASE(CKR_WRAPPING_KEY_TYPE_INCONSISTENT);
 #undef CKR_CASE
     default:
         return rv >= CKR_VENDOR_DEFINED ? "CKR_VENDOR_DEFINED" : "CKR_unknown";
@@ -394,10 +415,49 @@ void hsm_close(struct hsm *hsm)
     free(hsm);
 }
 
-/* Looks the MWK up by label. Caller holds the lock. KR_ENOTFOUND when absent. */
-static int mwk_lookup_locked(struct hsm *hsm, CK_OBJECT_HANDLE *out)
+/* Up to |cap| objects matching |tmpl| into |found|; their number in *out_n. */
+static int find_objects(CK_FUNCTION_LIST *m, CK_SESSION_HANDLE session, CK_ATTRIBUTE *tmpl,
+                        CK_ULONG n_tmpl, const char *what, CK_OBJECT_HANDLE *found, CK_ULONG cap,
+                        CK_ULONG *out_n)
 {
-    CK_FUNCTION_LIST *m = hsm->module;
+    CK_ULONG n = 0;
+    CK_RV rv = m->C_FindObjectsInit(session, tmpl, n_tmpl);
+    if (rv != CKR_OK)
+        return ck_fail("C_FindObjectsInit", rv, what);
+    rv = m->C_FindObjects(session, found, cap, &n);
+    CK_RV final_rv = m->C_FindObjectsFinal(session);
+    if (rv != CKR_OK)
+        return ck_fail("C_FindObjects", rv, what);
+    if (final_rv != CKR_OK)
+        return ck_fail("C_FindObjectsFinal", final_rv, what);
+    *out_n = n;
+    return 0;
+}
+
+/* The one object matching |tmpl|: KR_ENOTFOUND when none, KR_EHSM when
+ * several (refusing to guess which is meant). |kind| and |label| name it. */
+static int find_one(CK_FUNCTION_LIST *m, CK_SESSION_HANDLE session, CK_ATTRIBUTE *tmpl,
+                    CK_ULONG n_tmpl, const char *kind, const char *label, CK_OBJECT_HANDLE *out)
+{
+    CK_OBJECT_HANDLE found[2];
+    CK_ULONG n = 0;
+    int rc = find_objects(m, session, tmpl, n_tmpl, label, found, 2, &n);
+    if (rc != 0)
+        return rc;
+    if (n == 0)
+        return KR_ENOTFOUND;
+    if (n > 1) {
+        log_error("more than one %s is labelled \"%s\": refusing to guess", kind, label);
+        return KR_EHSM;
+    }
+    *out = found[0];
+    return 0;
+}
+
+/* The MWK by label, in any session of the token. KR_ENOTFOUND when absent. */
+static int mwk_find(CK_FUNCTION_LIST *m, CK_SESSION_HANDLE session, const char *label,
+                    CK_OBJECT_HANDLE *out)
+{
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
     CK_KEY_TYPE type = CKK_AES;
     CK_BBOOL yes = CK_TRUE;
@@ -405,29 +465,16 @@ static int mwk_lookup_locked(struct hsm *hsm, CK_OBJECT_HANDLE *out)
         {CKA_CLASS, &cls, sizeof(cls)},
         {CKA_KEY_TYPE, &type, sizeof(type)},
         {CKA_TOKEN, &yes, sizeof(yes)},
-        {CKA_LABEL, hsm->mwk_label, strlen(hsm->mwk_label)},
+        {CKA_LABEL, (void *)label, strlen(label)},
     };
-    CK_OBJECT_HANDLE found[2];
-    CK_ULONG n = 0;
+    return find_one(m, session, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), "AES key (MWK)", label,
+                    out);
+}
 
-    CK_RV rv = m->C_FindObjectsInit(hsm->session, tmpl, sizeof(tmpl) / sizeof(tmpl[0]));
-    if (rv != CKR_OK)
-        return ck_fail("C_FindObjectsInit", rv, hsm->mwk_label);
-    rv = m->C_FindObjects(hsm->session, found, 2, &n);
-    CK_RV final_rv = m->C_FindObjectsFinal(hsm->session);
-    if (rv != CKR_OK)
-        return ck_fail("C_FindObjects", rv, hsm->mwk_label);
-    if (final_rv != CKR_OK)
-        return ck_fail("C_FindObjectsFinal", final_rv, hsm->mwk_label);
-    if (n == 0)
-        return KR_ENOTFOUND;
-    if (n > 1) {
-        log_error("more than one AES key is labelled \"%s\": refusing to guess the MWK",
-                  hsm->mwk_label);
-        return KR_EHSM;
-    }
-    *out = found[0];
-    return 0;
+/* Looks the MWK up by label. Caller holds the lock. KR_ENOTFOUND when absent. */
+static int mwk_lookup_locked(struct hsm *hsm, CK_OBJECT_HANDLE *out)
+{
+    return mwk_find(hsm->module, hsm->session, hsm->mwk_label, out);
 }
 
 /* The cached MWK handle, looked up on first use. Caller holds the lock. */
@@ -668,4 +715,546 @@ int hsm_random(struct hsm *hsm, uint8_t *out, size_t len)
     if (rv != CKR_OK)
         return ck_fail("C_GenerateRandom", rv, "random bytes");
     return 0;
+}
+
+/* --- MWK copy, HSM to HSM ----------------------------------------------------- */
+
+static int object_label_valid(const char *label)
+{
+    size_t n = label ? strlen(label) : 0;
+    return n > 0 && n <= HSM_OBJECT_LABEL_MAX;
+}
+
+/* Reads one variable-length attribute into a malloc'd buffer. */
+static int get_attribute(CK_FUNCTION_LIST *m, CK_SESSION_HANDLE session, CK_OBJECT_HANDLE obj,
+                         CK_ATTRIBUTE_TYPE type, const char *what, uint8_t **out,
+                         size_t *out_len)
+{
+    CK_ATTRIBUTE attr = {type, NULL, 0};
+    CK_RV rv = m->C_GetAttributeValue(session, obj, &attr, 1);
+    if (rv != CKR_OK)
+        return ck_fail("C_GetAttributeValue", rv, what);
+    if (attr.ulValueLen == 0 || attr.ulValueLen > HSM_RSA_MAX_BYTES) {
+        log_error("C_GetAttributeValue (%s): %lu bytes", what, (unsigned long)attr.ulValueLen);
+        return KR_EHSM;
+    }
+    uint8_t *buf = malloc(attr.ulValueLen);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    attr.pValue = buf;
+    rv = m->C_GetAttributeValue(session, obj, &attr, 1);
+    if (rv != CKR_OK) {
+        free(buf);
+        return ck_fail("C_GetAttributeValue", rv, what);
+    }
+    *out = buf;
+    *out_len = attr.ulValueLen;
+    return 0;
+}
+
+/* DER SubjectPublicKeyInfo of the RSA key (n, e), malloc'd. */
+static int rsa_spki_encode(const uint8_t *n, size_t n_len, const uint8_t *e, size_t e_len,
+                           uint8_t **out, size_t *out_len)
+{
+    BIGNUM *bn_n = BN_bin2bn(n, (int)n_len, NULL);
+    BIGNUM *bn_e = BN_bin2bn(e, (int)e_len, NULL);
+    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM *params = NULL;
+    EVP_PKEY_CTX *ctx = NULL;
+    EVP_PKEY *pkey = NULL;
+    uint8_t *der = NULL;
+    int rc = KR_ECRYPTO;
+
+    if (bn_n == NULL || bn_e == NULL || bld == NULL ||
+        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n) ||
+        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e) ||
+        (params = OSSL_PARAM_BLD_to_param(bld)) == NULL)
+        goto out;
+    ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
+    if (ctx == NULL || EVP_PKEY_fromdata_init(ctx) <= 0 ||
+        EVP_PKEY_fromdata(ctx, &pkey, EVP_PKEY_PUBLIC_KEY, params) <= 0)
+        goto out;
+    int len = i2d_PUBKEY(pkey, NULL);
+    if (len <= 0)
+        goto out;
+    der = malloc((size_t)len);
+    if (der == NULL) {
+        rc = KR_ENOMEM;
+        goto out;
+    }
+    unsigned char *p = der;
+    if (i2d_PUBKEY(pkey, &p) != len)
+        goto out;
+    *out = der;
+    *out_len = (size_t)len;
+    der = NULL;
+    rc = 0;
+out:
+    if (rc == KR_ECRYPTO) {
+        log_error("cannot encode the transport public key as SubjectPublicKeyInfo: %s",
+                  ERR_reason_error_string(ERR_peek_last_error()));
+        ERR_clear_error();
+    }
+    free(der);
+    EVP_PKEY_free(pkey);
+    EVP_PKEY_CTX_free(ctx);
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    BN_free(bn_n);
+    BN_free(bn_e);
+    return rc;
+}
+
+/* Modulus and public exponent (big-endian, malloc'd) of a DER
+ * SubjectPublicKeyInfo holding a plain RSA key of a size we accept. */
+static int rsa_spki_decode(const uint8_t *spki, size_t spki_len, uint8_t **out_n,
+                           size_t *out_n_len, uint8_t **out_e, size_t *out_e_len)
+{
+    EVP_PKEY *pkey = NULL;
+    BIGNUM *bn_n = NULL, *bn_e = NULL;
+    uint8_t *n = NULL, *e = NULL;
+    int rc = KR_EINVAL;
+
+    if (spki_len == 0 || spki_len > HSM_SPKI_MAX) {
+        log_error("recipient public key of %zu bytes: not a SubjectPublicKeyInfo", spki_len);
+        return KR_EINVAL;
+    }
+    const unsigned char *p = spki;
+    pkey = d2i_PUBKEY(NULL, &p, (long)spki_len);
+    if (pkey == NULL || p != spki + spki_len) {
+        log_error("recipient public key: not one DER SubjectPublicKeyInfo");
+        goto out;
+    }
+    /* Plain RSA only: an RSA-PSS key is not for key transport. */
+    if (!EVP_PKEY_is_a(pkey, "RSA")) {
+        log_error("recipient public key is %s, not RSA", EVP_PKEY_get0_type_name(pkey));
+        goto out;
+    }
+    int bits = EVP_PKEY_get_bits(pkey);
+    if (bits < HSM_RSA_MIN_BITS || bits > HSM_RSA_MAX_BITS) {
+        log_error("recipient RSA key of %d bits: %d to %d are accepted", bits, HSM_RSA_MIN_BITS,
+                  HSM_RSA_MAX_BITS);
+        goto out;
+    }
+    if (!EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_N, &bn_n) ||
+        !EVP_PKEY_get_bn_param(pkey, OSSL_PKEY_PARAM_RSA_E, &bn_e)) {
+        log_error("recipient RSA key: no modulus or exponent");
+        goto out;
+    }
+    size_t n_len = (size_t)BN_num_bytes(bn_n), e_len = (size_t)BN_num_bytes(bn_e);
+    n = malloc(n_len);
+    e = malloc(e_len ? e_len : 1);
+    if (n == NULL || e == NULL) {
+        rc = KR_ENOMEM;
+        goto out;
+    }
+    BN_bn2bin(bn_n, n);
+    BN_bn2bin(bn_e, e);
+    *out_n = n;
+    *out_n_len = n_len;
+    *out_e = e;
+    *out_e_len = e_len;
+    n = e = NULL;
+    rc = 0;
+out:
+    ERR_clear_error();
+    free(n);
+    free(e);
+    BN_free(bn_n);
+    BN_free(bn_e);
+    EVP_PKEY_free(pkey);
+    return rc;
+}
+
+/* Destroys every key pair half labelled |label| (the transport key).
+ * Caller holds the lock. */
+static int transport_destroy_locked(struct hsm *hsm, const char *label)
+{
+    CK_FUNCTION_LIST *m = hsm->module;
+    const CK_OBJECT_CLASS classes[] = {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY};
+    int rc = 0;
+    for (size_t i = 0; i < sizeof(classes) / sizeof(classes[0]); i++) {
+        CK_OBJECT_CLASS cls = classes[i];
+        CK_KEY_TYPE type = CKK_RSA;
+        CK_ATTRIBUTE tmpl[] = {
+            {CKA_CLASS, &cls, sizeof(cls)},
+            {CKA_KEY_TYPE, &type, sizeof(type)},
+            {CKA_LABEL, (void *)label, strlen(label)},
+        };
+        CK_OBJECT_HANDLE found[4];
+        CK_ULONG n = 0;
+        int r = find_objects(m, hsm->session, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), label, found,
+                             4, &n);
+        for (CK_ULONG j = 0; r == 0 && j < n; j++) {
+            CK_RV rv = m->C_DestroyObject(hsm->session, found[j]);
+            if (rv != CKR_OK)
+                r = ck_fail("C_DestroyObject", rv, label);
+        }
+        if (r != 0 && rc == 0)
+            rc = r;
+    }
+    return rc;
+}
+
+int hsm_make_transport_key(struct hsm *hsm, const char *label, uint8_t **out_spki,
+                           size_t *out_len)
+{
+    if (hsm == NULL || out_spki == NULL || out_len == NULL || !object_label_valid(label)) {
+        log_error("hsm_make_transport_key: a handle and a label of 1 to %d bytes are needed",
+                  HSM_OBJECT_LABEL_MAX);
+        return KR_EINVAL;
+    }
+    CK_FUNCTION_LIST *m = hsm->module;
+    CK_ULONG bits = HSM_TRANSPORT_BITS;
+    CK_BYTE exponent[] = {0x01, 0x00, 0x01};
+    CK_KEY_TYPE type = CKK_RSA;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    /* Token objects: the new node may restart before the blob arrives. The
+     * pair only receives the MWK: no encryption, signing or export. */
+    CK_ATTRIBUTE pub_tmpl[] = {
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &no, sizeof(no)},
+        {CKA_WRAP, &yes, sizeof(yes)},
+        {CKA_ENCRYPT, &no, sizeof(no)},
+        {CKA_VERIFY, &no, sizeof(no)},
+        {CKA_VERIFY_RECOVER, &no, sizeof(no)},
+        {CKA_MODULUS_BITS, &bits, sizeof(bits)},
+        {CKA_PUBLIC_EXPONENT, exponent, sizeof(exponent)},
+    };
+    CK_ATTRIBUTE priv_tmpl[] = {
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+        {CKA_SENSITIVE, &yes, sizeof(yes)},
+        {CKA_EXTRACTABLE, &no, sizeof(no)},
+        {CKA_UNWRAP, &yes, sizeof(yes)},
+        {CKA_DECRYPT, &no, sizeof(no)},
+        {CKA_SIGN, &no, sizeof(no)},
+        {CKA_SIGN_RECOVER, &no, sizeof(no)},
+        {CKA_DERIVE, &no, sizeof(no)},
+    };
+    CK_ATTRIBUTE by_label[] = {{CKA_LABEL, (void *)label, strlen(label)}};
+    CK_MECHANISM mech = {CKM_RSA_PKCS_KEY_PAIR_GEN, NULL, 0};
+    CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE, any;
+    CK_ULONG n_found = 0;
+    uint8_t *modulus = NULL, *pub_exp = NULL, *spki = NULL;
+    size_t modulus_len = 0, pub_exp_len = 0, spki_len = 0;
+    CK_RV rv;
+    int rc;
+
+    pthread_mutex_lock(&hsm->lock);
+    rc = find_objects(m, hsm->session, by_label, 1, label, &any, 1, &n_found);
+    if (rc != 0)
+        goto out;
+    if (n_found > 0) {
+        log_error("an object labelled \"%s\" already exists: not making a transport key", label);
+        rc = KR_EEXIST;
+        goto out;
+    }
+    rv = m->C_GenerateKeyPair(hsm->session, &mech, pub_tmpl, sizeof(pub_tmpl) / sizeof(pub_tmpl[0]),
+                              priv_tmpl, sizeof(priv_tmpl) / sizeof(priv_tmpl[0]), &pub, &priv);
+    if (rv != CKR_OK) {
+        pub = priv = CK_INVALID_HANDLE;
+        rc = ck_fail("C_GenerateKeyPair", rv, label);
+        goto out;
+    }
+    rc = get_attribute(m, hsm->session, pub, CKA_MODULUS, label, &modulus, &modulus_len);
+    if (rc != 0)
+        goto out;
+    rc = get_attribute(m, hsm->session, pub, CKA_PUBLIC_EXPONENT, label, &pub_exp, &pub_exp_len);
+    if (rc != 0)
+        goto out;
+    rc = rsa_spki_encode(modulus, modulus_len, pub_exp, pub_exp_len, &spki, &spki_len);
+    if (rc != 0)
+        goto out;
+    log_info("made RSA-%d transport key \"%s\" for receiving the MWK", HSM_TRANSPORT_BITS, label);
+    *out_spki = spki;
+    *out_len = spki_len;
+    spki = NULL;
+    rc = 0;
+out:
+    /* A half-made transport key would block the label: take it back. */
+    if (rc != 0 && rc != KR_EEXIST && priv != CK_INVALID_HANDLE) {
+        m->C_DestroyObject(hsm->session, priv);
+        m->C_DestroyObject(hsm->session, pub);
+    }
+    pthread_mutex_unlock(&hsm->lock);
+    free(modulus);
+    free(pub_exp);
+    free(spki);
+    return rc;
+}
+
+/* Standalone rather than on struct hsm: making the recipient key trusted needs
+ * an SO login, and SoftHSM (like the standard) keeps one login state per token
+ * for the whole process: C_Login(CKU_SO) fails with
+ * CKR_USER_ANOTHER_ALREADY_LOGGED_IN while any session of this process is
+ * logged in as user, and C_Logout would log out every open handle (whose MWK
+ * handles SoftHSM then invalidates; other threads would see the MWK vanish).
+ * So the function owns its session and refuses (KR_EBUSY) instead of
+ * disturbing a user login it finds. The imported key is a session object: it
+ * never reaches the token's storage and goes with the session on any path. */
+int hsm_wrap_mwk_for(const char *module_path, const char *token_label, const char *so_pin,
+                     const char *user_pin, const char *mwk_label, const uint8_t *spki,
+                     size_t spki_len, uint8_t **out_blob, size_t *out_len)
+{
+    CK_FUNCTION_LIST *m = NULL;
+    CK_SESSION_HANDLE session = CK_INVALID_HANDLE;
+    CK_OBJECT_HANDLE recipient = CK_INVALID_HANDLE, mwk = CK_INVALID_HANDLE;
+    CK_SLOT_ID slot = 0;
+    int so_logged_in = 0;
+    uint8_t *n = NULL, *e = NULL, *blob = NULL;
+    size_t n_len = 0, e_len = 0;
+    CK_RV rv;
+    int rc;
+
+    if (module_path == NULL || !label_valid(token_label) || so_pin == NULL || so_pin[0] == '\0' ||
+        user_pin == NULL || user_pin[0] == '\0' || mwk_label == NULL || mwk_label[0] == '\0' ||
+        spki == NULL || out_blob == NULL || out_len == NULL) {
+        log_error("hsm_wrap_mwk_for: module, token label, both PINs, MWK label and the "
+                  "recipient key are needed");
+        return KR_EINVAL;
+    }
+    rc = rsa_spki_decode(spki, spki_len, &n, &n_len, &e, &e_len);
+    if (rc != 0)
+        goto out;
+
+    rc = module_open(module_path, &m);
+    if (rc != 0)
+        goto out;
+    rc = find_slot(m, token_label, &slot);
+    if (rc == KR_ENOTFOUND)
+        log_error("no token labelled \"%s\" in %s", token_label, module_path);
+    if (rc != 0)
+        goto out;
+    rv = m->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &session);
+    if (rv != CKR_OK) {
+        session = CK_INVALID_HANDLE;
+        rc = ck_fail("C_OpenSession", rv, token_label);
+        goto out;
+    }
+
+    rv = m->C_Login(session, CKU_SO, (CK_UTF8CHAR *)so_pin, strlen(so_pin));
+    if (rv == CKR_USER_ANOTHER_ALREADY_LOGGED_IN || rv == CKR_USER_ALREADY_LOGGED_IN) {
+        log_error("token \"%s\" is already logged in by this process (%s): close its HSM "
+                  "handle before copying the MWK, and reopen it after",
+                  token_label, ckr_name(rv));
+        rc = KR_EBUSY;
+        goto out;
+    }
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_Login", rv, "security officer");
+        goto out;
+    }
+    so_logged_in = 1;
+
+    /* Only the SO may set CKA_TRUSTED; the MWK (CKA_WRAP_WITH_TRUSTED) can be
+     * wrapped under no other key. Public, so it outlives the SO logout. */
+    CK_OBJECT_CLASS cls = CKO_PUBLIC_KEY;
+    CK_KEY_TYPE type = CKK_RSA;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    static const char recipient_label[] = "keyraft-mwk-recipient";
+    CK_ATTRIBUTE pub_tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_LABEL, (void *)recipient_label, sizeof(recipient_label) - 1},
+        {CKA_TOKEN, &no, sizeof(no)},
+        {CKA_PRIVATE, &no, sizeof(no)},
+        {CKA_TRUSTED, &yes, sizeof(yes)},
+        {CKA_WRAP, &yes, sizeof(yes)},
+        {CKA_ENCRYPT, &no, sizeof(no)},
+        {CKA_VERIFY, &no, sizeof(no)},
+        {CKA_MODULUS, n, n_len},
+        {CKA_PUBLIC_EXPONENT, e, e_len},
+    };
+    rv = m->C_CreateObject(session, pub_tmpl, sizeof(pub_tmpl) / sizeof(pub_tmpl[0]), &recipient);
+    if (rv != CKR_OK) {
+        recipient = CK_INVALID_HANDLE;
+        rc = ck_fail("C_CreateObject", rv, "trusted recipient key");
+        goto out;
+    }
+    rv = m->C_Logout(session);
+    so_logged_in = 0;
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_Logout", rv, "security officer");
+        goto out;
+    }
+    rv = m->C_Login(session, CKU_USER, (CK_UTF8CHAR *)user_pin, strlen(user_pin));
+    /* Another thread may have opened a handle since the SO logged out. */
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+        rc = ck_fail("C_Login", rv, token_label);
+        goto out;
+    }
+    rc = mwk_find(m, session, mwk_label, &mwk);
+    if (rc == KR_ENOTFOUND)
+        log_error("no MWK labelled \"%s\" on token \"%s\"", mwk_label, token_label);
+    if (rc != 0)
+        goto out;
+
+    CK_RSA_PKCS_OAEP_PARAMS oaep = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0};
+    CK_MECHANISM mech = {CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
+    CK_ULONG blob_len = 0;
+    rv = m->C_WrapKey(session, &mech, recipient, mwk, NULL, &blob_len);
+    if (rv == CKR_OK && (blob_len == 0 || blob_len > HSM_RSA_MAX_BYTES)) {
+        log_error("C_WrapKey (%s): %lu bytes asked for", mwk_label, (unsigned long)blob_len);
+        rc = KR_EHSM;
+        goto out;
+    }
+    if (rv == CKR_OK) {
+        blob = malloc(blob_len);
+        if (blob == NULL) {
+            rc = KR_ENOMEM;
+            goto out;
+        }
+        rv = m->C_WrapKey(session, &mech, recipient, mwk, blob, &blob_len);
+    }
+    if (rv == CKR_KEY_NOT_WRAPPABLE || rv == CKR_KEY_UNEXTRACTABLE) {
+        log_error("C_WrapKey (%s): %s: this MWK is not copyable (it needs CKA_EXTRACTABLE "
+                  "and CKA_WRAP_WITH_TRUSTED)",
+                  mwk_label, ckr_name(rv));
+        rc = KR_EPERM;
+        goto out;
+    }
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_WrapKey", rv, mwk_label);
+        goto out;
+    }
+    log_info("wrapped MWK \"%s\" of token \"%s\" for an RSA-%zu recipient", mwk_label,
+             token_label, n_len * 8);
+    *out_blob = blob;
+    *out_len = blob_len;
+    blob = NULL;
+    rc = 0;
+out:
+    if (recipient != CK_INVALID_HANDLE) {
+        rv = m->C_DestroyObject(session, recipient);
+        if (rv != CKR_OK)
+            log_warn("C_DestroyObject (recipient key): %s (0x%lx); it goes with the session",
+                     ckr_name(rv), (unsigned long)rv);
+    }
+    if (so_logged_in)
+        m->C_Logout(session);
+    /* No user logout: closing the last session of the token logs it out, and
+     * an explicit one would also log out a handle opened meanwhile. */
+    if (session != CK_INVALID_HANDLE)
+        m->C_CloseSession(session);
+    module_close(m);
+    free(blob);
+    free(n);
+    free(e);
+    return rc;
+}
+
+int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *blob,
+                   size_t len)
+{
+    if (hsm == NULL || !object_label_valid(transport_label) || blob == NULL) {
+        log_error("hsm_unwrap_mwk: a handle, a transport key label and a blob are needed");
+        return KR_EINVAL;
+    }
+    if (len == 0 || len > HSM_RSA_MAX_BYTES) {
+        log_warn("MWK blob of %zu bytes: no RSA key we accept makes one", len);
+        return KR_EAUTH;
+    }
+    CK_FUNCTION_LIST *m = hsm->module;
+    CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY, secret_cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE rsa = CKK_RSA, aes = CKK_AES;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE priv_tmpl[] = {
+        {CKA_CLASS, &priv_cls, sizeof(priv_cls)},
+        {CKA_KEY_TYPE, &rsa, sizeof(rsa)},
+        {CKA_LABEL, (void *)transport_label, strlen(transport_label)},
+    };
+    /* The usage attributes of hsm_generate_mwk: the copy is sensitive, and
+     * extractable under a trusted key only, so it can be copied on later. */
+    CK_ATTRIBUTE mwk_tmpl[] = {
+        {CKA_CLASS, &secret_cls, sizeof(secret_cls)},
+        {CKA_KEY_TYPE, &aes, sizeof(aes)},
+        {CKA_LABEL, hsm->mwk_label, strlen(hsm->mwk_label)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+        {CKA_SENSITIVE, &yes, sizeof(yes)},
+        {CKA_EXTRACTABLE, &yes, sizeof(yes)},
+        {CKA_WRAP_WITH_TRUSTED, &yes, sizeof(yes)},
+        {CKA_ENCRYPT, &yes, sizeof(yes)},
+        {CKA_DECRYPT, &yes, sizeof(yes)},
+        {CKA_WRAP, &no, sizeof(no)},
+        {CKA_UNWRAP, &no, sizeof(no)},
+        {CKA_SIGN, &no, sizeof(no)},
+        {CKA_VERIFY, &no, sizeof(no)},
+        {CKA_DERIVE, &no, sizeof(no)},
+    };
+    CK_RSA_PKCS_OAEP_PARAMS oaep = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0};
+    CK_MECHANISM mech = {CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
+    CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
+    CK_ULONG key_len = 0;
+    CK_ATTRIBUTE len_attr = {CKA_VALUE_LEN, &key_len, sizeof(key_len)};
+    CK_RV rv;
+    int rc;
+
+    pthread_mutex_lock(&hsm->lock);
+    rc = mwk_lookup_locked(hsm, &key);
+    if (rc == 0) {
+        log_error("token already has an MWK labelled \"%s\": not receiving another",
+                  hsm->mwk_label);
+        hsm->mwk = key;
+        key = CK_INVALID_HANDLE;
+        rc = KR_EEXIST;
+        goto out;
+    }
+    if (rc != KR_ENOTFOUND)
+        goto out;
+    rc = find_one(m, hsm->session, priv_tmpl, sizeof(priv_tmpl) / sizeof(priv_tmpl[0]),
+                  "RSA private key", transport_label, &priv);
+    if (rc == KR_ENOTFOUND)
+        log_error("no transport key labelled \"%s\" on the token", transport_label);
+    if (rc != 0)
+        goto out;
+    rv = m->C_UnwrapKey(hsm->session, &mech, priv, (CK_BYTE *)blob, len, mwk_tmpl,
+                        sizeof(mwk_tmpl) / sizeof(mwk_tmpl[0]), &key);
+    if (rv == CKR_WRAPPED_KEY_INVALID || rv == CKR_WRAPPED_KEY_LEN_RANGE ||
+        rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_ENCRYPTED_DATA_LEN_RANGE ||
+        rv == CKR_DATA_INVALID || rv == CKR_DATA_LEN_RANGE || rv == CKR_GENERAL_ERROR ||
+        rv == CKR_FUNCTION_FAILED) {
+        /* SoftHSM reports an OAEP decoding failure as CKR_GENERAL_ERROR. */
+        key = CK_INVALID_HANDLE;
+        log_warn("C_UnwrapKey (%s): %s (0x%lx): the blob is tampered or for another token",
+                 transport_label, ckr_name(rv), (unsigned long)rv);
+        rc = KR_EAUTH;
+        goto out;
+    }
+    if (rv != CKR_OK) {
+        key = CK_INVALID_HANDLE;
+        rc = ck_fail("C_UnwrapKey", rv, transport_label);
+        goto out;
+    }
+    /* OAEP authenticates nothing about the payload's size: an AES-128 key
+     * wrapped for us would unwrap too. The MWK is AES-256. */
+    rv = m->C_GetAttributeValue(hsm->session, key, &len_attr, 1);
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_GetAttributeValue", rv, "unwrapped MWK length");
+        goto out;
+    }
+    if (key_len != HSM_MWK_LEN) {
+        log_error("unwrapped key is %lu bytes, an MWK is %d: discarding it",
+                  (unsigned long)key_len, HSM_MWK_LEN);
+        rc = KR_EAUTH;
+        goto out;
+    }
+    hsm->mwk = key;
+    key = CK_INVALID_HANDLE;
+    /* The MWK is in place; a leftover transport key only opens blobs made
+     * for this token, so failing to destroy it is not a failure of the copy. */
+    if (transport_destroy_locked(hsm, transport_label) != 0)
+        log_warn("transport key \"%s\" is left on the token: destroy it", transport_label);
+    log_info("received MWK \"%s\" into the token", hsm->mwk_label);
+    rc = 0;
+out:
+    if (key != CK_INVALID_HANDLE && rc != KR_EEXIST)
+        m->C_DestroyObject(hsm->session, key);
+    pthread_mutex_unlock(&hsm->lock);
+    return rc;
 }

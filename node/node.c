@@ -47,6 +47,8 @@ struct node {
 static void node_closed_all(void *arg)
 {
     struct node *n = arg;
+    if (n->service)
+        service_stop(n->service);
     uv_close((uv_handle_t *)&n->ticker, NULL);
     uv_close((uv_handle_t *)&n->sigint, NULL);
     uv_close((uv_handle_t *)&n->sigterm, NULL);

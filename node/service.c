@@ -31,8 +31,13 @@ enum blob_kind { BLOB_CIPHERTEXT = 'c', BLOB_SIGNATURE = 's', BLOB_MAC = 'm', BL
 #define BLOB_MAGIC 'K'
 #define BLOB_FORMAT 1
 
+#define MIN_INDEX_WAIT_MS 5000 /* a read waits this long for its min_index */
+
 struct service {
     struct service_deps deps;
+    struct call *waiting;      /* reads parked until applied >= their min_index */
+    uv_timer_t wake;           /* runs the waiting list outside raft's apply */
+    int wake_open;
     unsigned pending;
     int domain_in_progress;
     int ready;
@@ -49,6 +54,8 @@ struct arena_block {
 
 struct call {
     struct service *svc;
+    struct call *wait_next;
+    uint64_t wait_deadline_ms;
     Keyraft__Request *req;
     service_reply_cb cb;
     void *ctx;
@@ -1481,6 +1488,43 @@ static uint64_t raft_applied_or_zero(struct service *svc)
 
 /* --- dispatch ---------------------------------------------------------------------------- */
 
+static void dispatch(struct call *call);
+
+/* Answers or times out the parked reads. */
+static void run_waiting(struct service *svc, int stopping)
+{
+    uint64_t applied = raft_applied_or_zero(svc);
+    uint64_t now = now_ms();
+    struct call **pp = &svc->waiting;
+    while (*pp != NULL) {
+        struct call *call = *pp;
+        int ready = call->req->min_index <= applied;
+        if (!ready && !stopping && now < call->wait_deadline_ms) {
+            pp = &call->wait_next;
+            continue;
+        }
+        *pp = call->wait_next;
+        svc->pending--;
+        if (ready)
+            dispatch(call);
+        else
+            reply_error(call, KR_EUNAVAIL,
+                        "this node has applied up to %llu; the request needs %llu (waited %d ms)",
+                        (unsigned long long)applied, (unsigned long long)call->req->min_index,
+                        stopping ? 0 : MIN_INDEX_WAIT_MS);
+    }
+}
+
+static void on_wake(uv_timer_t *t) { run_waiting(t->data, 0); }
+
+static void on_applied(void *arg, uint64_t applied_index)
+{
+    struct service *svc = arg;
+    (void)applied_index;
+    if (svc->waiting != NULL)
+        uv_timer_start(&svc->wake, on_wake, 0, 0);
+}
+
 void service_handle(struct service *svc, const struct service_caller *caller,
                     Keyraft__Request *req, service_reply_cb cb, void *ctx)
 {
@@ -1511,11 +1555,19 @@ void service_handle(struct service *svc, const struct service_caller *caller,
         return;
     }
     if (req->min_index > raft_applied_or_zero(svc)) {
-        reply_error(call, KR_EUNAVAIL, "this node has applied up to %llu, the request needs %llu",
-                    (unsigned long long)raft_applied_or_zero(svc),
-                    (unsigned long long)req->min_index);
+        /* Read-your-writes across nodes: wait, bounded, for the index. */
+        call->wait_deadline_ms = now_ms() + MIN_INDEX_WAIT_MS;
+        call->wait_next = svc->waiting;
+        svc->waiting = call;
+        svc->pending++;
         return;
     }
+    dispatch(call);
+}
+
+static void dispatch(struct call *call)
+{
+    Keyraft__Request *req = call->req;
     switch (req->op_case) {
     case KEYRAFT__REQUEST__OP_CREATE: op_create(call); break;
     case KEYRAFT__REQUEST__OP_IMPORT: op_import(call); break;
@@ -1558,8 +1610,21 @@ int service_new(const struct service_deps *deps, struct service **out)
         return KR_ENOMEM;
     svc->deps = *deps;
     svc->started_ms = now_ms();
+    uv_timer_init(deps->loop, &svc->wake);
+    svc->wake.data = svc;
+    svc->wake_open = 1;
+    cluster_set_apply_hook(deps->cluster, on_applied, svc);
     *out = svc;
     return 0;
+}
+
+void service_stop(struct service *svc)
+{
+    run_waiting(svc, 1);
+    if (svc->wake_open) {
+        svc->wake_open = 0;
+        uv_close((uv_handle_t *)&svc->wake, NULL);
+    }
 }
 
 void service_free(struct service *svc) { free(svc); }
@@ -1596,6 +1661,8 @@ static void domain_done(void *arg, const struct fsm_op_result *res)
 
 void service_tick(struct service *svc)
 {
+    if (svc->waiting != NULL)
+        run_waiting(svc, 0); /* deadlines */
     if (svc->domain_in_progress || !cluster_is_leader(svc->deps.cluster))
         return;
     Keyraft__DomainRecord *dom = NULL;

@@ -45,6 +45,11 @@ typedef void (*service_reply_cb)(void *ctx, const Keyraft__Response *resp);
 void service_handle(struct service *service, const struct service_caller *caller,
                     Keyraft__Request *req, service_reply_cb cb, void *ctx);
 
+/* Releases every request still waiting for an applied index (they get
+ * KR_EUNAVAIL) and closes the service's handles; call before the loop's
+ * last run. */
+void service_stop(struct service *service);
+
 /* Periodic leader duties (called from a loop timer): makes the default
  * domain once this node leads a cluster that has none. */
 void service_tick(struct service *service);
