@@ -1231,14 +1231,17 @@ int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *
         rc = ck_fail("C_UnwrapKey", rv, transport_label);
         goto out;
     }
-    /* OAEP authenticates nothing about the payload's size: an AES-128 key
-     * wrapped for us would unwrap too. The MWK is AES-256. */
+    /* OAEP authenticates nothing about the payload: an AES-128 key wrapped
+     * for us would unwrap too. The MWK is AES-256. SoftHSM 2.6.1 leaves
+     * CKA_VALUE_LEN 0 on an unwrapped key (and refuses it in the template,
+     * CKR_ATTRIBUTE_READ_ONLY), so there only a known-answer decryption by
+     * the caller tells; a token that reports the length is held to it. */
     rv = m->C_GetAttributeValue(hsm->session, key, &len_attr, 1);
     if (rv != CKR_OK) {
         rc = ck_fail("C_GetAttributeValue", rv, "unwrapped MWK length");
         goto out;
     }
-    if (key_len != HSM_MWK_LEN) {
+    if (key_len != 0 && key_len != HSM_MWK_LEN) {
         log_error("unwrapped key is %lu bytes, an MWK is %d: discarding it",
                   (unsigned long)key_len, HSM_MWK_LEN);
         rc = KR_EAUTH;
@@ -1253,7 +1256,7 @@ int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *
     log_info("received MWK \"%s\" into the token", hsm->mwk_label);
     rc = 0;
 out:
-    if (key != CK_INVALID_HANDLE && rc != KR_EEXIST)
+    if (key != CK_INVALID_HANDLE)
         m->C_DestroyObject(hsm->session, key);
     pthread_mutex_unlock(&hsm->lock);
     return rc;

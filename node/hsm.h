@@ -70,11 +70,11 @@ int hsm_make_transport_key(struct hsm *hsm, const char *label, uint8_t **out_spk
  * which the token refuses to wrap the MWK), and login state belongs to the
  * whole process per token, so the SO cannot log in while this process holds
  * the user login. Hence the contract: no struct hsm (or other user session)
- * may be open on that token in this process during the call; close it and
- * reopen it after (KR_EBUSY otherwise, and the open handle is left as it
- * was). Another process (the running node) holding the user login does not
- * matter. The call logs in as SO, imports the key as a session object,
- * logs out, logs in as user, wraps, and destroys the imported key.
+ * may be open, or be opened, on that token in this process during the call;
+ * close it and reopen it after (KR_EBUSY when one is open, and it is left
+ * logged in). Another process (the running node) holding the user login
+ * does not matter. The call logs in as SO, imports the key as a session
+ * object, logs out, logs in as user, wraps, and destroys the imported key.
  * KR_EPERM on a wrong PIN, KR_ENOTFOUND when the token has no such MWK,
  * KR_EINVAL on an SPKI that is not a fitting RSA key. */
 int hsm_wrap_mwk_for(const char *module_path, const char *token_label, const char *so_pin,
@@ -87,7 +87,10 @@ int hsm_wrap_mwk_for(const char *module_path, const char *token_label, const cha
  * destroys the transport key pair. KR_EEXIST if the token already has an MWK,
  * KR_ENOTFOUND without that transport key, KR_EAUTH when the blob does not
  * open (tampered, or made for another token: the transport key is kept, so a
- * good blob can follow), KR_EHSM on other token failures. */
+ * good blob can follow), KR_EHSM on other token failures. OAEP does not
+ * authenticate the sender (the SPKI is public) and SoftHSM does not report
+ * an unwrapped key's length: the caller proves the copy by decrypting, with
+ * hsm_mwk_decrypt, something the member encrypted under its MWK. */
 int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *blob,
                    size_t len);
 
