@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <arpa/inet.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -200,11 +201,17 @@ static uv_stream_t *tunnel_open_inner(struct tunnel *tn)
     tn->handles_open++;
     tn->pt->handles_open++;
     uv_pipe_init(tn->pt->loop, outer, 0);
-    if (uv_pipe_open(&tn->inner, fds[0]) != 0 || uv_pipe_open(outer, fds[1]) != 0 ||
-        uv_read_start((uv_stream_t *)&tn->inner, on_alloc, on_inner_read) != 0) {
+    /* Each fd belongs to its handle once opened: uv_close closes it then. */
+    int inner_ok = uv_pipe_open(&tn->inner, fds[0]) == 0;
+    if (!inner_ok)
+        close(fds[0]);
+    int outer_ok = uv_pipe_open(outer, fds[1]) == 0;
+    if (!outer_ok)
         close(fds[1]);
+    if (!inner_ok || !outer_ok ||
+        uv_read_start((uv_stream_t *)&tn->inner, on_alloc, on_inner_read) != 0) {
         uv_close((uv_handle_t *)outer, (uv_close_cb)raft_free);
-        return NULL;
+        return NULL; /* the caller closes the tunnel, and with it the inner end */
     }
     return (uv_stream_t *)outer;
 }
@@ -257,16 +264,21 @@ static size_t take_preamble(struct tunnel *tn, const uint8_t *data, size_t len)
         }
         tn->peer_id = id;
         tn->state = TUNNEL_OPEN;
+        uv_timer_stop(&tn->timer);
         tn->pt->accept_cb(tn->pt->t, id, tn->peer_address, raft_end);
     }
     return used;
 }
 
+static void on_timeout(uv_timer_t *t);
+
 static void handshake_done(struct tunnel *tn)
 {
     uv_timer_stop(&tn->timer);
+    if (!tn->outbound) /* the preamble has the same deadline */
+        uv_timer_start(&tn->timer, on_timeout, PEER_HANDSHAKE_TIMEOUT_MS, 0);
     if (!tls_conn_peer_is_node(tn->tls)) {
-        log_warn("peer connection from a non-node certificate '%s': refused",
+        log_warn("peer %s: a non-node certificate '%s': refused", tn->peer_address,
                  tls_conn_peer_name(tn->tls));
         tunnel_close(tn, RAFT_NOCONNECTION);
         return;
@@ -320,7 +332,7 @@ static void on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     int rv = tls_conn_feed(tn->tls, (uint8_t *)buf->base, (size_t)nread);
     free(buf->base);
     if (rv != 0) {
-        log_warn("peer TLS refused: %s", tls_conn_error(tn->tls));
+        log_warn("peer %s: TLS refused: %s", tn->peer_address, tls_conn_error(tn->tls));
         tunnel_flush(tn);
         tunnel_close(tn, RAFT_NOCONNECTION);
         return;
@@ -356,7 +368,8 @@ static void on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 static void on_timeout(uv_timer_t *t)
 {
     struct tunnel *tn = t->data;
-    log_warn("peer %s: no TLS handshake within %d ms", tn->outbound ? tn->peer_address : "?",
+    log_warn("peer %s: no %s within %d ms", tn->peer_address,
+             tn->state == TUNNEL_PREAMBLE ? "preamble" : "TLS handshake",
              PEER_HANDSHAKE_TIMEOUT_MS);
     tunnel_close(tn, RAFT_NOCONNECTION);
 }
@@ -401,11 +414,33 @@ static void on_peer_connection(uv_stream_t *listener, int status)
     if (status != 0 || pt->closing)
         return;
     struct tunnel *tn = tunnel_new(pt, 0);
-    if (tn == NULL)
+    if (tn == NULL) {
+        /* Accept and drop: an unaccepted connection stalls the listener. */
+        uv_tcp_t *drop = malloc(sizeof(*drop));
+        if (drop != NULL) {
+            uv_tcp_init(pt->loop, drop);
+            uv_accept(listener, (uv_stream_t *)drop);
+            uv_close((uv_handle_t *)drop, (uv_close_cb)free);
+        }
         return;
+    }
     if (uv_accept(listener, (uv_stream_t *)&tn->tcp) != 0 ||
-        uv_read_start((uv_stream_t *)&tn->tcp, on_alloc, on_tcp_read) != 0)
+        uv_read_start((uv_stream_t *)&tn->tcp, on_alloc, on_tcp_read) != 0) {
         tunnel_close(tn, RAFT_NOCONNECTION);
+        return;
+    }
+    struct sockaddr_storage ss;
+    int sl = sizeof(ss);
+    char host[64] = "?";
+    if (uv_tcp_getpeername(&tn->tcp, (struct sockaddr *)&ss, &sl) == 0 &&
+        ss.ss_family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+        uv_ip4_name(in, host, sizeof(host));
+        snprintf(tn->peer_address, sizeof(tn->peer_address), "%s:%d (inbound)", host,
+                 ntohs(in->sin_port));
+    } else {
+        snprintf(tn->peer_address, sizeof(tn->peer_address), "? (inbound)");
+    }
 }
 
 static int transport_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
@@ -417,6 +452,7 @@ static int transport_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
     if (config_split_hostport(pt->address, host, sizeof(host), &port) != 0 ||
         uv_ip4_addr(host, port, &addr) != 0) {
         snprintf(t->errmsg, sizeof(t->errmsg), "raft address '%s' is not IPv4:PORT", pt->address);
+        log_error("%s", t->errmsg); /* raft 0.15 does not show t->errmsg */
         return RAFT_INVALID;
     }
     pt->accept_cb = cb;
@@ -429,6 +465,7 @@ static int transport_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
         rv = uv_listen((uv_stream_t *)&pt->listener, 128, on_peer_connection);
     if (rv != 0) {
         snprintf(t->errmsg, sizeof(t->errmsg), "listen on %s: %s", pt->address, uv_strerror(rv));
+        log_error("raft peers: %s", t->errmsg);
         return RAFT_IOERR;
     }
     log_info("raft peers on %s (mutual TLS, node certificates only)", pt->address);

@@ -12,7 +12,10 @@
 
 #include "tls.h"
 
-/* Fills |t| with the TLS transport. The contexts are borrowed and must
+/* The process must ignore SIGPIPE: raft may write into its end of a tunnel
+ * that this module just closed (a refused peer learns of it after TLS 1.3
+ * counted the handshake done).
+ * Fills |t| with the TLS transport. The contexts are borrowed and must
  * outlive it: |server_ctx| from tls_server_ctx_new, |client_ctx| from
  * tls_client_ctx_new with the node's own certificate. */
 int peer_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, struct tls_ctx *server_ctx,
