@@ -15,6 +15,10 @@
 
 #define HANDSHAKE_TIMEOUT_MS 10000
 #define MAX_IN_FLIGHT_PER_CONN 1024 /* stop reading above this, resume at half */
+/* A client that does not read its replies stops being read, so its replies
+ * cannot pile up in the node: pause above HIGH bytes queued, resume below LOW. */
+#define WRITE_QUEUE_HIGH (8u * 1024u * 1024u)
+#define WRITE_QUEUE_LOW (1u * 1024u * 1024u)
 #define READ_CHUNK 65536
 
 struct conn;
@@ -43,6 +47,7 @@ struct conn {
     unsigned in_flight;
     int closing;
     int reading;
+    int dispatching; /* inside dispatch_frames: replies may come synchronously */
     int handles_open;
 };
 
@@ -101,14 +106,24 @@ static void conn_close(struct conn *c)
     uv_close((uv_handle_t *)&c->tcp, conn_handle_closed);
 }
 
+static void conn_resume(struct conn *c);
+
 static void write_done(uv_write_t *req, int status)
 {
     struct write_req *w = (struct write_req *)req;
     OPENSSL_cleanse(w->data, w->len);
     if (status != 0 && !w->conn->closing)
         conn_close(w->conn);
+    else
+        conn_resume(w->conn);
     conn_unref(w->conn);
     free(w);
+}
+
+static int conn_blocked(struct conn *c)
+{
+    return c->in_flight >= MAX_IN_FLIGHT_PER_CONN ||
+           uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > WRITE_QUEUE_HIGH;
 }
 
 /* Sends whatever ciphertext TLS produced. */
@@ -183,13 +198,18 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+static void dispatch_frames(struct conn *c);
 
+/* Once replies drained: first the frames already buffered, then the socket. */
 static void conn_resume(struct conn *c)
 {
-    if (!c->closing && !c->reading && c->in_flight <= MAX_IN_FLIGHT_PER_CONN / 2) {
-        if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
-            c->reading = 1;
-    }
+    if (c->closing || c->reading || c->dispatching || c->in_flight > MAX_IN_FLIGHT_PER_CONN / 2 ||
+        uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > WRITE_QUEUE_LOW)
+        return;
+    dispatch_frames(c);
+    if (!c->closing && !c->reading && !conn_blocked(c) &&
+        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+        c->reading = 1;
 }
 
 static void on_reply(void *ctx, const Keyraft__Response *resp)
@@ -207,8 +227,10 @@ static void dispatch_frames(struct conn *c)
 {
     const uint8_t *payload = NULL;
     size_t len = 0;
-    int rv;
-    while (!c->closing && (rv = rpc_reader_next(&c->reader, &payload, &len)) == 1) {
+    int rv = 0;
+    c->dispatching = 1;
+    while (!c->closing && !conn_blocked(c) &&
+           (rv = rpc_reader_next(&c->reader, &payload, &len)) == 1) {
         Keyraft__Request *req = NULL;
         if (rpc_decode_request(payload, len, &req) != 0) {
             /* The frame boundary is intact: answer and keep the connection. */
@@ -224,6 +246,7 @@ static void dispatch_frames(struct conn *c)
         c->in_flight++;
         service_handle(c->server->config.service, &caller, req, on_reply, c);
     }
+    c->dispatching = 0;
     if (!c->closing && rv == KR_ETOOBIG) {
         char msg[128];
         snprintf(msg, sizeof(msg), "frame larger than the %u-byte limit; closing",
@@ -233,7 +256,7 @@ static void dispatch_frames(struct conn *c)
         conn_close(c);
         return;
     }
-    if (!c->closing && c->in_flight >= MAX_IN_FLIGHT_PER_CONN && c->reading) {
+    if (!c->closing && conn_blocked(c) && c->reading) {
         uv_read_stop((uv_stream_t *)&c->tcp);
         c->reading = 0;
     }
