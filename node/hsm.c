@@ -506,34 +506,43 @@ int hsm_find_mwk(struct hsm *hsm)
     return rc;
 }
 
+/* The MWK's attributes, one policy for a generated key and for a copy made
+ * HSM to HSM: sensitive (never readable in plaintext), extractable only
+ * under a trusted wrapping key (the copy to a new node), used for GCM only. */
+#define MWK_POLICY_ATTRS 15
+static void mwk_policy(CK_ATTRIBUTE *t, const char *label)
+{
+    static const CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    static const CK_KEY_TYPE type = CKK_AES;
+    static const CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    const CK_ATTRIBUTE policy[MWK_POLICY_ATTRS] = {
+        {CKA_CLASS, (void *)&cls, sizeof(cls)},
+        {CKA_KEY_TYPE, (void *)&type, sizeof(type)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_TOKEN, (void *)&yes, sizeof(yes)},
+        {CKA_PRIVATE, (void *)&yes, sizeof(yes)},
+        {CKA_SENSITIVE, (void *)&yes, sizeof(yes)},
+        {CKA_EXTRACTABLE, (void *)&yes, sizeof(yes)},
+        {CKA_WRAP_WITH_TRUSTED, (void *)&yes, sizeof(yes)},
+        {CKA_ENCRYPT, (void *)&yes, sizeof(yes)},
+        {CKA_DECRYPT, (void *)&yes, sizeof(yes)},
+        {CKA_WRAP, (void *)&no, sizeof(no)},
+        {CKA_UNWRAP, (void *)&no, sizeof(no)},
+        {CKA_SIGN, (void *)&no, sizeof(no)},
+        {CKA_VERIFY, (void *)&no, sizeof(no)},
+        {CKA_DERIVE, (void *)&no, sizeof(no)},
+    };
+    memcpy(t, policy, sizeof(policy));
+}
+
 int hsm_generate_mwk(struct hsm *hsm)
 {
     if (hsm == NULL)
         return KR_EINVAL;
-    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE type = CKK_AES;
     CK_ULONG len = HSM_MWK_LEN;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
-    /* Extractable only under a trusted wrapping key (HSM-to-HSM copy to a new
-     * node); sensitive, so never readable in plaintext. Used for GCM only. */
-    CK_ATTRIBUTE tmpl[] = {
-        {CKA_CLASS, &cls, sizeof(cls)},
-        {CKA_KEY_TYPE, &type, sizeof(type)},
-        {CKA_VALUE_LEN, &len, sizeof(len)},
-        {CKA_LABEL, hsm->mwk_label, strlen(hsm->mwk_label)},
-        {CKA_TOKEN, &yes, sizeof(yes)},
-        {CKA_PRIVATE, &yes, sizeof(yes)},
-        {CKA_SENSITIVE, &yes, sizeof(yes)},
-        {CKA_EXTRACTABLE, &yes, sizeof(yes)},
-        {CKA_WRAP_WITH_TRUSTED, &yes, sizeof(yes)},
-        {CKA_ENCRYPT, &yes, sizeof(yes)},
-        {CKA_DECRYPT, &yes, sizeof(yes)},
-        {CKA_WRAP, &no, sizeof(no)},
-        {CKA_UNWRAP, &no, sizeof(no)},
-        {CKA_SIGN, &no, sizeof(no)},
-        {CKA_VERIFY, &no, sizeof(no)},
-        {CKA_DERIVE, &no, sizeof(no)},
-    };
+    CK_ATTRIBUTE tmpl[MWK_POLICY_ATTRS + 1];
+    mwk_policy(tmpl, hsm->mwk_label);
+    tmpl[MWK_POLICY_ATTRS] = (CK_ATTRIBUTE){CKA_VALUE_LEN, &len, sizeof(len)};
     CK_MECHANISM mech = {CKM_AES_KEY_GEN, NULL, 0};
     CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
 
@@ -1160,33 +1169,16 @@ int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *
         return KR_EAUTH;
     }
     CK_FUNCTION_LIST *m = hsm->module;
-    CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY, secret_cls = CKO_SECRET_KEY;
-    CK_KEY_TYPE rsa = CKK_RSA, aes = CKK_AES;
-    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+    CK_KEY_TYPE rsa = CKK_RSA;
     CK_ATTRIBUTE priv_tmpl[] = {
         {CKA_CLASS, &priv_cls, sizeof(priv_cls)},
         {CKA_KEY_TYPE, &rsa, sizeof(rsa)},
         {CKA_LABEL, (void *)transport_label, strlen(transport_label)},
     };
-    /* The usage attributes of hsm_generate_mwk: the copy is sensitive, and
-     * extractable under a trusted key only, so it can be copied on later. */
-    CK_ATTRIBUTE mwk_tmpl[] = {
-        {CKA_CLASS, &secret_cls, sizeof(secret_cls)},
-        {CKA_KEY_TYPE, &aes, sizeof(aes)},
-        {CKA_LABEL, hsm->mwk_label, strlen(hsm->mwk_label)},
-        {CKA_TOKEN, &yes, sizeof(yes)},
-        {CKA_PRIVATE, &yes, sizeof(yes)},
-        {CKA_SENSITIVE, &yes, sizeof(yes)},
-        {CKA_EXTRACTABLE, &yes, sizeof(yes)},
-        {CKA_WRAP_WITH_TRUSTED, &yes, sizeof(yes)},
-        {CKA_ENCRYPT, &yes, sizeof(yes)},
-        {CKA_DECRYPT, &yes, sizeof(yes)},
-        {CKA_WRAP, &no, sizeof(no)},
-        {CKA_UNWRAP, &no, sizeof(no)},
-        {CKA_SIGN, &no, sizeof(no)},
-        {CKA_VERIFY, &no, sizeof(no)},
-        {CKA_DERIVE, &no, sizeof(no)},
-    };
+    /* The copy has the generated MWK's attributes, so it can be copied on. */
+    CK_ATTRIBUTE mwk_tmpl[MWK_POLICY_ATTRS];
+    mwk_policy(mwk_tmpl, hsm->mwk_label);
     CK_RSA_PKCS_OAEP_PARAMS oaep = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0};
     CK_MECHANISM mech = {CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
     CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE, key = CK_INVALID_HANDLE;
