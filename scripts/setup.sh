@@ -9,6 +9,7 @@ PACKAGES=(
   libraft-dev softhsm2 libsofthsm2-dev opensc p11-kit libp11-kit-dev
   libcmocka-dev libjansson-dev libinih-dev libgfshare-dev libmicrohttpd-dev
   openssl procps
+  clang libclang-rt-14-dev
 )
 
 missing=()

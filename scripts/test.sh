@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs dependencies, builds (plain and ASan+UBSan),
-# and runs every test through ctest. Usage: scripts/test.sh [--quick]
-#   --quick   skip the sanitizer build
+# runs every test through ctest, then each libFuzzer target for a short while
+# over a copy of its corpus. Usage: scripts/test.sh [--quick]
+#   --quick   skip the sanitizer build and the fuzz run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -20,5 +21,24 @@ if [ "${1:-}" != "--quick" ]; then
      LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
      ctest --output-on-failure -j"$jobs")
+fi
+if [ "${1:-}" != "--quick" ]; then
+  CC=clang cmake -S . -B build-fuzz -DKR_FUZZ=ON -DKR_WERROR=OFF -DCMAKE_BUILD_TYPE=Debug >/dev/null
+  cmake --build build-fuzz -j"$jobs" --target fuzz_frame fuzz_command fuzz_request
+  for t in fuzz_frame fuzz_command fuzz_request; do
+    corpus=$(mktemp -d)
+    cp tests/fuzz/corpus/$t/* "$corpus"/
+    # A crash, leak or sanitizer report fails the suite.
+    rc=0
+    ASAN_OPTIONS=detect_leaks=1 build-fuzz/$t -max_total_time="${KR_FUZZ_SECONDS:-20}" \
+      -print_final_stats=1 "$corpus" > build-fuzz/$t.log 2>&1 || rc=$?
+    rm -rf "$corpus"
+    if [ "$rc" -ne 0 ]; then
+      tail -40 build-fuzz/$t.log
+      echo "fuzz: $t failed ($rc)"
+      exit 1
+    fi
+    echo "fuzz: $t ok, $(grep -E '^stat::number_of_executed_units' build-fuzz/$t.log | awk '{print $2}') inputs"
+  done
 fi
 echo "tests: $(( $(date +%s) - start )) s in all"
