@@ -5,6 +5,7 @@
 #   --quick   skip the sanitizer build and the fuzz run
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 scripts/setup.sh
 jobs=$(nproc)
 start=$(date +%s)
@@ -18,7 +19,7 @@ if [ "${1:-}" != "--quick" ]; then
   cmake -S . -B build-asan -DKR_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug >/dev/null
   cmake --build build-asan -j"$jobs"
   (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 \
-     LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0 \
+     LSAN_OPTIONS=suppressions=$root/tests/lsan.supp:print_suppressions=0 \
      UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
      ctest --output-on-failure -j"$jobs")
 fi
