@@ -490,3 +490,5 @@ void cluster_get_status(struct cluster *c, struct cluster_status *out)
 }
 
 int cluster_is_leader(struct cluster *c) { return raft_state(&c->raft) == RAFT_LEADER; }
+
+uint64_t cluster_applied_index(struct cluster *c) { return raft_last_applied(&c->raft); }

@@ -64,5 +64,7 @@ struct cluster_status {
 };
 void cluster_get_status(struct cluster *cluster, struct cluster_status *out);
 int cluster_is_leader(struct cluster *cluster);
+/* The index of the last entry applied to the store (cheap: per request). */
+uint64_t cluster_applied_index(struct cluster *cluster);
 
 #endif

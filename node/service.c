@@ -440,10 +440,10 @@ static int validate_new_key(struct call *call, const char *name, Keyraft__Algori
 
 static int require_leader(struct call *call)
 {
-    struct cluster_status st;
-    cluster_get_status(call->svc->deps.cluster, &st);
-    if (st.is_leader)
+    if (cluster_is_leader(call->svc->deps.cluster))
         return 0;
+    struct cluster_status st; /* only to say who leads */
+    cluster_get_status(call->svc->deps.cluster, &st);
     reply_error(call, KR_ENOTLEADER, "this node is %s; the leader is node %llu (%s)", st.role,
                 (unsigned long long)st.leader_id,
                 st.leader_address[0] ? st.leader_address : "unknown");
@@ -663,6 +663,9 @@ static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__Ke
     Keyraft__KeyRecord *rec = load_key(call, ref);
     if (rec == NULL)
         return;
+    /* A compromised key stays marked compromised once destroyed. */
+    if (to == KEYRAFT__KEY_STATE__DESTROYED && rec->state == KEYRAFT__KEY_STATE__COMPROMISED)
+        to = KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED;
     int ok = fsm_transition_allowed(rec->state, to);
     const char *hint = "";
     if (!ok && to == KEYRAFT__KEY_STATE__DESTROYED && rec->state == KEYRAFT__KEY_STATE__ACTIVE)
@@ -712,20 +715,6 @@ static void op_revoke(struct call *call)
                                ? KEYRAFT__KEY_STATE__COMPROMISED
                                : KEYRAFT__KEY_STATE__DEACTIVATED;
     set_state(call, r->key, to, r->reason, r->message, "revoke");
-}
-
-static void op_destroy(struct call *call)
-{
-    if (require_leader(call) != 0 || reply_if_retry(call))
-        return;
-    Keyraft__KeyRecord *rec = load_key(call, call->req->destroy->key);
-    if (rec == NULL)
-        return;
-    Keyraft__KeyState to = rec->state == KEYRAFT__KEY_STATE__COMPROMISED
-                               ? KEYRAFT__KEY_STATE__DESTROYED_COMPROMISED
-                               : KEYRAFT__KEY_STATE__DESTROYED;
-    keyraft__key_record__free_unpacked(rec, NULL);
-    set_state(call, call->req->destroy->key, to, 0, NULL, "destroy");
 }
 
 static void rotate_after_work(uv_work_t *work, int status)
@@ -1479,13 +1468,6 @@ static void op_status(struct call *call)
     call_finish(call);
 }
 
-static uint64_t raft_applied_or_zero(struct service *svc)
-{
-    struct cluster_status st;
-    cluster_get_status(svc->deps.cluster, &st);
-    return st.applied_index;
-}
-
 /* --- dispatch ---------------------------------------------------------------------------- */
 
 static void dispatch(struct call *call);
@@ -1493,7 +1475,7 @@ static void dispatch(struct call *call);
 /* Answers or times out the parked reads. */
 static void run_waiting(struct service *svc, int stopping)
 {
-    uint64_t applied = raft_applied_or_zero(svc);
+    uint64_t applied = cluster_applied_index(svc->deps.cluster);
     uint64_t now = now_ms();
     struct call **pp = &svc->waiting;
     while (*pp != NULL) {
@@ -1554,7 +1536,7 @@ void service_handle(struct service *svc, const struct service_caller *caller,
         reply_error(call, KR_EINVAL, "request_id longer than %d characters", REQUEST_ID_MAX);
         return;
     }
-    if (req->min_index > raft_applied_or_zero(svc)) {
+    if (req->min_index > cluster_applied_index(svc->deps.cluster)) {
         /* Read-your-writes across nodes: wait, bounded, for the index. */
         call->wait_deadline_ms = now_ms() + MIN_INDEX_WAIT_MS;
         call->wait_next = svc->waiting;
@@ -1582,7 +1564,9 @@ static void dispatch(struct call *call)
                   "deactivate");
         break;
     case KEYRAFT__REQUEST__OP_REVOKE: op_revoke(call); break;
-    case KEYRAFT__REQUEST__OP_DESTROY: op_destroy(call); break;
+    case KEYRAFT__REQUEST__OP_DESTROY:
+        set_state(call, req->destroy->key, KEYRAFT__KEY_STATE__DESTROYED, 0, NULL, "destroy");
+        break;
     case KEYRAFT__REQUEST__OP_ROTATE: op_rotate(call); break;
     case KEYRAFT__REQUEST__OP_ENCRYPT: op_encrypt(call); break;
     case KEYRAFT__REQUEST__OP_DECRYPT: op_decrypt(call); break;
