@@ -100,6 +100,10 @@ static int on_entry(void *user, const char *section, const char *name, const cha
         rv = set_string(c->listen, sizeof(c->listen), value);
     } else if (MATCH("node", "raft_address")) {
         rv = set_string(c->raft_address, sizeof(c->raft_address), value);
+    } else if (MATCH("node", "raft_listen")) {
+        rv = set_string(c->raft_listen, sizeof(c->raft_listen), value);
+    } else if (MATCH("node", "join")) {
+        rv = set_string(c->join, sizeof(c->join), value);
     } else if (MATCH("node", "log_level")) {
         rv = log_level_parse(value) < 0 ? -1 : set_string(c->log_level, sizeof(c->log_level), value);
     } else if (MATCH("tls", "ca")) {
@@ -118,6 +122,10 @@ static int on_entry(void *user, const char *section, const char *name, const cha
         rv = set_path(ctx, c->hsm_pin_file, sizeof(c->hsm_pin_file), value);
     } else if (MATCH("hsm", "pin_env")) {
         rv = set_string(c->hsm_pin_env, sizeof(c->hsm_pin_env), value);
+    } else if (MATCH("hsm", "so_pin_file")) {
+        rv = set_path(ctx, c->hsm_so_pin_file, sizeof(c->hsm_so_pin_file), value);
+    } else if (MATCH("hsm", "so_pin_env")) {
+        rv = set_string(c->hsm_so_pin_env, sizeof(c->hsm_so_pin_env), value);
     } else if (MATCH("hsm", "softhsm_conf")) {
         rv = set_path(ctx, c->hsm_softhsm_conf, sizeof(c->hsm_softhsm_conf), value);
     } else if (MATCH("policy", "allow_export")) {
@@ -207,6 +215,15 @@ int config_load(const char *path, struct config *config)
                   config->raft_address);
         bad = 1;
     }
+    if (config->raft_listen[0] != '\0' &&
+        config_split_hostport(config->raft_listen, host, sizeof(host), &port) != 0) {
+        log_error("%s: [node] raft_listen must be IPv4:PORT, got '%s'", path, config->raft_listen);
+        bad = 1;
+    }
+    if (config->join[0] != '\0' && config_split_hostport(config->join, host, sizeof(host), &port) != 0) {
+        log_error("%s: [node] join must be HOST:PORT, got '%s'", path, config->join);
+        bad = 1;
+    }
     bad |= check_file(config->tls_ca, "[tls] ca") | check_file(config->tls_cert, "[tls] cert") |
            check_file(config->tls_key, "[tls] key") | check_file(config->hsm_module, "[hsm] module");
     if (config->hsm_token_label[0] == '\0') {
@@ -234,16 +251,23 @@ int config_write(const struct config *c, const char *path)
     }
     fprintf(f,
             "# keyraftd node configuration\n"
-            "[node]\nid = %llu\ndata_dir = %s\nlisten = %s\nraft_address = %s\nlog_level = %s\n\n"
+            "[node]\nid = %llu\ndata_dir = %s\nlisten = %s\nraft_address = %s\nlog_level = %s\n"
+            "%s%s%s%s%s%s\n"
             "[tls]\nca = %s\ncert = %s\nkey = %s\n\n"
             "[hsm]\nmodule = %s\ntoken_label = %s\nmwk_label = %s\n",
             (unsigned long long)c->node_id, c->data_dir, c->listen, c->raft_address,
-            c->log_level, c->tls_ca, c->tls_cert, c->tls_key, c->hsm_module,
+            c->log_level, c->raft_listen[0] ? "raft_listen = " : "", c->raft_listen,
+            c->raft_listen[0] ? "\n" : "", c->join[0] ? "join = " : "", c->join,
+            c->join[0] ? "\n" : "", c->tls_ca, c->tls_cert, c->tls_key, c->hsm_module,
             c->hsm_token_label, c->hsm_mwk_label);
     if (c->hsm_pin_file[0])
         fprintf(f, "pin_file = %s\n", c->hsm_pin_file);
     if (c->hsm_pin_env[0])
         fprintf(f, "pin_env = %s\n", c->hsm_pin_env);
+    if (c->hsm_so_pin_file[0])
+        fprintf(f, "so_pin_file = %s\n", c->hsm_so_pin_file);
+    if (c->hsm_so_pin_env[0])
+        fprintf(f, "so_pin_env = %s\n", c->hsm_so_pin_env);
     if (c->hsm_softhsm_conf[0])
         fprintf(f, "softhsm_conf = %s\n", c->hsm_softhsm_conf);
     fprintf(f, "\n[policy]\nallow_export = %s\n\n[limits]\nmax_frame = %u\nmax_connections = %u\nlist_max = %u\n",
@@ -253,19 +277,20 @@ int config_write(const struct config *c, const char *path)
     return rv;
 }
 
-int config_read_pin(const struct config *c, char *pin, size_t cap)
+/* One PIN from |file| or, when that is empty, the variable |env|. */
+static int read_pin(const char *what, const char *file, const char *env, char *pin, size_t cap)
 {
-    if (c->hsm_pin_file[0] != '\0') {
-        int fd = open(c->hsm_pin_file, O_RDONLY);
+    if (file[0] != '\0') {
+        int fd = open(file, O_RDONLY);
         if (fd < 0) {
-            log_error("cannot read HSM PIN file %s: %s", c->hsm_pin_file, strerror(errno));
+            log_error("cannot read %s file %s: %s", what, file, strerror(errno));
             return KR_ECONFIG;
         }
         ssize_t n = read(fd, pin, cap);
         close(fd);
         if (n >= (ssize_t)cap) {
             OPENSSL_cleanse(pin, cap);
-            log_error("HSM PIN file %s holds more than %zu bytes", c->hsm_pin_file, cap - 1);
+            log_error("%s file %s holds more than %zu bytes", what, file, cap - 1);
             return KR_ECONFIG;
         }
         if (n > 0) {
@@ -273,18 +298,33 @@ int config_read_pin(const struct config *c, char *pin, size_t cap)
             pin[strcspn(pin, "\r\n")] = '\0';
         }
         if (n <= 0 || pin[0] == '\0') {
-            log_error("HSM PIN file %s is empty", c->hsm_pin_file);
+            log_error("%s file %s is empty", what, file);
             return KR_ECONFIG;
         }
         return 0;
     }
-    const char *v = getenv(c->hsm_pin_env);
+    if (env[0] == '\0') {
+        log_error("no %s configured", what);
+        return KR_ECONFIG;
+    }
+    const char *v = getenv(env);
     if (v == NULL || v[0] == '\0') {
-        log_error("HSM PIN: environment variable %s is not set", c->hsm_pin_env);
+        log_error("%s: environment variable %s is not set", what, env);
         return KR_ECONFIG;
     }
     if (strlen(v) >= cap)
         return KR_ECONFIG;
     memcpy(pin, v, strlen(v) + 1);
     return 0;
+}
+
+int config_read_pin(const struct config *c, char *pin, size_t cap)
+{
+    return read_pin("HSM PIN", c->hsm_pin_file, c->hsm_pin_env, pin, cap);
+}
+
+int config_read_so_pin(const struct config *c, char *pin, size_t cap)
+{
+    return read_pin("HSM SO PIN ([hsm] so_pin_file or so_pin_env)", c->hsm_so_pin_file,
+                    c->hsm_so_pin_env, pin, cap);
 }

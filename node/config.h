@@ -13,6 +13,11 @@ struct config {
     char data_dir[CONFIG_PATH_MAX];       /* [node] data_dir */
     char listen[256];                     /* [node] listen = HOST:PORT (clients) */
     char raft_address[256];               /* [node] raft_address = IPv4:PORT (peers) */
+    char raft_listen[256];                /* [node] raft_listen: bind here instead (a proxy
+                                           * or NAT in front advertises raft_address) */
+    char join[256];                       /* [node] join = HOST:PORT of a member's client
+                                           * endpoint: where a new node fetches its first
+                                           * snapshot */
     char log_level[16];                   /* [node] log_level */
     char tls_ca[CONFIG_PATH_MAX];         /* [tls] ca */
     char tls_cert[CONFIG_PATH_MAX];       /* [tls] cert */
@@ -22,6 +27,9 @@ struct config {
     char hsm_mwk_label[64];               /* [hsm] mwk_label */
     char hsm_pin_file[CONFIG_PATH_MAX];   /* [hsm] pin_file (or pin_env) */
     char hsm_pin_env[64];                 /* [hsm] pin_env */
+    char hsm_so_pin_file[CONFIG_PATH_MAX]; /* [hsm] so_pin_file (or so_pin_env): needed
+                                            * to admit a node (trusting its transport key) */
+    char hsm_so_pin_env[64];              /* [hsm] so_pin_env */
     char hsm_softhsm_conf[CONFIG_PATH_MAX]; /* [hsm] softhsm_conf: sets SOFTHSM2_CONF */
     int allow_export;                     /* [policy] allow_export (default true) */
     uint32_t max_frame;                   /* [limits] max_frame (bytes) */
@@ -42,6 +50,8 @@ int config_write(const struct config *config, const char *path);
 /* Reads the HSM PIN from pin_file or the pin_env variable into |pin| (NUL
  * terminated, cap bytes). The caller wipes it after use. Never from argv. */
 int config_read_pin(const struct config *config, char *pin, size_t cap);
+/* The same for the token's SO PIN. KR_ECONFIG when none is configured. */
+int config_read_so_pin(const struct config *config, char *pin, size_t cap);
 
 /* Splits "HOST:PORT" into host and port. KR_EINVAL when malformed. */
 int config_split_hostport(const char *hostport, char *host, size_t host_cap, int *port);

@@ -478,6 +478,124 @@ static int apply_put_domain(struct fsm *fsm, struct store_batch *b,
     return 0;
 }
 
+/* --- node registry: meta "node\0" + u64be id -> NodeRecord --------------------- */
+
+#define NODE_PREFIX "node\0"
+#define NODE_KEY_LEN (sizeof(NODE_PREFIX) - 1 + 8)
+
+static void node_key(uint8_t out[NODE_KEY_LEN], uint64_t id)
+{
+    memcpy(out, NODE_PREFIX, sizeof(NODE_PREFIX) - 1);
+    put_u64be(out + sizeof(NODE_PREFIX) - 1, id);
+}
+
+int fsm_get_node(struct store *store, uint64_t id, Keyraft__NodeRecord **out)
+{
+    uint8_t key[NODE_KEY_LEN];
+    node_key(key, id);
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_META, key, sizeof(key), &val, &len);
+    if (rv != 0)
+        return rv;
+    *out = keyraft__node_record__unpack(NULL, len, val);
+    free(val);
+    return *out != NULL ? 0 : KR_EIO;
+}
+
+int fsm_list_nodes(struct store *store, struct fsm_nodes *out)
+{
+    memset(out, 0, sizeof(*out));
+    uint8_t lower[NODE_KEY_LEN], upper[NODE_KEY_LEN];
+    node_key(lower, 0);
+    memcpy(upper, NODE_PREFIX, sizeof(NODE_PREFIX) - 1);
+    memset(upper + sizeof(NODE_PREFIX) - 1, 0xff, 8);
+    struct store_iter *it = NULL;
+    int rv = store_iter_new(store, STORE_CF_META, lower, sizeof(lower), upper, sizeof(upper), &it);
+    if (rv != 0)
+        return rv;
+    for (; store_iter_valid(it) && out->n < FSM_MAX_NODES; store_iter_next(it)) {
+        size_t len = 0;
+        const uint8_t *val = store_iter_value(it, &len);
+        Keyraft__NodeRecord *rec = keyraft__node_record__unpack(NULL, len, val);
+        if (rec == NULL) {
+            rv = KR_EIO;
+            break;
+        }
+        out->nodes[out->n++] = rec;
+    }
+    if (rv == 0)
+        rv = store_iter_status(it);
+    store_iter_free(it);
+    if (rv != 0)
+        fsm_nodes_free(out);
+    return rv;
+}
+
+void fsm_nodes_free(struct fsm_nodes *nodes)
+{
+    for (size_t i = 0; i < nodes->n; i++)
+        keyraft__node_record__free_unpacked(nodes->nodes[i], NULL);
+    nodes->n = 0;
+}
+
+static int valid_role(Keyraft__NodeRole role)
+{
+    return role == KEYRAFT__NODE_ROLE__NODE_VOTER || role == KEYRAFT__NODE_ROLE__NODE_STANDBY;
+}
+
+static int apply_put_node(struct fsm *fsm, struct store_batch *b, const Keyraft__PutNodeCommand *cmd)
+{
+    const Keyraft__NodeRecord *node = cmd->node;
+    if (node == NULL || node->id == 0 || node->raft_address[0] == '\0' ||
+        node->client_address[0] == '\0' || !valid_role(node->role))
+        return KR_EINVAL;
+    struct fsm_nodes all;
+    int rv = fsm_list_nodes(fsm->store, &all);
+    if (rv != 0)
+        return rv;
+    int clash = 0, is_new = 1;
+    for (size_t i = 0; i < all.n; i++) {
+        if (all.nodes[i]->id == node->id) {
+            is_new = 0;
+            continue;
+        }
+        if (strcmp(all.nodes[i]->raft_address, node->raft_address) == 0 ||
+            strcmp(all.nodes[i]->client_address, node->client_address) == 0)
+            clash = 1;
+    }
+    size_t count = all.n;
+    fsm_nodes_free(&all);
+    if (clash)
+        return KR_EEXIST; /* another node already has that address */
+    if (is_new && count >= FSM_MAX_NODES)
+        return KR_ETOOBIG;
+    uint8_t key[NODE_KEY_LEN];
+    node_key(key, node->id);
+    size_t len = keyraft__node_record__get_packed_size(node);
+    uint8_t *buf = malloc(len ? len : 1);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    keyraft__node_record__pack(node, buf);
+    store_batch_put(b, STORE_CF_META, key, sizeof(key), buf, len);
+    free(buf);
+    return 0;
+}
+
+static int apply_remove_node(struct fsm *fsm, struct store_batch *b,
+                             const Keyraft__RemoveNodeCommand *cmd)
+{
+    Keyraft__NodeRecord *old = NULL;
+    int rv = fsm_get_node(fsm->store, cmd->node_id, &old);
+    if (rv != 0)
+        return rv;
+    keyraft__node_record__free_unpacked(old, NULL);
+    uint8_t key[NODE_KEY_LEN];
+    node_key(key, cmd->node_id);
+    store_batch_delete(b, STORE_CF_META, key, sizeof(key));
+    return 0;
+}
+
 static size_t dedup_key(uint8_t *buf, size_t cap, const char *request_id)
 {
     size_t l = strlen(request_id);
@@ -568,6 +686,12 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
         break;
     case KEYRAFT__COMMAND__OP_PUT_DOMAIN:
         st = apply_put_domain(fsm, b, cmd->put_domain);
+        break;
+    case KEYRAFT__COMMAND__OP_PUT_NODE:
+        st = apply_put_node(fsm, b, cmd->put_node);
+        break;
+    case KEYRAFT__COMMAND__OP_REMOVE_NODE:
+        st = apply_remove_node(fsm, b, cmd->remove_node);
         break;
     default:
         st = KR_EPROTO;

@@ -56,6 +56,16 @@ int fsm_find_name(struct store *store, const char *domain, const char *name,
 int fsm_find_dedup(struct store *store, const char *request_id, struct fsm_op_result *res);
 int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out);
 
+/* The node registry: raft id -> addresses and wanted role, replicated. */
+#define FSM_MAX_NODES 64
+struct fsm_nodes {
+    Keyraft__NodeRecord *nodes[FSM_MAX_NODES]; /* by id, ascending */
+    size_t n;
+};
+int fsm_get_node(struct store *store, uint64_t id, Keyraft__NodeRecord **out);
+int fsm_list_nodes(struct store *store, struct fsm_nodes *out);
+void fsm_nodes_free(struct fsm_nodes *nodes);
+
 /* Builds index keys (returns length; |buf| holds at least 4 + the parts). */
 size_t fsm_name_key(uint8_t *buf, size_t cap, const char *domain, const char *name);
 enum fsm_index_kind { FSM_INDEX_ALG = 'a', FSM_INDEX_STATE = 's', FSM_INDEX_TAG = 't' };
