@@ -440,8 +440,8 @@ static void test_decode_rejects_opless_command(void **state)
     assert_null(b);
     free(buf);
 
-    /* An op this build does not know (field 15) reads as no op at all. */
-    static const uint8_t future[] = {0x0a, 0x02, 0x7a, 0x00};
+    /* An op this build does not know (field 30) reads as no op at all. */
+    static const uint8_t future[] = {0x0a, 0x03, 0xf2, 0x01, 0x00};
     assert_int_equal(command_batch_decode(future, sizeof(future), &b), KR_EPROTO);
     assert_null(b);
 }
