@@ -1253,3 +1253,52 @@ out:
     pthread_mutex_unlock(&hsm->lock);
     return rc;
 }
+
+int hsm_admit_wrap_mwk(struct hsm *hsm, const char *module_path, const char *token_label,
+                       const char *so_pin, const char *user_pin, const uint8_t *spki,
+                       size_t spki_len, uint8_t **out_blob, size_t *out_len)
+{
+    if (hsm == NULL || token_label == NULL || user_pin == NULL)
+        return KR_EINVAL;
+    pthread_mutex_lock(&hsm->lock);
+    /* Closing this handle's session (the process's only one on the token)
+     * ends the user login, so the SO may log in; the lock keeps every other
+     * user of this handle out until the login is back. */
+    if (hsm->session != CK_INVALID_HANDLE)
+        hsm->module->C_CloseSession(hsm->session);
+    hsm->session = CK_INVALID_HANDLE;
+    hsm->mwk = CK_INVALID_HANDLE;
+    int rc = hsm_wrap_mwk_for(module_path, token_label, so_pin, user_pin, hsm->mwk_label, spki,
+                              spki_len, out_blob, out_len);
+    CK_SLOT_ID slot = 0;
+    int rc2 = find_slot(hsm->module, token_label, &slot);
+    CK_RV rv = CKR_OK;
+    if (rc2 == 0) {
+        rv = hsm->module->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
+                                        &hsm->session);
+        if (rv != CKR_OK) {
+            hsm->session = CK_INVALID_HANDLE;
+            rc2 = ck_fail("C_OpenSession", rv, token_label);
+        }
+    }
+    if (rc2 == 0) {
+        rv = hsm->module->C_Login(hsm->session, CKU_USER, (CK_UTF8CHAR *)user_pin,
+                                  strlen(user_pin));
+        if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN)
+            rc2 = ck_fail("C_Login", rv, token_label);
+    }
+    CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
+    if (rc2 == 0)
+        rc2 = mwk_lookup_locked(hsm, &key);
+    hsm->mwk = rc2 == 0 ? key : CK_INVALID_HANDLE;
+    pthread_mutex_unlock(&hsm->lock);
+    if (rc2 != 0) {
+        log_error("the HSM session did not come back after the MWK copy: %s", kr_strerror(rc2));
+        if (rc == 0) {
+            free(*out_blob);
+            *out_blob = NULL;
+        }
+        return rc2;
+    }
+    return rc;
+}

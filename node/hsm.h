@@ -81,6 +81,14 @@ int hsm_wrap_mwk_for(const char *module_path, const char *token_label, const cha
                      const char *user_pin, const char *mwk_label, const uint8_t *spki,
                      size_t spki_len, uint8_t **out_blob, size_t *out_len);
 
+/* hsm_wrap_mwk_for from a process that holds |hsm| open on the same token
+ * (the running member node): ends this handle's session, wraps, and opens
+ * and logs in a new session before returning; other users of |hsm| wait on
+ * its lock meanwhile. The MWK handle is looked up again after. */
+int hsm_admit_wrap_mwk(struct hsm *hsm, const char *module_path, const char *token_label,
+                       const char *so_pin, const char *user_pin, const uint8_t *spki,
+                       size_t spki_len, uint8_t **out_blob, size_t *out_len);
+
 /* On the NEW node: unwraps |blob| with the transport key |transport_label|
  * into the token as the MWK (the handle's mwk_label), with the same
  * attributes as hsm_generate_mwk, so this copy can be copied on later; then

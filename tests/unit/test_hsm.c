@@ -932,6 +932,39 @@ static void test_wrap_while_handle_open_is_ebusy(void **state)
     free(spki);
 }
 
+/* A running member admits a node while it holds its own login: its handle
+ * works again after, and the new token decrypts what the member encrypted. */
+static void test_admit_wrap_with_open_handle(void **state)
+{
+    (void)state;
+    make_token_with_mwk("kr-admit-a");
+    assert_int_equal(hsm_init_token(MODULE, "kr-admit-b", SO_PIN, PIN), 0);
+    struct hsm *member = open_token("kr-admit-a");
+    struct hsm *joiner = open_token("kr-admit-b");
+    uint8_t *spki = NULL, *blob = NULL;
+    size_t spki_len = 0, blob_len = 0, ct_len = 0;
+    assert_int_equal(hsm_make_transport_key(joiner, "transport", &spki, &spki_len), 0);
+    uint8_t *ct = encrypt_on(member, &ct_len);
+    assert_int_equal(hsm_admit_wrap_mwk(member, MODULE, "kr-admit-a", "wrong-so-pin", PIN, spki,
+                                        spki_len, &blob, &blob_len),
+                     KR_EPERM);
+    assert_null(blob);
+    assert_int_equal(decrypt_on(member, ct, ct_len), 0); /* back after a failure too */
+    assert_int_equal(hsm_admit_wrap_mwk(member, MODULE, "kr-admit-a", SO_PIN, PIN, spki,
+                                        spki_len, &blob, &blob_len),
+                     0);
+    assert_non_null(blob);
+    assert_int_equal(decrypt_on(member, ct, ct_len), 0);
+    assert_int_equal(hsm_unwrap_mwk(joiner, "transport", blob, blob_len), 0);
+    assert_int_equal(hsm_find_mwk(joiner), 0);
+    assert_int_equal(decrypt_on(joiner, ct, ct_len), 0);
+    hsm_close(joiner);
+    hsm_close(member);
+    free(ct);
+    free(blob);
+    free(spki);
+}
+
 /* Child mode: a running node in another process, holding the user login on
  * |token| until stdin closes, then proving its handle still works. */
 static int hold_login(const char *token)
@@ -1048,6 +1081,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_wrap_refusals),
         cmocka_unit_test(test_wrap_while_handle_open_is_ebusy),
         cmocka_unit_test(test_wrap_while_other_process_holds_login),
+        cmocka_unit_test(test_admit_wrap_with_open_handle),
         cmocka_unit_test(test_unwrap_refusals),
     };
     return cmocka_run_group_tests(tests, setup_token_dir, remove_token_dir);
