@@ -37,8 +37,28 @@ struct proposal {
     struct waiter waiters[];
 };
 
+struct barrier_waiter {
+    cluster_barrier_cb cb;
+    void *arg;
+};
+
+struct barrier_round {
+    struct raft_barrier req;
+    struct cluster *cluster;
+    size_t n;
+    struct barrier_waiter waiters[];
+};
+
 struct cluster {
     uv_loop_t *loop;
+    uint64_t node_id;
+    struct raft_change change;   /* one membership change at a time */
+    int changing;
+    struct raft_transfer transfer;
+    int transferring;
+    struct barrier_waiter *barrier_queue;
+    size_t barrier_queued, barrier_cap;
+    int barrier_in_flight;
     struct raft raft;
     struct raft_io io;
     struct raft_uv_transport transport;
@@ -248,11 +268,73 @@ static void flush_one_entry(struct cluster *c)
     c->in_flight++;
 }
 
+static void finish_barrier_waiters(struct barrier_waiter *w, size_t n, int status)
+{
+    for (size_t i = 0; i < n; i++)
+        w[i].cb(w[i].arg, status);
+}
+
+static void barrier_done(struct raft_barrier *req, int status)
+{
+    struct barrier_round *round = req->data;
+    struct cluster *c = round->cluster;
+    c->barrier_in_flight = 0;
+    int st = status == 0                                                      ? 0
+             : status == RAFT_LEADERSHIPLOST || status == RAFT_NOTLEADER ? KR_ENOTLEADER
+                                                                          : KR_EUNAVAIL;
+    finish_barrier_waiters(round->waiters, round->n, st);
+    free(round);
+}
+
+/* One barrier for every read queued since the last one went out. */
+static void flush_barrier(struct cluster *c)
+{
+    size_t n = c->barrier_queued;
+    struct barrier_round *round = malloc(sizeof(*round) + n * sizeof(round->waiters[0]));
+    if (round == NULL)
+        return; /* retried on the next loop iteration */
+    memcpy(round->waiters, c->barrier_queue, n * sizeof(round->waiters[0]));
+    round->n = n;
+    round->cluster = c;
+    round->req.data = round;
+    c->barrier_queued = 0;
+    int rv = raft_barrier(&c->raft, &round->req, barrier_done);
+    if (rv != 0) {
+        finish_barrier_waiters(round->waiters, n,
+                               rv == RAFT_NOTLEADER ? KR_ENOTLEADER : KR_EUNAVAIL);
+        free(round);
+        return;
+    }
+    c->barrier_in_flight = 1;
+}
+
 static void flusher_cb(uv_prepare_t *handle)
 {
     struct cluster *c = handle->data;
     while (c->queued > 0 && c->in_flight < CLUSTER_MAX_IN_FLIGHT && !c->stopping)
         flush_one_entry(c);
+    if (c->barrier_queued > 0 && !c->barrier_in_flight && !c->stopping)
+        flush_barrier(c);
+}
+
+int cluster_barrier(struct cluster *c, cluster_barrier_cb cb, void *arg)
+{
+    if (c->stopping)
+        return KR_EUNAVAIL;
+    if (raft_state(&c->raft) != RAFT_LEADER)
+        return KR_ENOTLEADER;
+    if (c->barrier_queued == c->barrier_cap) {
+        size_t cap = c->barrier_cap ? c->barrier_cap * 2 : 64;
+        if (cap > CLUSTER_MAX_QUEUED)
+            return KR_EBUSY;
+        struct barrier_waiter *q = realloc(c->barrier_queue, cap * sizeof(*q));
+        if (q == NULL)
+            return KR_ENOMEM;
+        c->barrier_queue = q;
+        c->barrier_cap = cap;
+    }
+    c->barrier_queue[c->barrier_queued++] = (struct barrier_waiter){cb, arg};
+    return 0;
 }
 
 int cluster_propose(struct cluster *c, const Keyraft__Command *command, cluster_done_cb cb,
@@ -309,10 +391,12 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     if (rv != 0)
         return rv;
     c->tls_transport = config->peer_server_tls != NULL;
-    if (c->tls_transport)
+    if (c->tls_transport) {
         rv = peer_transport_init(&c->transport, loop, config->peer_server_tls,
                                  config->peer_client_tls);
-    else
+        if (rv == 0)
+            peer_transport_set_listen(&c->transport, config->raft_listen);
+    } else
         rv = raft_uv_tcp_init(&c->transport, loop);
     if (rv != 0) {
         log_error("raft transport: cannot set up");
@@ -389,6 +473,7 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
         return KR_ENOMEM;
     c->loop = loop;
     c->store = store;
+    c->node_id = config->node_id;
     int rv = fsm_new(store, next_index, c, &c->fsm);
     if (rv != 0) {
         free(c);
@@ -450,6 +535,8 @@ void cluster_stop(struct cluster *c, void (*cb)(void *arg), void *arg)
         c->queue[i].waiter.cb(c->queue[i].waiter.arg, &r);
     }
     c->queued = 0;
+    finish_barrier_waiters(c->barrier_queue, c->barrier_queued, KR_EUNAVAIL);
+    c->barrier_queued = 0;
     raft_close(&c->raft, raft_closed);
 }
 
@@ -460,6 +547,7 @@ void cluster_free(struct cluster *c)
     transport_release(c);
     fsm_free(c->fsm);
     free(c->queue);
+    free(c->barrier_queue);
     free(c);
 }
 
@@ -492,3 +580,185 @@ void cluster_get_status(struct cluster *c, struct cluster_status *out)
 int cluster_is_leader(struct cluster *c) { return raft_state(&c->raft) == RAFT_LEADER; }
 
 uint64_t cluster_applied_index(struct cluster *c) { return raft_last_applied(&c->raft); }
+
+/* --- membership ------------------------------------------------------------------ */
+
+const char *cluster_role_name(int role)
+{
+    switch (role) {
+    case CLUSTER_VOTER: return "voter";
+    case CLUSTER_STANDBY: return "standby";
+    case CLUSTER_SPARE: return "spare";
+    default: return "absent";
+    }
+}
+
+uint64_t cluster_node_id(const struct cluster *c) { return c->node_id; }
+
+uint64_t cluster_leader_id(struct cluster *c)
+{
+    raft_id id = 0;
+    const char *addr = NULL;
+    raft_leader(&c->raft, &id, &addr);
+    return id;
+}
+
+unsigned cluster_election_timeout_ms(const struct cluster *c) { return c->raft.election_timeout; }
+
+size_t cluster_members(struct cluster *c, struct cluster_member *out, size_t cap)
+{
+    const struct raft_configuration *conf = &c->raft.configuration;
+    int leader = raft_state(&c->raft) == RAFT_LEADER;
+    size_t n = 0;
+    for (unsigned i = 0; i < conf->n && n < cap; i++, n++) {
+        const struct raft_server *srv = &conf->servers[i];
+        memset(&out[n], 0, sizeof(out[n]));
+        out[n].id = srv->id;
+        snprintf(out[n].address, sizeof(out[n].address), "%s", srv->address);
+        out[n].role = srv->role;
+        if (leader && c->raft.leader_state.progress != NULL) {
+            const struct raft_progress *p = &c->raft.leader_state.progress[i];
+            out[n].match_index = srv->id == c->node_id ? c->raft.last_stored : p->match_index;
+            out[n].reachable = srv->id == c->node_id || p->recent_recv;
+        }
+    }
+    return n;
+}
+
+static void change_done(struct raft_change *req, int status)
+{
+    struct cluster *c = req->data;
+    c->changing = 0;
+    if (status != 0)
+        log_warn("membership change: %s", raft_strerror(status));
+    else
+        log_info("membership change committed");
+}
+
+static void transfer_done(struct raft_transfer *req)
+{
+    struct cluster *c = req->data;
+    c->transferring = 0;
+    log_info("leadership transfer finished: this node is %s",
+             raft_state(&c->raft) == RAFT_LEADER ? "still the leader" : "no longer the leader");
+}
+
+int cluster_transfer(struct cluster *c, uint64_t id)
+{
+    if (c->stopping)
+        return KR_EUNAVAIL;
+    if (raft_state(&c->raft) != RAFT_LEADER)
+        return KR_ENOTLEADER;
+    if (c->transferring)
+        return KR_EBUSY;
+    c->transfer.data = c;
+    int rv = raft_transfer(&c->raft, &c->transfer, id, transfer_done);
+    if (rv != 0) {
+        log_warn("leadership transfer to %llu: %s", (unsigned long long)id, raft_strerror(rv));
+        return rv == RAFT_NOTFOUND || rv == RAFT_BADID ? KR_ENOTFOUND : KR_EINVAL;
+    }
+    c->transferring = 1;
+    log_info("handing leadership to %s%llu", id ? "node " : "the best voter", (unsigned long long)id);
+    return 0;
+}
+
+static const struct raft_server *config_find(const struct raft_configuration *conf, uint64_t id)
+{
+    for (unsigned i = 0; i < conf->n; i++)
+        if (conf->servers[i].id == id)
+            return &conf->servers[i];
+    return NULL;
+}
+
+static const struct cluster_wanted *wanted_find(const struct cluster_wanted *w, size_t n,
+                                                uint64_t id)
+{
+    for (size_t i = 0; i < n; i++)
+        if (w[i].id == id)
+            return &w[i];
+    return NULL;
+}
+
+/* A replica close enough to the leader's log to vote without stalling commits. */
+#define CATCH_UP_SLACK 256
+
+static int start_change(struct cluster *c, const char *what, uint64_t id, int rv)
+{
+    if (rv != 0) {
+        log_warn("membership: %s node %llu: %s", what, (unsigned long long)id, raft_strerror(rv));
+        return 0;
+    }
+    c->changing = 1;
+    log_info("membership: %s node %llu", what, (unsigned long long)id);
+    return 1;
+}
+
+int cluster_reconcile(struct cluster *c, const struct cluster_wanted *wanted, size_t n)
+{
+    if (c->stopping || c->changing || c->transferring || raft_state(&c->raft) != RAFT_LEADER ||
+        c->raft.leader_state.change != NULL || c->raft.leader_state.promotee_id != 0)
+        return 0;
+    /* Without the leader in the registry, nothing is known about the others yet. */
+    if (wanted_find(wanted, n, c->node_id) == NULL)
+        return 0;
+    const struct raft_configuration *conf = &c->raft.configuration;
+    c->change.data = c;
+    for (size_t i = 0; i < n; i++) {
+        const struct raft_server *srv = config_find(conf, wanted[i].id);
+        if (srv == NULL)
+            return start_change(c, "adding (spare)", wanted[i].id,
+                                raft_add(&c->raft, &c->change, wanted[i].id, wanted[i].address,
+                                         change_done));
+    }
+    for (unsigned i = 0; i < conf->n; i++) {
+        const struct raft_server *srv = &conf->servers[i];
+        const struct cluster_wanted *w = wanted_find(wanted, n, srv->id);
+        int want = w ? w->role : CLUSTER_ABSENT;
+        if (srv->role == want)
+            continue;
+        if (srv->id == c->node_id) {
+            /* The leader never changes its own role: it hands over first. */
+            cluster_transfer(c, 0);
+            return 1;
+        }
+        if (want == CLUSTER_ABSENT)
+            return start_change(c, "removing", srv->id,
+                                raft_remove(&c->raft, &c->change, srv->id, change_done));
+        if (srv->role == CLUSTER_SPARE || want == CLUSTER_STANDBY)
+            return start_change(c, "assigning standby to", srv->id,
+                                raft_assign(&c->raft, &c->change, srv->id, RAFT_STANDBY,
+                                            change_done));
+        /* standby -> voter: only once it holds nearly the whole log, so the
+         * promotion's catch-up rounds are short and other changes not held up. */
+        const struct raft_progress *p = &c->raft.leader_state.progress[i];
+        if (p->recent_recv && p->match_index + CATCH_UP_SLACK >= c->raft.last_stored)
+            return start_change(c, "promoting to voter", srv->id,
+                                raft_assign(&c->raft, &c->change, srv->id, RAFT_VOTER,
+                                            change_done));
+    }
+    return 0;
+}
+
+int cluster_serving(struct cluster *c, char *why, size_t cap)
+{
+    int st = raft_state(&c->raft);
+    if (st == RAFT_LEADER)
+        return 1;
+    raft_id leader = 0;
+    const char *addr = NULL;
+    raft_leader(&c->raft, &leader, &addr);
+    raft_time now = c->io.time(&c->io);
+    raft_time since = now - c->raft.election_timer_start;
+    if (st == RAFT_FOLLOWER && leader != 0 && since < c->raft.election_timeout)
+        return 1;
+    if (leader == 0)
+        snprintf(why, cap, "this node (%s) knows no leader: cut off from the cluster or an "
+                 "election is running; it serves no key operations until it hears from a leader",
+                 role_name(st));
+    else
+        snprintf(why, cap, "this node has not heard from the leader (node %llu) for %llu ms, "
+                 "more than the election timeout (%u ms): it serves no key operations until "
+                 "it does", (unsigned long long)leader, (unsigned long long)since,
+                 c->raft.election_timeout);
+    return 0;
+}

@@ -21,6 +21,7 @@ struct cluster_config {
      * talks to peers). */
     struct tls_ctx *peer_server_tls;
     struct tls_ctx *peer_client_tls;
+    const char *raft_listen;  /* bind address when not raft_address (may be NULL) */
 };
 
 struct cluster;
@@ -66,5 +67,55 @@ void cluster_get_status(struct cluster *cluster, struct cluster_status *out);
 int cluster_is_leader(struct cluster *cluster);
 /* The index of the last entry applied to the store (cheap: per request). */
 uint64_t cluster_applied_index(struct cluster *cluster);
+
+/* --- membership ------------------------------------------------------------------ */
+
+enum cluster_role {
+    CLUSTER_ABSENT = -1,
+    CLUSTER_STANDBY = 0, /* RAFT_STANDBY: replicates, no vote */
+    CLUSTER_VOTER = 1,   /* RAFT_VOTER */
+    CLUSTER_SPARE = 2    /* RAFT_SPARE: in the configuration, not replicated yet */
+};
+const char *cluster_role_name(int role);
+
+struct cluster_member {
+    uint64_t id;
+    char address[64];
+    int role;             /* enum cluster_role */
+    uint64_t match_index; /* the leader's view; 0 on a follower */
+    int reachable;        /* the leader heard from it within an election timeout */
+};
+/* The raft configuration as this node knows it; returns the count (<= cap). */
+size_t cluster_members(struct cluster *cluster, struct cluster_member *out, size_t cap);
+
+/* What the registry wants: the leader moves the raft configuration toward it
+ * one change at a time (raft allows no more), called from a periodic tick:
+ * add as spare, spare to standby (replication starts), standby to voter
+ * once caught up, voter to standby, remove. The leader hands leadership
+ * over before changing its own role. Returns 1 when it started a change. */
+struct cluster_wanted {
+    uint64_t id;
+    const char *address;
+    int role; /* CLUSTER_VOTER or CLUSTER_STANDBY */
+};
+int cluster_reconcile(struct cluster *cluster, const struct cluster_wanted *wanted, size_t n);
+
+/* Asks raft to hand leadership to |id| (0: the most up-to-date voter). */
+int cluster_transfer(struct cluster *cluster, uint64_t id);
+
+/* 1 when this node may serve key operations: it leads (raft steps a leader
+ * down after an election timeout without a majority), or it follows a leader
+ * it heard from within the election timeout. Otherwise 0 and |why| says so:
+ * a node cut off stops serving revoked or destroyed keys as usable. */
+int cluster_serving(struct cluster *cluster, char *why, size_t cap);
+unsigned cluster_election_timeout_ms(const struct cluster *cluster);
+uint64_t cluster_leader_id(struct cluster *cluster);
+uint64_t cluster_node_id(const struct cluster *cluster);
+
+/* Linearizable reads: |cb| runs once a raft barrier issued after this call
+ * committed on this leader (status 0), or with KR_ENOTLEADER / KR_EUNAVAIL.
+ * Reads waiting at the same time share one barrier. */
+typedef void (*cluster_barrier_cb)(void *arg, int status);
+int cluster_barrier(struct cluster *cluster, cluster_barrier_cb cb, void *arg);
 
 #endif

@@ -50,6 +50,7 @@ struct peer_transport {
     struct tls_ctx *server_ctx, *client_ctx;
     raft_id id;
     char address[64];
+    char listen_address[64]; /* bind here when set (a proxy advertises |address|) */
     uv_tcp_t listener;
     int listening;
     raft_uv_accept_cb accept_cb;
@@ -449,9 +450,10 @@ static int transport_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
     char host[64];
     int port = 0;
     struct sockaddr_in addr;
-    if (config_split_hostport(pt->address, host, sizeof(host), &port) != 0 ||
+    const char *bind_to = pt->listen_address[0] ? pt->listen_address : pt->address;
+    if (config_split_hostport(bind_to, host, sizeof(host), &port) != 0 ||
         uv_ip4_addr(host, port, &addr) != 0) {
-        snprintf(t->errmsg, sizeof(t->errmsg), "raft address '%s' is not IPv4:PORT", pt->address);
+        snprintf(t->errmsg, sizeof(t->errmsg), "raft address '%s' is not IPv4:PORT", bind_to);
         log_error("%s", t->errmsg); /* raft 0.15 does not show t->errmsg */
         return RAFT_INVALID;
     }
@@ -464,11 +466,13 @@ static int transport_listen(struct raft_uv_transport *t, raft_uv_accept_cb cb)
     if (rv == 0)
         rv = uv_listen((uv_stream_t *)&pt->listener, 128, on_peer_connection);
     if (rv != 0) {
-        snprintf(t->errmsg, sizeof(t->errmsg), "listen on %s: %s", pt->address, uv_strerror(rv));
+        snprintf(t->errmsg, sizeof(t->errmsg), "listen on %s: %s", bind_to, uv_strerror(rv));
         log_error("raft peers: %s", t->errmsg);
         return RAFT_IOERR;
     }
-    log_info("raft peers on %s (mutual TLS, node certificates only)", pt->address);
+    log_info("raft peers on %s%s%s (mutual TLS, node certificates only)", bind_to,
+             bind_to != pt->address ? ", advertised as " : "",
+             bind_to != pt->address ? pt->address : "");
     return 0;
 }
 
@@ -559,4 +563,11 @@ void peer_transport_cleanup(struct raft_uv_transport *t)
 {
     free(t->impl);
     t->impl = NULL;
+}
+
+void peer_transport_set_listen(struct raft_uv_transport *t, const char *listen_address)
+{
+    struct peer_transport *pt = t->impl;
+    snprintf(pt->listen_address, sizeof(pt->listen_address), "%s",
+             listen_address ? listen_address : "");
 }

@@ -20,6 +20,10 @@
  * tls_client_ctx_new with the node's own certificate. */
 int peer_transport_init(struct raft_uv_transport *t, uv_loop_t *loop, struct tls_ctx *server_ctx,
                         struct tls_ctx *client_ctx);
+/* Binds the peer listener to |listen_address| (IPv4:PORT) instead of the
+ * node's raft address, which stays what peers are told to dial (a proxy or
+ * NAT in front). NULL or "": the raft address. Call before raft starts. */
+void peer_transport_set_listen(struct raft_uv_transport *t, const char *listen_address);
 /* Frees what peer_transport_init allocated; call after raft closed it. */
 void peer_transport_cleanup(struct raft_uv_transport *t);
 

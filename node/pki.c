@@ -415,25 +415,14 @@ out:
 
 /* Signs a leaf certificate for a fresh key: the caller has built |name| and
  * |san| (NULL: none); |eku| is the extendedKeyUsage value. */
-static int issue_leaf(const char *ca_cert_path, const char *ca_key_path, X509_NAME *name,
-                      GENERAL_NAMES *san, const char *eku, int days, const char *cert_path,
-                      const char *key_path)
+/* Signs a leaf certificate for the public key |key| with the CA. */
+static int sign_leaf(X509 *ca, EVP_PKEY *ca_key, EVP_PKEY *key, X509_NAME *name,
+                     GENERAL_NAMES *san, const char *eku, int days, X509 **out)
 {
-    X509 *ca = NULL;
-    EVP_PKEY *ca_key = NULL;
-    EVP_PKEY *key = NULL;
     X509 *cert = NULL;
-    int rv = load_ca(ca_cert_path, ca_key_path, &ca, &ca_key);
+    int rv = new_cert(key, name, ca, days, &cert);
     if (rv != 0)
-        goto out;
-    key = EVP_EC_gen("P-256");
-    if (key == NULL) {
-        rv = crypto_fail("generating a key");
-        goto out;
-    }
-    rv = new_cert(key, name, ca, days, &cert);
-    if (rv != 0)
-        goto out;
+        return rv;
     X509V3_CTX v3;
     X509V3_set_ctx(&v3, ca, cert, NULL, NULL, 0);
     if ((rv = add_ext(cert, &v3, NID_basic_constraints, "critical,CA:FALSE")) != 0 ||
@@ -450,7 +439,32 @@ static int issue_leaf(const char *ca_cert_path, const char *ca_key_path, X509_NA
         rv = crypto_fail("signing a certificate");
         goto out;
     }
-    rv = write_pair(cert, key, cert_path, key_path);
+    *out = cert;
+    cert = NULL;
+out:
+    X509_free(cert);
+    return rv;
+}
+
+static int issue_leaf(const char *ca_cert_path, const char *ca_key_path, X509_NAME *name,
+                      GENERAL_NAMES *san, const char *eku, int days, const char *cert_path,
+                      const char *key_path)
+{
+    X509 *ca = NULL;
+    EVP_PKEY *ca_key = NULL;
+    EVP_PKEY *key = NULL;
+    X509 *cert = NULL;
+    int rv = load_ca(ca_cert_path, ca_key_path, &ca, &ca_key);
+    if (rv != 0)
+        goto out;
+    key = EVP_EC_gen("P-256");
+    if (key == NULL) {
+        rv = crypto_fail("generating a key");
+        goto out;
+    }
+    rv = sign_leaf(ca, ca_key, key, name, san, eku, days, &cert);
+    if (rv == 0)
+        rv = write_pair(cert, key, cert_path, key_path);
 out:
     X509_free(cert);
     EVP_PKEY_free(key);
@@ -514,6 +528,18 @@ out:
     return rv;
 }
 
+/* Subject CN |node_name|; SAN 127.0.0.1, localhost and |extra_san|. */
+static int node_names(X509_NAME *name, GENERAL_NAMES *san, const char *node_name,
+                      const char *extra_san)
+{
+    int rv;
+    if ((rv = add_name_entry(name, NID_commonName, node_name, strlen(node_name))) != 0 ||
+        (rv = add_san(san, "127.0.0.1", 9)) != 0 || (rv = add_san(san, "localhost", 9)) != 0 ||
+        (rv = for_each_item(extra_san, add_san, san)) != 0)
+        return rv;
+    return 0;
+}
+
 int pki_issue_node(const char *ca_cert_path, const char *ca_key_path, const char *node_name,
                    const char *extra_san, int days, const char *cert_path,
                    const char *key_path)
@@ -537,9 +563,7 @@ int pki_issue_node(const char *ca_cert_path, const char *ca_key_path, const char
         rv = crypto_fail("allocating a node certificate");
         goto out;
     }
-    if ((rv = add_name_entry(name, NID_commonName, node_name, strlen(node_name))) != 0 ||
-        (rv = add_san(san, "127.0.0.1", 9)) != 0 || (rv = add_san(san, "localhost", 9)) != 0 ||
-        (rv = for_each_item(extra_san, add_san, san)) != 0)
+    if ((rv = node_names(name, san, node_name, extra_san)) != 0)
         goto out;
     rv = issue_leaf(ca_cert_path, ca_key_path, name, san, "serverAuth,clientAuth", days,
                     cert_path, key_path);
@@ -580,5 +604,189 @@ int pki_issue_client(const char *ca_cert_path, const char *ca_key_path, const ch
         log_info("issued client certificate \"%s\" in %s", principal, cert_path);
 out:
     X509_NAME_free(name);
+    return rv;
+}
+
+/* --- joining nodes: key and CSR on the new node, signature by the admin ---------- */
+
+static int pem_of(BIO *mem, char **out)
+{
+    char *data = NULL;
+    long len = BIO_get_mem_data(mem, &data);
+    if (len <= 0)
+        return crypto_fail("encoding PEM");
+    *out = malloc((size_t)len + 1);
+    if (*out == NULL)
+        return KR_ENOMEM;
+    memcpy(*out, data, (size_t)len);
+    (*out)[len] = '\0';
+    return 0;
+}
+
+int pki_make_node_csr(const char *node_name, const char *key_path, char **out_csr_pem)
+{
+    EVP_PKEY *key = NULL;
+    X509_REQ *req = NULL;
+    X509_NAME *name = NULL;
+    BIO *kmem = NULL, *rmem = NULL;
+    int rv = KR_EINVAL;
+    if (node_name == NULL || key_path == NULL || out_csr_pem == NULL ||
+        !valid_name("node name", node_name, strlen(node_name)))
+        goto out;
+    key = EVP_EC_gen("P-256");
+    req = X509_REQ_new();
+    name = X509_NAME_new();
+    kmem = BIO_new(BIO_s_mem());
+    rmem = BIO_new(BIO_s_mem());
+    if (key == NULL || req == NULL || name == NULL || kmem == NULL || rmem == NULL) {
+        rv = crypto_fail("making a node key and request");
+        goto out;
+    }
+    if ((rv = add_name_entry(name, NID_commonName, node_name, strlen(node_name))) != 0)
+        goto out;
+    if (X509_REQ_set_version(req, 0) != 1 || X509_REQ_set_subject_name(req, name) != 1 ||
+        X509_REQ_set_pubkey(req, key) != 1 || X509_REQ_sign(req, key, EVP_sha256()) <= 0 ||
+        PEM_write_bio_X509_REQ(rmem, req) != 1 ||
+        PEM_write_bio_PrivateKey(kmem, key, NULL, NULL, 0, NULL, NULL) != 1) {
+        rv = crypto_fail("signing the node's certificate request");
+        goto out;
+    }
+    if ((rv = write_pem(key_path, 0600, kmem)) != 0)
+        goto out;
+    rv = pem_of(rmem, out_csr_pem);
+out:
+    BIO_free(kmem);
+    BIO_free(rmem);
+    X509_NAME_free(name);
+    X509_REQ_free(req);
+    EVP_PKEY_free(key);
+    return rv;
+}
+
+/* The subject CN of |name| into |out|; KR_EINVAL when there is none. */
+static int common_name(X509_NAME *name, char *out, size_t cap)
+{
+    int len = X509_NAME_get_text_by_NID(name, NID_commonName, out, (int)cap);
+    return len > 0 && (size_t)len < cap ? 0 : KR_EINVAL;
+}
+
+int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const char *csr_pem,
+                      const char *node_name, const char *extra_san, int days,
+                      char **out_cert_pem)
+{
+    X509 *ca = NULL, *cert = NULL;
+    EVP_PKEY *ca_key = NULL, *pub = NULL;
+    X509_REQ *req = NULL;
+    X509_NAME *name = NULL;
+    GENERAL_NAMES *san = NULL;
+    BIO *in = NULL, *out = NULL;
+    char cn[PKI_NAME_MAX + 1];
+    int rv = check_days(days);
+    if (rv != 0)
+        goto out;
+    rv = KR_EINVAL;
+    if (csr_pem == NULL || node_name == NULL || out_cert_pem == NULL ||
+        strlen(csr_pem) > PKI_FILE_MAX)
+        goto out;
+    in = BIO_new_mem_buf(csr_pem, (int)strlen(csr_pem));
+    req = in ? PEM_read_bio_X509_REQ(in, NULL, NULL, NULL) : NULL;
+    if (req == NULL) {
+        ERR_clear_error();
+        log_error("the join request holds no PEM certificate request");
+        goto out;
+    }
+    pub = X509_REQ_get_pubkey(req);
+    if (pub == NULL || X509_REQ_verify(req, pub) != 1) {
+        ERR_clear_error();
+        log_error("the certificate request's signature does not verify");
+        rv = KR_EAUTH;
+        goto out;
+    }
+    if (common_name(X509_REQ_get_subject_name(req), cn, sizeof(cn)) != 0 ||
+        strcmp(cn, node_name) != 0) {
+        log_error("the certificate request names \"%s\", not \"%s\"", cn, node_name);
+        goto out;
+    }
+    /* Only the public key comes from the request; names and uses are ours. */
+    name = X509_NAME_new();
+    san = GENERAL_NAMES_new();
+    out = BIO_new(BIO_s_mem());
+    if (name == NULL || san == NULL || out == NULL) {
+        rv = crypto_fail("allocating a node certificate");
+        goto out;
+    }
+    if ((rv = node_names(name, san, node_name, extra_san)) != 0 ||
+        (rv = load_ca(ca_cert_path, ca_key_path, &ca, &ca_key)) != 0 ||
+        (rv = sign_leaf(ca, ca_key, pub, name, san, "serverAuth,clientAuth", days, &cert)) != 0)
+        goto out;
+    if (PEM_write_bio_X509(out, cert) != 1) {
+        rv = crypto_fail("encoding the node certificate");
+        goto out;
+    }
+    rv = pem_of(out, out_cert_pem);
+out:
+    BIO_free(in);
+    BIO_free(out);
+    GENERAL_NAMES_free(san);
+    X509_NAME_free(name);
+    X509_free(cert);
+    X509_free(ca);
+    X509_REQ_free(req);
+    EVP_PKEY_free(pub);
+    EVP_PKEY_free(ca_key);
+    return rv;
+}
+
+int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const char *node_name)
+{
+    char *ca_buf = NULL;
+    BIO *ca_bio = NULL, *in = NULL;
+    X509 *ca = NULL, *cert = NULL;
+    X509_STORE *store = NULL;
+    X509_STORE_CTX *ctx = NULL;
+    char cn[PKI_NAME_MAX + 1];
+    size_t ca_len = 0;
+    int rv = read_file_bio(ca_cert_path, &ca_buf, &ca_len, &ca_bio);
+    if (rv != 0)
+        return rv;
+    rv = KR_EINVAL;
+    if (cert_pem == NULL || node_name == NULL || strlen(cert_pem) > PKI_FILE_MAX)
+        goto out;
+    ca = PEM_read_bio_X509(ca_bio, NULL, NULL, NULL);
+    in = BIO_new_mem_buf(cert_pem, (int)strlen(cert_pem));
+    cert = in ? PEM_read_bio_X509(in, NULL, NULL, NULL) : NULL;
+    if (ca == NULL || cert == NULL) {
+        ERR_clear_error();
+        log_error("%s", ca == NULL ? "cannot read the cluster CA" : "no PEM node certificate given");
+        goto out;
+    }
+    store = X509_STORE_new();
+    ctx = X509_STORE_CTX_new();
+    if (store == NULL || ctx == NULL || X509_STORE_add_cert(store, ca) != 1 ||
+        X509_STORE_CTX_init(ctx, store, cert, NULL) != 1) {
+        rv = crypto_fail("setting up certificate verification");
+        goto out;
+    }
+    X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER);
+    if (X509_verify_cert(ctx) != 1) {
+        log_error("the node certificate does not verify against the cluster CA: %s",
+                  X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)));
+        ERR_clear_error();
+        rv = KR_EAUTH;
+        goto out;
+    }
+    if (common_name(X509_get_subject_name(cert), cn, sizeof(cn)) != 0 ||
+        strcmp(cn, node_name) != 0) {
+        log_error("the node certificate names \"%s\", not \"%s\"", cn, node_name);
+        goto out;
+    }
+    rv = 0;
+out:
+    X509_STORE_CTX_free(ctx);
+    X509_STORE_free(store);
+    X509_free(cert);
+    X509_free(ca);
+    BIO_free(in);
+    free_file_bio(ca_buf, ca_bio);
     return rv;
 }

@@ -18,4 +18,18 @@ int pki_issue_node(const char *ca_cert_path, const char *ca_key_path, const char
 int pki_issue_client(const char *ca_cert_path, const char *ca_key_path, const char *principal,
                      const char *roles, int days, const char *cert_path, const char *key_path);
 
+/* A new node's TLS key (P-256, written to |key_path| mode 0600; it never
+ * leaves the node) and a PEM certificate request for CN |node_name|
+ * (*out_csr_pem malloc'd). */
+int pki_make_node_csr(const char *node_name, const char *key_path, char **out_csr_pem);
+/* The admin's side: checks the request's signature and that it names
+ * |node_name|, then issues a node certificate for its public key (names and
+ * uses are set here, never copied from the request). */
+int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const char *csr_pem,
+                      const char *node_name, const char *extra_san, int days,
+                      char **out_cert_pem);
+/* 0 when |cert_pem| chains to the CA, may serve TLS, and names |node_name|;
+ * KR_EAUTH when it does not verify, KR_EINVAL when malformed or misnamed. */
+int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const char *node_name);
+
 #endif

@@ -375,6 +375,67 @@ static void test_errors(void **state)
     assert_int_not_equal(access(key, F_OK), 0);
 }
 
+/* The join path: CSR on the new node, signature by the admin, check by the
+ * leader. Names and uses come from the signer, not the request. */
+static void test_join_csr_sign_and_check(void **state)
+{
+    struct fixture *f = *state;
+    char key[160], other_ca[160], other_key[160];
+    join(key, sizeof(key), f->dir, "joiner.key");
+    join(other_ca, sizeof(other_ca), f->dir, "other.crt");
+    join(other_key, sizeof(other_key), f->dir, "other.key");
+    char *csr = NULL, *cert = NULL, *bad = NULL;
+    assert_int_equal(pki_make_node_csr("node-4", key, &csr), 0);
+    struct stat st;
+    assert_int_equal(stat(key, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    assert_int_equal(pki_sign_node_csr(f->ca_cert, f->ca_key, csr, "node-5", NULL, 30, &bad),
+                     KR_EINVAL);
+    assert_null(bad);
+    assert_int_equal(pki_sign_node_csr(f->ca_cert, f->ca_key, "junk", "node-4", NULL, 30, &bad),
+                     KR_EINVAL);
+    /* A request whose signature no longer matches its content. */
+    char *tampered = strdup(csr);
+    char *mid = tampered + strlen(tampered) / 2;
+    *mid = *mid == 'A' ? 'B' : 'A';
+    int trv = pki_sign_node_csr(f->ca_cert, f->ca_key, tampered, "node-4", NULL, 30, &bad);
+    assert_true(trv == KR_EAUTH || trv == KR_EINVAL);
+    assert_null(bad);
+    free(tampered);
+    assert_int_equal(pki_sign_node_csr(f->ca_cert, f->ca_key, csr, "node-4", "10.1.2.3", 30, &cert),
+                     0);
+    assert_int_equal(pki_check_node_cert(f->ca_cert, cert, "node-4"), 0);
+    assert_int_equal(pki_check_node_cert(f->ca_cert, cert, "node-1"), KR_EINVAL);
+    assert_int_equal(pki_make_ca("other CA", 30, other_ca, other_key), 0);
+    assert_int_equal(pki_check_node_cert(other_ca, cert, "node-4"), KR_EAUTH);
+    assert_int_equal(pki_check_node_cert(f->ca_cert, "junk", "node-4"), KR_EINVAL);
+    /* A client certificate cannot pass as a node. */
+    FILE *cf = fopen(f->client_cert, "r");
+    assert_non_null(cf);
+    char client_pem[8192];
+    size_t n = fread(client_pem, 1, sizeof(client_pem) - 1, cf);
+    fclose(cf);
+    client_pem[n] = '\0';
+    assert_int_not_equal(pki_check_node_cert(f->ca_cert, client_pem, "alice"), 0);
+    /* The issued certificate carries the node's key and our names. */
+    BIO *b = BIO_new_mem_buf(cert, -1);
+    X509 *x = PEM_read_bio_X509(b, NULL, NULL, NULL);
+    assert_non_null(x);
+    FILE *kf = fopen(key, "r");
+    assert_non_null(kf);
+    EVP_PKEY *pk = PEM_read_PrivateKey(kf, NULL, NULL, NULL);
+    fclose(kf);
+    assert_non_null(pk);
+    assert_int_equal(X509_check_private_key(x, pk), 1);
+    assert_int_equal(X509_check_ip_asc(x, "10.1.2.3", 0), 1);
+    assert_int_equal(X509_check_ip_asc(x, "127.0.0.1", 0), 1);
+    EVP_PKEY_free(pk);
+    X509_free(x);
+    BIO_free(b);
+    free(csr);
+    free(cert);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -387,6 +448,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_serials_are_random_128_bit, setup, teardown),
         cmocka_unit_test_setup_teardown(test_rewriting_a_key_tightens_its_mode, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_join_csr_sign_and_check, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
