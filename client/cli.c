@@ -17,6 +17,7 @@
 
 #include "cli_json.h"
 #include "client_internal.h"
+#include "pki.h"
 
 #define EXIT_USAGE 2
 #define INPUT_MAX (KR_MAX_FRAME - 4096u) /* room for the rest of the request */
@@ -57,7 +58,9 @@ struct cli {
     const char *endpoint;
     const char *ca, *cert, *key;
     const char *timeout;
+    char ca_path[4096]; /* the CA file in use, once connected */
     int json;
+    int linearizable;
     const struct command *cmd;
     kr_client_file *file;
     kr_client *client;
@@ -326,6 +329,8 @@ static int cli_connect(struct cli *cli)
         cfg.cert_file = cli->cert;
     if (cli->key != NULL)
         cfg.key_file = cli->key;
+    if (cfg.ca_file != NULL)
+        snprintf(cli->ca_path, sizeof(cli->ca_path), "%s", cfg.ca_file);
     if (cli->timeout != NULL) {
         char *end = NULL;
         long v = strtol(cli->timeout, &end, 10);
@@ -347,6 +352,7 @@ static int call(struct cli *cli, Keyraft__Request *req, Keyraft__Response__Resul
 
     if (rc != 0)
         return rc;
+    req->linearizable = cli->linearizable;
     rc = kr__call_ok(cli->client, req, expect, out_resp);
     if (rc != 0)
         return fail_call(cli, rc);
@@ -1135,6 +1141,196 @@ static int cmd_status(struct cli *cli, const struct args *a)
     return rc;
 }
 
+/* ---- cluster membership ------------------------------------------------------------------ */
+
+static int print_cluster(const struct cli *cli, const Keyraft__ClusterListResponse *v)
+{
+    if (cli->json) {
+        json_t *j = cli_json_message(&v->base);
+        return print_json(cli, j);
+    }
+    printf("%-6s %-22s %-22s %-8s %-8s %-7s %-10s %s\n", "ID", "CLIENT", "RAFT", "WANTED",
+           "RAFT", "LEADER", "MATCH", "REACHABLE");
+    for (size_t i = 0; i < v->n_nodes; i++) {
+        const Keyraft__NodeInfo *n = v->nodes[i];
+        const char *want = n->role == KEYRAFT__NODE_ROLE__NODE_VOTER     ? "voter"
+                           : n->role == KEYRAFT__NODE_ROLE__NODE_STANDBY ? "standby"
+                                                                         : "-";
+        printf("%-6llu %-22s %-22s %-8s %-8s %-7s %-10llu %s\n", (unsigned long long)n->id,
+               n->client_address[0] ? n->client_address : "-", n->raft_address, want,
+               n->raft_role, n->leader ? "yes" : "", (unsigned long long)n->match_index,
+               n->leader ? "-" : n->reachable ? "yes" : "no");
+    }
+    return 0;
+}
+
+static int read_join_request(const struct cli *cli, const char *path, Keyraft__JoinRequest **out)
+{
+    kr_buf raw = {0};
+    int rc = read_file(cli, path, &raw);
+    if (rc != 0)
+        return rc;
+    *out = keyraft__join_request__unpack(NULL, raw.len, raw.data);
+    kr_buf_free(&raw);
+    if (*out == NULL || (*out)->node_id == 0 || (*out)->csr_pem[0] == '\0')
+        return fail(cli, KR_EINVAL, "%s is not a join request (keyraftd init --join writes one)",
+                    path);
+    return 0;
+}
+
+static int write_bundle(const struct cli *cli, const char *path, const Keyraft__JoinBundle *b)
+{
+    size_t len = keyraft__join_bundle__get_packed_size(b);
+    uint8_t *buf = malloc(len);
+    if (buf == NULL)
+        return fail(cli, KR_ENOMEM, "out of memory");
+    keyraft__join_bundle__pack(b, buf);
+    FILE *f = fopen(path, "w");
+    int ok = f != NULL && fwrite(buf, 1, len, f) == len;
+    if (f != NULL && fclose(f) != 0)
+        ok = 0;
+    free(buf);
+    if (!ok)
+        return fail(cli, KR_EIO, "cannot write %s: %s", path, strerror(errno));
+    return 0;
+}
+
+/* `cluster add REQUEST`: the admin signs the node's certificate request with
+ * the cluster CA key (which stays on the admin's side), the leader's HSM
+ * wraps the MWK for the new token, and the bundle goes next to the request. */
+static int cluster_add(struct cli *cli, const struct args *a, const char *request_path)
+{
+    Keyraft__JoinRequest *jr = NULL;
+    Keyraft__Response *resp = NULL;
+    char *cert = NULL;
+    int rc = read_join_request(cli, request_path, &jr);
+    if (rc != 0)
+        return rc;
+    rc = cli_connect(cli);
+    if (rc != 0)
+        goto out;
+    char ca_key[4200], node_name[64], host[256], out_path[4200];
+    const char *key_opt = arg_get(a, "ca-key");
+    if (key_opt != NULL) {
+        snprintf(ca_key, sizeof(ca_key), "%s", key_opt);
+    } else {
+        /* Beside the CA certificate, as keyraftd init leaves it. */
+        snprintf(ca_key, sizeof(ca_key), "%s", cli->ca_path);
+        char *dot = strrchr(ca_key, '.');
+        char *slash = strrchr(ca_key, '/');
+        if (dot != NULL && (slash == NULL || dot > slash))
+            snprintf(dot, sizeof(ca_key) - (size_t)(dot - ca_key), ".key");
+    }
+    snprintf(node_name, sizeof(node_name), "node-%llu", (unsigned long long)jr->node_id);
+    snprintf(host, sizeof(host), "%s", jr->client_address);
+    char *colon = strrchr(host, ':');
+    if (colon != NULL)
+        *colon = '\0';
+    rc = pki_sign_node_csr(cli->ca_path, ca_key, jr->csr_pem, node_name, host, 825, &cert);
+    if (rc != 0) {
+        rc = fail(cli, rc, "cannot sign %s's certificate with the CA key %s (--ca-key names "
+                  "another)", node_name, ca_key);
+        goto out;
+    }
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ClusterAddRequest op = KEYRAFT__CLUSTER_ADD_REQUEST__INIT;
+    op.node_id = jr->node_id;
+    op.raft_address = jr->raft_address;
+    op.client_address = jr->client_address;
+    op.transport_spki = jr->transport_spki;
+    op.node_cert_pem = cert;
+    op.standby = arg_has(a, "standby");
+    req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_ADD;
+    req.cluster_add = &op;
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_JOIN_BUNDLE, &resp);
+    if (rc != 0)
+        goto out;
+    const char *out_opt = arg_get(a, "out");
+    if (out_opt != NULL) {
+        snprintf(out_path, sizeof(out_path), "%s", out_opt);
+    } else {
+        snprintf(out_path, sizeof(out_path), "%s", request_path);
+        char *slash = strrchr(out_path, '/');
+        size_t at = slash ? (size_t)(slash + 1 - out_path) : 0;
+        snprintf(out_path + at, sizeof(out_path) - at, "join-bundle");
+    }
+    rc = write_bundle(cli, out_path, resp->join_bundle);
+    if (rc != 0)
+        goto out;
+    if (cli->json) {
+        json_t *j = json_pack("{s:I,s:s,s:b,s:I}", "node_id", (json_int_t)jr->node_id, "bundle",
+                              out_path, "standby", (int)op.standby, "commit_index",
+                              (json_int_t)resp->commit_index);
+        rc = print_json(cli, j);
+    } else {
+        printf("node %llu admitted as %s; bundle written to %s\n"
+               "start it with: keyraftd --data <its data dir>\n",
+               (unsigned long long)jr->node_id, op.standby ? "standby" : "voter", out_path);
+    }
+out:
+    kr_response_free(resp);
+    free(cert);
+    if (jr != NULL)
+        keyraft__join_request__free_unpacked(jr, NULL);
+    return rc;
+}
+
+static int parse_node_id(const struct cli *cli, const char *s, uint64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = s ? strtoull(s, &end, 10) : 0;
+    if (s == NULL || end == s || *end != '\0' || errno != 0)
+        return usage_error(cli, "want a node id, got \"%s\"", s ? s : "");
+    *out = v;
+    return 0;
+}
+
+static int cmd_cluster(struct cli *cli, const struct args *a)
+{
+    const char *sub = a->pos[0];
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ClusterListRequest list = KEYRAFT__CLUSTER_LIST_REQUEST__INIT;
+    Keyraft__ClusterNodeRequest node = KEYRAFT__CLUSTER_NODE_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    if (strcmp(sub, "add") == 0) {
+        if (a->n_pos != 2)
+            return usage_error(cli, "cluster add needs the join request file");
+        return cluster_add(cli, a, a->pos[1]);
+    }
+    if (strcmp(sub, "list") == 0) {
+        req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_LIST;
+        req.cluster_list = &list;
+    } else {
+        if (strcmp(sub, "transfer") == 0 && a->n_pos == 1)
+            node.node_id = 0;
+        else if ((rc = parse_node_id(cli, a->n_pos == 2 ? a->pos[1] : NULL, &node.node_id)) != 0)
+            return rc;
+        if (strcmp(sub, "promote") == 0) {
+            req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE;
+            req.cluster_promote = &node;
+        } else if (strcmp(sub, "demote") == 0) {
+            req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE;
+            req.cluster_demote = &node;
+        } else if (strcmp(sub, "remove") == 0) {
+            req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_REMOVE;
+            req.cluster_remove = &node;
+        } else if (strcmp(sub, "transfer") == 0) {
+            req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER;
+            req.cluster_transfer = &node;
+        } else {
+            return usage_error(cli, "unknown cluster command \"%s\"", sub);
+        }
+    }
+    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_CLUSTER, &resp);
+    if (rc == 0)
+        rc = print_cluster(cli, resp->cluster);
+    kr_response_free(resp);
+    return rc;
+}
+
 /* ---- command table ------------------------------------------------------------------ */
 
 static const struct optspec opts_none[] = {{NULL, 0}};
@@ -1157,6 +1353,8 @@ static const struct optspec opts_verify[] = {{"sig", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_verify_mac[] = {{"mac", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_datakey[] = {{"bits", OPT_ARG}, {"aad", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_random[] = {{"hex", OPT_FLAG}, {NULL, 0}};
+static const struct optspec opts_cluster[] = {
+    {"standby", OPT_FLAG}, {"ca-key", OPT_ARG}, {"out", OPT_ARG}, {NULL, 0}};
 
 static const struct command commands[] = {
     {"create", cmd_create, opts_create, 0, 0,
@@ -1200,6 +1398,13 @@ static const struct command commands[] = {
     {"random", cmd_random, opts_random, 1, 1, "random N [--hex]",
      "N random bytes from the cluster, raw (or hex) on stdout."},
     {"status", cmd_status, opts_none, 0, 0, "status", "Shows the node's role and raft state."},
+    {"cluster", cmd_cluster, opts_cluster, 1, 2,
+     "cluster list | add REQUEST [--standby] [--ca-key F] [--out F] | promote ID | "
+     "demote ID | remove ID | transfer [ID]",
+     "Cluster membership (admin role). add admits a node prepared by `keyraftd init "
+     "--join`: signs its certificate with the CA key, has the leader's HSM wrap the MWK for "
+     "it, writes its join bundle. promote makes a voter, demote a standby (replicates and "
+     "serves reads, no vote), transfer hands leadership over."},
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -1212,6 +1417,7 @@ static const char global_usage[] =
     "  --endpoint LIST      nodes to talk to, overriding the config\n"
     "  --ca/--cert/--key F  TLS files, overriding the config\n"
     "  --timeout-ms N       per-request timeout\n"
+    "  --linearizable       reads go to the leader, after a raft barrier\n"
     "  --json               JSON output\n"
     "  --help               this text, or a command's with COMMAND --help\n"
     "commands:\n";
@@ -1243,7 +1449,7 @@ static const struct optspec *find_opt(const struct optspec *opts, const char *na
 static const struct optspec global_opts[] = {
     {"config", OPT_ARG}, {"endpoint", OPT_ARG},   {"ca", OPT_ARG},  {"cert", OPT_ARG},
     {"key", OPT_ARG},    {"timeout-ms", OPT_ARG}, {"json", OPT_FLAG}, {"help", OPT_FLAG},
-    {NULL, 0}};
+    {"linearizable", OPT_FLAG}, {NULL, 0}};
 
 static void set_global(struct cli *cli, const char *name, const char *val, int *help)
 {
@@ -1261,6 +1467,8 @@ static void set_global(struct cli *cli, const char *name, const char *val, int *
         cli->timeout = val;
     else if (strcmp(name, "json") == 0)
         cli->json = 1;
+    else if (strcmp(name, "linearizable") == 0)
+        cli->linearizable = 1;
     else
         *help = 1;
 }

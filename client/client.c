@@ -32,6 +32,7 @@
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 1000
 #define REQUEST_ID_BYTES 16
+#define MAX_ENDPOINTS 64 /* configured plus learned from leader hints */
 
 struct endpoint {
     char *host;
@@ -743,6 +744,34 @@ out:
 
 /* ---- calls ------------------------------------------------------------------------------ */
 
+/* The index of the endpoint a KR_ENOTLEADER answer named, learning it when the
+ * list lacks it (a node added since the config was written). -1 when there is
+ * no usable hint. */
+static long leader_endpoint_index(kr_client *c, const char *hint)
+{
+    struct endpoint ep;
+    if (hint == NULL || hint[0] == '\0' || endpoint_parse(hint, strlen(hint), &ep) != 0)
+        return -1;
+    for (size_t i = 0; i < c->n_eps; i++) {
+        if (strcmp(c->eps[i].host, ep.host) == 0 && strcmp(c->eps[i].port, ep.port) == 0) {
+            free(ep.host);
+            free(ep.port);
+            return (long)i;
+        }
+    }
+    struct endpoint *grown = c->n_eps < MAX_ENDPOINTS
+                                 ? realloc(c->eps, (c->n_eps + 1) * sizeof(*grown))
+                                 : NULL;
+    if (grown == NULL) {
+        free(ep.host);
+        free(ep.port);
+        return -1;
+    }
+    c->eps = grown;
+    c->eps[c->n_eps] = ep;
+    return (long)c->n_eps++;
+}
+
 static int op_is_write(Keyraft__Request__OpCase op)
 {
     switch (op) {
@@ -753,6 +782,10 @@ static int op_is_write(Keyraft__Request__OpCase op)
     case KEYRAFT__REQUEST__OP_REVOKE:
     case KEYRAFT__REQUEST__OP_DESTROY:
     case KEYRAFT__REQUEST__OP_ROTATE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_ADD:
+    case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
         return 1;
     default:
         return 0;
@@ -863,9 +896,17 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
             held = NULL;
             if ((resp->status == KR_ENOTLEADER || resp->status == KR_EUNAVAIL) &&
                 attempt + 1 < attempts && now_ms() < deadline) {
+                long leader = resp->status == KR_ENOTLEADER
+                                  ? leader_endpoint_index(c, resp->leader_endpoint)
+                                  : -1;
                 held = resp;
                 resp = NULL;
                 conn_close(c);
+                if (leader >= 0 && (size_t)leader != idx) {
+                    /* Straight to the leader: the loop steps idx forward. */
+                    attempts = attempts + 1 > RETRY_PASSES * MAX_ENDPOINTS ? attempts : attempts + 1;
+                    idx = ((size_t)leader + c->n_eps - 1) % c->n_eps;
+                }
                 continue;
             }
             break;

@@ -178,7 +178,13 @@ static int check_file(const char *path, const char *what)
     return 0;
 }
 
-int config_load(const char *path, struct config *config)
+static int load(const char *path, struct config *config, int check_files);
+
+int config_load(const char *path, struct config *config) { return load(path, config, 1); }
+
+int config_parse(const char *path, struct config *config) { return load(path, config, 0); }
+
+static int load(const char *path, struct config *config, int check_files)
 {
     struct load_ctx ctx = {.config = config, .path = path};
     char tmp[CONFIG_PATH_MAX];
@@ -224,8 +230,10 @@ int config_load(const char *path, struct config *config)
         log_error("%s: [node] join must be HOST:PORT, got '%s'", path, config->join);
         bad = 1;
     }
-    bad |= check_file(config->tls_ca, "[tls] ca") | check_file(config->tls_cert, "[tls] cert") |
-           check_file(config->tls_key, "[tls] key") | check_file(config->hsm_module, "[hsm] module");
+    if (check_files)
+        bad |= check_file(config->tls_ca, "[tls] ca") | check_file(config->tls_cert, "[tls] cert") |
+               check_file(config->tls_key, "[tls] key") |
+               check_file(config->hsm_module, "[hsm] module");
     if (config->hsm_token_label[0] == '\0') {
         log_error("%s: [hsm] token_label is not set", path);
         bad = 1;

@@ -44,6 +44,10 @@ void config_defaults(struct config *config);
  * file's directory. KR_ECONFIG with a logged reason naming file:line. */
 int config_load(const char *path, struct config *config);
 
+/* config_load without the checks that files exist: for a joining node whose
+ * certificates arrive with its join bundle. */
+int config_parse(const char *path, struct config *config);
+
 /* Writes |config| as an INI file (mode 0600). */
 int config_write(const struct config *config, const char *path);
 

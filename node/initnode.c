@@ -22,6 +22,7 @@
 #include "keyraft.h"
 #include "log.h"
 #include "pki.h"
+#include "record.pb-c.h"
 
 #define CERT_DAYS 825
 #define CA_DAYS 3650
@@ -87,6 +88,82 @@ static int random_pin(char *out, size_t hex_len)
             goto out;                                                     \
         }                                                                 \
     } while (0)
+
+/* `init --join`: this token makes the transport key the MWK will come
+ * under, the node makes its TLS key and a request, and the admin gets one
+ * file to admit it with. Nothing secret leaves the node. */
+static int prepare_join(const struct node_init_options *o, struct config *c, const char *dir,
+                        struct hsm *hsm)
+{
+    char p[PATH_MAX + 64];
+    uint8_t *spki = NULL;
+    size_t spki_len = 0;
+    char *csr = NULL;
+    uint8_t *packed = NULL;
+    int rv = 0;
+    char host[256];
+    int port = 0;
+    if (config_split_hostport(o->join, host, sizeof(host), &port) != 0) {
+        log_error("--join takes the HOST:PORT of a member's client endpoint");
+        return KR_EINVAL;
+    }
+    PATHF(c->join, "%s", o->join);
+    rv = hsm_make_transport_key(hsm, NODE_TRANSPORT_KEY_LABEL, &spki, &spki_len);
+    if (rv != 0) {
+        log_error("the token cannot make its transport key: %s", kr_strerror(rv));
+        goto out;
+    }
+    PATHF(p, "%s/tls", dir);
+    if (mkdir(p, 0700) != 0 && errno != EEXIST) {
+        rv = KR_EIO;
+        goto out;
+    }
+    char node_name[64];
+    snprintf(node_name, sizeof(node_name), "node-%llu", (unsigned long long)c->node_id);
+    PATHF(c->tls_key, "%s/tls/node.key", dir);
+    PATHF(c->tls_cert, "%s/tls/node.pem", dir);
+    PATHF(c->tls_ca, "%s/tls/ca.pem", dir);
+    if ((rv = pki_make_node_csr(node_name, c->tls_key, &csr)) != 0)
+        goto out;
+    Keyraft__JoinRequest jr = KEYRAFT__JOIN_REQUEST__INIT;
+    jr.node_id = c->node_id;
+    jr.raft_address = c->raft_address;
+    jr.client_address = c->listen;
+    jr.transport_spki.data = spki;
+    jr.transport_spki.len = spki_len;
+    jr.csr_pem = csr;
+    jr.join = c->join;
+    size_t len = keyraft__join_request__get_packed_size(&jr);
+    packed = malloc(len);
+    if (packed == NULL) {
+        rv = KR_ENOMEM;
+        goto out;
+    }
+    keyraft__join_request__pack(&jr, packed);
+    PATHF(p, "%s/%s", dir, NODE_JOIN_REQUEST);
+    FILE *f = fopen(p, "wx");
+    if (f == NULL || fwrite(packed, 1, len, f) != len) {
+        if (f)
+            fclose(f);
+        log_error("cannot write %s", p);
+        rv = KR_EIO;
+        goto out;
+    }
+    if (fclose(f) != 0) {
+        rv = KR_EIO;
+        goto out;
+    }
+    PATHF(p, "%s/keyraftd.conf", dir);
+    if ((rv = config_write(c, p)) != 0)
+        goto out;
+    log_info("node %llu prepared to join %s: request in %s/%s",
+             (unsigned long long)c->node_id, c->join, dir, NODE_JOIN_REQUEST);
+out:
+    free(spki);
+    free(csr);
+    free(packed);
+    return rv;
+}
 
 int node_init(const struct node_init_options *o)
 {
@@ -163,12 +240,14 @@ int node_init(const struct node_init_options *o)
     const char *env_so = getenv("KEYRAFT_HSM_SO_PIN");
     if (env_so != NULL && env_so[0] != '\0') {
         snprintf(so_pin, sizeof(so_pin), "%s", env_so);
+        PATHF(c.hsm_so_pin_env, "KEYRAFT_HSM_SO_PIN");
     } else {
         if ((rv = random_pin(so_pin, 32)) != 0)
             goto out;
         PATHF(p, "%s/hsm-so.pin", dir);
         if ((rv = write_secret_file(p, so_pin)) != 0)
             goto out;
+        PATHF(c.hsm_so_pin_file, "%s", p);
     }
     rv = hsm_init_token(c.hsm_module, c.hsm_token_label, so_pin, pin);
     if (rv != 0) {
@@ -179,6 +258,11 @@ int node_init(const struct node_init_options *o)
     struct hsm *hsm = NULL;
     if ((rv = hsm_open(&hc, &hsm)) != 0)
         goto out;
+    if (o->join != NULL) {
+        rv = prepare_join(o, &c, dir, hsm);
+        hsm_close(hsm);
+        goto out;
+    }
     rv = hsm_generate_mwk(hsm);
     hsm_close(hsm);
     if (rv != 0) {

@@ -14,6 +14,7 @@ static void usage(FILE *f)
             "usage:\n"
             "  keyraftd init --data DIR [--node-id N] [--listen HOST:PORT]\n"
             "                [--raft-address IP:PORT] [--hsm-module PATH]\n"
+            "                [--join HOST:PORT]   prepare to join the cluster there\n"
             "  keyraftd --data DIR | --config FILE\n"
             "  keyraftd --version\n\n"
             "The HSM PIN is read from the file the config names, or from the\n"
@@ -30,6 +31,7 @@ int main(int argc, char **argv)
         {"listen", required_argument, NULL, 'l'},
         {"raft-address", required_argument, NULL, 'r'},
         {"hsm-module", required_argument, NULL, 'm'},
+        {"join", required_argument, NULL, 'j'},
         {"version", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -61,6 +63,7 @@ int main(int argc, char **argv)
         case 'l': io.listen = optarg; break;
         case 'r': io.raft_address = optarg; break;
         case 'm': io.hsm_module = optarg; break;
+        case 'j': io.join = optarg; break;
         case 'V': printf("keyraftd %s\n", KEYRAFT_VERSION); return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -82,6 +85,14 @@ int main(int argc, char **argv)
             fprintf(stderr, "keyraftd init: failed (%s); the log above says why\n",
                     kr_status_name(rv));
             return 1;
+        }
+        if (io.join != NULL) {
+            printf("node prepared to join %s, in %s\n"
+                   "  an admin admits it:  keyraft cluster add %s/join-request\n"
+                   "                       (writes %s/join-bundle; copy it here if run elsewhere)\n"
+                   "  then start it:       keyraftd --data %s\n",
+                   io.join, data, data, data, data);
+            return 0;
         }
         printf("node initialised in %s\n"
                "  start it:  keyraftd --data %s\n"

@@ -4,7 +4,12 @@
 
 #define KR_LOG_MODULE "node"
 #include <openssl/crypto.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +21,7 @@
 #include "keyraft.h"
 #include "keyring.h"
 #include "log.h"
+#include "record.pb-c.h"
 #include "secmem.h"
 #include "server.h"
 #include "service.h"
@@ -24,6 +30,7 @@
 
 #define SECURE_HEAP_SIZE (4u * 1024u * 1024u)
 #define TICK_MS 100
+#define HANDOFF_MAX_MS 3000 /* a stopping leader waits this long for a successor */
 
 struct node {
     uv_loop_t loop;
@@ -39,6 +46,8 @@ struct node {
     uv_timer_t ticker;
     uv_signal_t sigint, sigterm;
     int until_ready;
+    int handing_off;
+    uint64_t handoff_deadline;
     int stopping;
     int was_ready;
     int exit_status;
@@ -74,11 +83,35 @@ static void node_stop(struct node *n)
         server_stopped(n);
 }
 
+/* A leader that is asked to stop hands leadership over first, so writes
+ * pause for one transfer instead of an election timeout. */
+static void node_shutdown(struct node *n)
+{
+    if (n->stopping || n->handing_off)
+        return;
+    struct cluster_member m[64];
+    size_t nm = n->cluster ? cluster_members(n->cluster, m, 64) : 0;
+    size_t voters = 0;
+    for (size_t i = 0; i < nm; i++)
+        voters += m[i].role == CLUSTER_VOTER;
+    if (n->cluster && cluster_is_leader(n->cluster) && voters > 1 &&
+        cluster_transfer(n->cluster, 0) == 0) {
+        n->handing_off = 1;
+        n->handoff_deadline = uv_now(&n->loop) + HANDOFF_MAX_MS;
+        log_info("stopping: handing leadership over first");
+        return; /* on_tick stops once it is done or the deadline passed */
+    }
+    node_stop(n);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     struct node *n = h->data;
     log_info("signal %d received", signum);
-    node_stop(n);
+    if (n->handing_off)
+        node_stop(n); /* a second signal: stop now */
+    else
+        node_shutdown(n);
 }
 
 static void on_tick(uv_timer_t *t)
@@ -86,6 +119,11 @@ static void on_tick(uv_timer_t *t)
     struct node *n = t->data;
     if (n->stopping)
         return;
+    if (n->handing_off) {
+        if (!cluster_is_leader(n->cluster) || uv_now(&n->loop) >= n->handoff_deadline)
+            node_stop(n);
+        return;
+    }
     service_tick(n->service);
     if (!n->was_ready && service_ready(n->service)) {
         n->was_ready = 1;
@@ -126,12 +164,156 @@ static int open_hsm(struct node *n)
     return 0;
 }
 
+static int write_file(const char *path, const void *data, size_t len, mode_t mode)
+{
+    char tmp[CONFIG_PATH_MAX + 16];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode);
+    if (fd < 0) {
+        log_error("cannot write %s: %s", tmp, strerror(errno));
+        return KR_EIO;
+    }
+    int ok = write(fd, data, len) == (ssize_t)len && fsync(fd) == 0;
+    close(fd);
+    if (!ok || rename(tmp, path) != 0) {
+        log_error("cannot write %s", path);
+        unlink(tmp);
+        return KR_EIO;
+    }
+    return 0;
+}
+
+static int read_whole(const char *path, uint8_t **out, size_t *out_len)
+{
+    int fd = open(path, O_RDONLY);
+    if (fd < 0)
+        return KR_ENOTFOUND;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || st.st_size <= 0 || st.st_size > 1024 * 1024) {
+        close(fd);
+        return KR_EINVAL;
+    }
+    uint8_t *buf = malloc((size_t)st.st_size);
+    if (buf == NULL || read(fd, buf, (size_t)st.st_size) != st.st_size) {
+        free(buf);
+        close(fd);
+        return KR_EIO;
+    }
+    close(fd);
+    *out = buf;
+    *out_len = (size_t)st.st_size;
+    return 0;
+}
+
+/* The second half of a join: the bundle an admin's `keyraft cluster add`
+ * wrote. The MWK goes into this node's token wrapped (unwrapped inside it),
+ * and is proven by decrypting what the admitting member's HSM encrypted. */
+static int finish_join(const char *config_path, const char *bundle_path)
+{
+    struct config c;
+    int rv = config_parse(config_path, &c);
+    if (rv != 0)
+        return rv;
+    uint8_t *raw = NULL;
+    size_t raw_len = 0;
+    if ((rv = read_whole(bundle_path, &raw, &raw_len)) != 0) {
+        log_error("cannot read the join bundle %s", bundle_path);
+        return rv;
+    }
+    Keyraft__JoinBundle *b = keyraft__join_bundle__unpack(NULL, raw_len, raw);
+    free(raw);
+    if (b == NULL || b->node_id != c.node_id || b->ca_pem[0] == '\0' ||
+        b->node_cert_pem[0] == '\0') {
+        log_error("%s is not a join bundle for node %llu", bundle_path,
+                  (unsigned long long)c.node_id);
+        if (b)
+            keyraft__join_bundle__free_unpacked(b, NULL);
+        return KR_EINVAL;
+    }
+    if (c.hsm_softhsm_conf[0] != '\0')
+        setenv("SOFTHSM2_CONF", c.hsm_softhsm_conf, 1);
+    char pin[256];
+    struct hsm *hsm = NULL;
+    rv = config_read_pin(&c, pin, sizeof(pin));
+    if (rv == 0) {
+        struct hsm_config hc = {c.hsm_module, c.hsm_token_label, pin, c.hsm_mwk_label};
+        rv = hsm_open(&hc, &hsm);
+    }
+    OPENSSL_cleanse(pin, sizeof(pin));
+    if (rv == 0 && hsm_find_mwk(hsm) == KR_ENOTFOUND) {
+        rv = hsm_unwrap_mwk(hsm, NODE_TRANSPORT_KEY_LABEL, b->wrapped_mwk.data, b->wrapped_mwk.len);
+        if (rv != 0)
+            log_error("the join bundle's MWK does not open with this token's transport key: %s",
+                      kr_strerror(rv));
+    }
+    if (rv == 0)
+        rv = hsm_find_mwk(hsm);
+    if (rv == 0) {
+        char name[64];
+        snprintf(name, sizeof(name), "node-%llu", (unsigned long long)c.node_id);
+        uint8_t back[64];
+        size_t back_len = 0;
+        rv = b->check.len > HSM_GCM_IV_LEN + HSM_GCM_TAG_LEN &&
+                     b->check.len - HSM_GCM_IV_LEN - HSM_GCM_TAG_LEN <= sizeof(back)
+                 ? hsm_mwk_decrypt(hsm, (const uint8_t *)name, strlen(name), b->check.data,
+                                   b->check.len, back, &back_len)
+                 : KR_EINVAL;
+        if (rv != 0 || back_len != strlen(NODE_JOIN_CHECK_TEXT) ||
+            memcmp(back, NODE_JOIN_CHECK_TEXT, back_len) != 0) {
+            log_error("the copied MWK does not decrypt the member's check value: this "
+                      "token's MWK is not the cluster's");
+            rv = KR_EAUTH;
+        } else {
+            log_info("MWK copied HSM to HSM and verified: this token decrypts what the "
+                     "admitting member's HSM encrypted");
+        }
+    }
+    hsm_close(hsm);
+    if (rv == 0)
+        rv = write_file(c.tls_ca, b->ca_pem, strlen(b->ca_pem), 0644);
+    if (rv == 0)
+        rv = write_file(c.tls_cert, b->node_cert_pem, strlen(b->node_cert_pem), 0644);
+    if (rv == 0) {
+        char done[CONFIG_PATH_MAX + 64];
+        snprintf(done, sizeof(done), "%s.applied", bundle_path);
+        if (rename(bundle_path, done) != 0)
+            rv = KR_EIO;
+        log_info("joined: node %llu has its certificate and MWK; raft catches it up",
+                 (unsigned long long)c.node_id);
+    }
+    keyraft__join_bundle__free_unpacked(b, NULL);
+    return rv;
+}
+
+/* A node made by `init --join` waits for its bundle. */
+static int complete_join_if_needed(const char *config_path)
+{
+    char tmp[CONFIG_PATH_MAX], bundle[CONFIG_PATH_MAX + 32], request[CONFIG_PATH_MAX + 32];
+    snprintf(tmp, sizeof(tmp), "%s", config_path);
+    const char *dir = dirname(tmp);
+    snprintf(bundle, sizeof(bundle), "%s/%s", dir, NODE_JOIN_BUNDLE);
+    snprintf(request, sizeof(request), "%s/%s", dir, NODE_JOIN_REQUEST);
+    if (access(bundle, F_OK) == 0)
+        return finish_join(config_path, bundle);
+    char applied[CONFIG_PATH_MAX + 48];
+    snprintf(applied, sizeof(applied), "%s.applied", bundle);
+    if (access(request, F_OK) == 0 && access(applied, F_OK) != 0) {
+        log_error("this node waits to be admitted: an admin runs `keyraft cluster add %s`, "
+                  "which writes %s; then start the node again", request, bundle);
+        return KR_EUNAVAIL;
+    }
+    return 0;
+}
+
 int node_run(const char *config_path, int until_ready)
 {
+    int rv = complete_join_if_needed(config_path);
+    if (rv != 0)
+        return rv;
     struct node *n = calloc(1, sizeof(*n));
     if (n == NULL)
         return KR_ENOMEM;
-    int rv = config_load(config_path, &n->config);
+    rv = config_load(config_path, &n->config);
     if (rv != 0)
         goto out_free;
     log_set_level((enum log_level)log_level_parse(n->config.log_level));
@@ -171,6 +353,7 @@ int node_run(const char *config_path, int until_ready)
         .raft_dir = raft_dir,
         .peer_server_tls = n->tls,
         .peer_client_tls = n->peer_client_tls,
+        .raft_listen = n->config.raft_listen[0] ? n->config.raft_listen : NULL,
     };
     rv = cluster_start(&n->loop, &cc, n->store, &n->cluster);
     int cluster_rv = rv;
@@ -179,6 +362,7 @@ int node_run(const char *config_path, int until_ready)
         .store = n->store,
         .cluster = n->cluster,
         .keyring = n->keyring,
+        .hsm = n->hsm,
         .config = &n->config,
     };
     if (rv == 0)

@@ -12,8 +12,11 @@
 
 #include "crypto.h"
 #include "fsm.h"
+#include "hsm.h"
+#include "pki.h"
 #include "keyraft.h"
 #include "log.h"
+#include "node.h"
 #include "rpc.h"
 #include "secmem.h"
 
@@ -40,6 +43,7 @@ struct service {
     int wake_open;
     unsigned pending;
     int domain_in_progress;
+    int registry_in_progress;
     int ready;
     uint64_t started_ms;
 };
@@ -60,7 +64,9 @@ struct call {
     service_reply_cb cb;
     void *ctx;
     char principal[256];
+    char roles[256];
     char address[64];
+    Keyraft__JoinBundle *bundle; /* cluster add: the reply, once the registry has the node */
     struct arena_block *arena;
     Keyraft__Response resp;
     /* work in progress for writes */
@@ -126,9 +132,13 @@ static void call_finish(struct call *call)
 static void reply_error(struct call *call, int status, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+static void leader_hint(struct call *call);
+
 static void reply_error(struct call *call, int status, const char *fmt, ...)
 {
     char msg[512];
+    if (status == KR_ENOTLEADER)
+        leader_hint(call);
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
@@ -436,6 +446,21 @@ static int validate_new_key(struct call *call, const char *name, Keyraft__Algori
         return -1;
     }
     return 0;
+}
+
+/* With KR_ENOTLEADER the client gets the leader's client endpoint, from the
+ * registry, and goes there next. */
+static void leader_hint(struct call *call)
+{
+    struct service *svc = call->svc;
+    uint64_t leader = cluster_leader_id(svc->deps.cluster);
+    Keyraft__NodeRecord *node = NULL;
+    if (leader == 0 || fsm_get_node(svc->deps.store, leader, &node) != 0)
+        return;
+    call->resp.leader_endpoint = arena_strdup(call, node->client_address);
+    if (call->resp.leader_endpoint == NULL)
+        call->resp.leader_endpoint = (char *)"";
+    keyraft__node_record__free_unpacked(node, NULL);
 }
 
 static int require_leader(struct call *call)
@@ -1440,6 +1465,16 @@ static void op_random(struct call *call)
     call_finish(call);
 }
 
+static void self_registered(void *arg, const struct fsm_op_result *res)
+{
+    struct service *svc = arg;
+    svc->registry_in_progress = 0;
+    if (res->status == 0)
+        log_info("this node is in the node registry");
+    else
+        log_warn("registering this node: %s; retrying", kr_strerror(res->status));
+}
+
 static void op_status(struct call *call)
 {
     struct cluster_status st;
@@ -1466,6 +1501,392 @@ static void op_status(struct call *call)
     call->resp.result_case = KEYRAFT__RESPONSE__RESULT_NODE_STATUS;
     call->resp.node_status = sr;
     call_finish(call);
+}
+
+/* --- cluster membership (admin role) ------------------------------------------------ */
+
+static int has_role(const struct call *call, const char *role)
+{
+    size_t rl = strlen(role);
+    for (const char *p = call->roles; *p != '\0';) {
+        size_t n = strcspn(p, ",");
+        while (n > 0 && *p == ' ') {
+            p++;
+            n--;
+        }
+        if (n == rl && memcmp(p, role, rl) == 0)
+            return 1;
+        p += n;
+        if (*p == ',')
+            p++;
+    }
+    return 0;
+}
+
+static int require_admin(struct call *call)
+{
+    if (has_role(call, "admin"))
+        return 0;
+    reply_error(call, KR_EPERM, "cluster membership needs the admin role; %s has \"%s\"",
+                call->principal, call->roles);
+    return -1;
+}
+
+static int node_role_to_cluster(Keyraft__NodeRole role)
+{
+    return role == KEYRAFT__NODE_ROLE__NODE_STANDBY ? CLUSTER_STANDBY : CLUSTER_VOTER;
+}
+
+/* The registry merged with the raft configuration: what an admin sees. */
+static Keyraft__ClusterListResponse *cluster_view(struct call *call)
+{
+    struct service *svc = call->svc;
+    struct fsm_nodes reg;
+    if (fsm_list_nodes(svc->deps.store, &reg) != 0)
+        return NULL;
+    struct cluster_member members[FSM_MAX_NODES];
+    size_t nm = cluster_members(svc->deps.cluster, members, FSM_MAX_NODES);
+    Keyraft__ClusterListResponse *view = arena_alloc(call, sizeof(*view));
+    Keyraft__NodeInfo **infos = arena_alloc(call, (reg.n + nm + 1) * sizeof(*infos));
+    if (view == NULL || infos == NULL) {
+        fsm_nodes_free(&reg);
+        return NULL;
+    }
+    keyraft__cluster_list_response__init(view);
+    view->leader_id = cluster_leader_id(svc->deps.cluster);
+    view->commit_index = cluster_applied_index(svc->deps.cluster);
+    view->nodes = infos;
+    size_t n = 0;
+    /* Registry nodes first (by id), then raft members the registry lacks. */
+    for (size_t i = 0; i < reg.n + nm; i++) {
+        const Keyraft__NodeRecord *rec = i < reg.n ? reg.nodes[i] : NULL;
+        const struct cluster_member *m = NULL;
+        uint64_t id = rec ? rec->id : members[i - reg.n].id;
+        for (size_t j = 0; j < nm; j++)
+            if (members[j].id == id)
+                m = &members[j];
+        if (rec == NULL) {
+            int known = 0;
+            for (size_t j = 0; j < reg.n; j++)
+                known |= reg.nodes[j]->id == id;
+            if (known)
+                continue;
+        }
+        Keyraft__NodeInfo *info = arena_alloc(call, sizeof(*info));
+        if (info == NULL)
+            break;
+        keyraft__node_info__init(info);
+        info->id = id;
+        info->raft_address = arena_strdup(call, rec ? rec->raft_address : m->address);
+        info->client_address = arena_strdup(call, rec ? rec->client_address : "");
+        info->role = rec ? rec->role : KEYRAFT__NODE_ROLE__NODE_ROLE_UNSPECIFIED;
+        info->raft_role = (char *)cluster_role_name(m ? m->role : CLUSTER_ABSENT);
+        info->leader = id == view->leader_id;
+        info->match_index = m ? m->match_index : 0;
+        info->reachable = m ? m->reachable : 0;
+        if (info->raft_address == NULL || info->client_address == NULL)
+            break;
+        infos[n++] = info;
+    }
+    view->n_nodes = n;
+    fsm_nodes_free(&reg);
+    return view;
+}
+
+static void reply_cluster_view(struct call *call, uint64_t commit_index)
+{
+    Keyraft__ClusterListResponse *view = cluster_view(call);
+    if (view == NULL) {
+        reply_error(call, KR_EIO, "cannot read the node registry");
+        return;
+    }
+    call->resp.commit_index = commit_index;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_CLUSTER;
+    call->resp.cluster = view;
+    call_finish(call);
+}
+
+static void op_cluster_list(struct call *call)
+{
+    if (!has_role(call, "admin") && !has_role(call, "auditor")) {
+        reply_error(call, KR_EPERM, "listing the cluster needs the admin or auditor role");
+        return;
+    }
+    reply_cluster_view(call, 0);
+}
+
+static void registry_done(void *arg, const struct fsm_op_result *res)
+{
+    struct call *call = arg;
+    call->svc->pending--;
+    if (res->status != 0) {
+        reply_error(call, res->status, "the registry change failed: %s%s",
+                    kr_strerror(res->status),
+                    res->status == KR_EEXIST ? " (another node has that address)" : "");
+        return;
+    }
+    if (call->bundle == NULL) {
+        reply_cluster_view(call, res->index);
+        return;
+    }
+    /* The bundle lists the members as the registry now has them. */
+    Keyraft__ClusterListResponse *view = cluster_view(call);
+    if (view != NULL) {
+        call->bundle->members = view->nodes;
+        call->bundle->n_members = view->n_nodes;
+    }
+    call->resp.commit_index = res->index;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_JOIN_BUNDLE;
+    call->resp.join_bundle = call->bundle;
+    call_finish(call);
+}
+
+static void propose_registry(struct call *call, Keyraft__Command *cmd)
+{
+    char request_id[REQUEST_ID_MAX + 260];
+    scoped_request_id(call, request_id, sizeof(request_id));
+    cmd->request_id = request_id;
+    int rv = cluster_propose(call->svc->deps.cluster, cmd, registry_done, call);
+    if (rv != 0) {
+        reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
+        return;
+    }
+    call->svc->pending++;
+}
+
+static void propose_node(struct call *call, const Keyraft__NodeRecord *rec)
+{
+    Keyraft__PutNodeCommand put = KEYRAFT__PUT_NODE_COMMAND__INIT;
+    put.node = (Keyraft__NodeRecord *)rec;
+    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+    cmd.op_case = KEYRAFT__COMMAND__OP_PUT_NODE;
+    cmd.put_node = &put;
+    propose_registry(call, &cmd);
+}
+
+static char *read_small_file(struct call *call, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return NULL;
+    char *buf = arena_alloc(call, 65537);
+    size_t n = buf ? fread(buf, 1, 65536, f) : 0;
+    fclose(f);
+    if (buf == NULL || n == 0 || n == 65536)
+        return NULL;
+    buf[n] = '\0';
+    return buf;
+}
+
+static int valid_hostport(const char *s)
+{
+    char host[256];
+    int port = 0;
+    return s[0] != '\0' && config_split_hostport(s, host, sizeof(host), &port) == 0;
+}
+
+/* Admits a node: checks its certificate, has this node's HSM wrap the MWK to
+ * the new token's transport key, records the node in the registry (the
+ * leader then adds it to raft), and answers with the bundle it starts from. */
+static void op_cluster_add(struct call *call)
+{
+    const Keyraft__ClusterAddRequest *r = call->req->cluster_add;
+    struct service *svc = call->svc;
+    const struct config *cfg = svc->deps.config;
+    if (require_admin(call) != 0 || require_leader(call) != 0)
+        return;
+    if (r->node_id == 0 || !valid_hostport(r->raft_address) ||
+        !valid_hostport(r->client_address) || r->transport_spki.len == 0 ||
+        r->transport_spki.len > 4096) {
+        reply_error(call, KR_EINVAL, "a join needs a node id, raft and client HOST:PORT, and "
+                    "the new token's transport key");
+        return;
+    }
+    char name[64];
+    snprintf(name, sizeof(name), "node-%llu", (unsigned long long)r->node_id);
+    int rv = pki_check_node_cert(cfg->tls_ca, r->node_cert_pem, name);
+    if (rv != 0) {
+        reply_error(call, rv, "the node certificate is not a cluster CA certificate for %s", name);
+        return;
+    }
+    Keyraft__NodeRecord *existing = NULL;
+    if (fsm_get_node(svc->deps.store, r->node_id, &existing) == 0) {
+        int same = strcmp(existing->raft_address, r->raft_address) == 0 &&
+                   strcmp(existing->client_address, r->client_address) == 0;
+        keyraft__node_record__free_unpacked(existing, NULL);
+        struct cluster_member m[FSM_MAX_NODES];
+        size_t nm = cluster_members(svc->deps.cluster, m, FSM_MAX_NODES);
+        int started = 0;
+        for (size_t i = 0; i < nm; i++)
+            started |= m[i].id == r->node_id && m[i].match_index > 0;
+        /* A retry of an admission that has not started yet gets a new bundle. */
+        if (!same || started || r->node_id == cfg->node_id) {
+            reply_error(call, KR_EEXIST, "node %llu is already a member: remove it first",
+                        (unsigned long long)r->node_id);
+            return;
+        }
+    }
+    char pin[256], so_pin[256];
+    rv = config_read_pin(cfg, pin, sizeof(pin));
+    if (rv == 0)
+        rv = config_read_so_pin(cfg, so_pin, sizeof(so_pin));
+    if (rv != 0) {
+        OPENSSL_cleanse(pin, sizeof(pin));
+        reply_error(call, KR_ECONFIG, "this node cannot admit: its HSM SO PIN is not "
+                    "configured ([hsm] so_pin_file or so_pin_env)");
+        return;
+    }
+    uint8_t *blob = NULL, *check = NULL;
+    size_t blob_len = 0, check_len = 0;
+    rv = hsm_admit_wrap_mwk(svc->deps.hsm, cfg->hsm_module, cfg->hsm_token_label, so_pin, pin,
+                            r->transport_spki.data, r->transport_spki.len, &blob, &blob_len);
+    OPENSSL_cleanse(pin, sizeof(pin));
+    OPENSSL_cleanse(so_pin, sizeof(so_pin));
+    if (rv == 0)
+        rv = hsm_mwk_encrypt(svc->deps.hsm, (const uint8_t *)name, strlen(name),
+                             (const uint8_t *)NODE_JOIN_CHECK_TEXT, strlen(NODE_JOIN_CHECK_TEXT), &check,
+                             &check_len);
+    Keyraft__JoinBundle *b = arena_alloc(call, sizeof(*b));
+    uint8_t *blob_copy = arena_alloc(call, blob_len + 1);
+    uint8_t *check_copy = arena_alloc(call, check_len + 1);
+    if (rv != 0 || b == NULL || blob_copy == NULL || check_copy == NULL) {
+        free(blob);
+        free(check);
+        reply_error(call, rv ? rv : KR_ENOMEM, "this node's HSM could not wrap the MWK for "
+                    "the new node: %s", kr_strerror(rv ? rv : KR_ENOMEM));
+        return;
+    }
+    keyraft__join_bundle__init(b);
+    memcpy(blob_copy, blob, blob_len);
+    memcpy(check_copy, check, check_len);
+    free(blob);
+    free(check);
+    b->node_id = r->node_id;
+    b->ca_pem = read_small_file(call, cfg->tls_ca);
+    b->node_cert_pem = arena_strdup(call, r->node_cert_pem);
+    b->wrapped_mwk.data = blob_copy;
+    b->wrapped_mwk.len = blob_len;
+    b->check.data = check_copy;
+    b->check.len = check_len;
+    b->mwk_label = arena_strdup(call, cfg->hsm_mwk_label);
+    if (b->ca_pem == NULL || b->node_cert_pem == NULL || b->mwk_label == NULL) {
+        reply_error(call, KR_EIO, "cannot read the cluster CA certificate");
+        return;
+    }
+    call->bundle = b;
+    Keyraft__NodeRecord rec = KEYRAFT__NODE_RECORD__INIT;
+    rec.id = r->node_id;
+    rec.raft_address = r->raft_address;
+    rec.client_address = r->client_address;
+    rec.role = r->standby ? KEYRAFT__NODE_ROLE__NODE_STANDBY : KEYRAFT__NODE_ROLE__NODE_VOTER;
+    rec.added_at = now_ms();
+    log_info("admitting node %llu (%s, raft %s) as %s, asked by %s",
+             (unsigned long long)r->node_id, r->client_address, r->raft_address,
+             r->standby ? "standby" : "voter", call->principal);
+    propose_node(call, &rec);
+}
+
+/* Counts registry voters other than |except|. */
+static size_t other_voters(const struct fsm_nodes *reg, uint64_t except)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < reg->n; i++)
+        n += reg->nodes[i]->id != except && reg->nodes[i]->role == KEYRAFT__NODE_ROLE__NODE_VOTER;
+    return n;
+}
+
+static void op_cluster_change(struct call *call, const Keyraft__ClusterNodeRequest *r,
+                              Keyraft__NodeRole to, int remove)
+{
+    struct service *svc = call->svc;
+    if (require_admin(call) != 0 || require_leader(call) != 0)
+        return;
+    struct fsm_nodes reg;
+    if (fsm_list_nodes(svc->deps.store, &reg) != 0) {
+        reply_error(call, KR_EIO, "cannot read the node registry");
+        return;
+    }
+    const Keyraft__NodeRecord *node = NULL;
+    for (size_t i = 0; i < reg.n; i++)
+        if (reg.nodes[i]->id == r->node_id)
+            node = reg.nodes[i];
+    if (node == NULL) {
+        fsm_nodes_free(&reg);
+        reply_error(call, KR_ENOTFOUND, "node %llu is not a member", (unsigned long long)r->node_id);
+        return;
+    }
+    if ((remove || to == KEYRAFT__NODE_ROLE__NODE_STANDBY) && other_voters(&reg, node->id) == 0) {
+        fsm_nodes_free(&reg);
+        reply_error(call, KR_ESTATE, "node %llu is the last voter: promote another node first",
+                    (unsigned long long)r->node_id);
+        return;
+    }
+    if (remove) {
+        fsm_nodes_free(&reg);
+        Keyraft__RemoveNodeCommand rm = KEYRAFT__REMOVE_NODE_COMMAND__INIT;
+        rm.node_id = r->node_id;
+        Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+        cmd.op_case = KEYRAFT__COMMAND__OP_REMOVE_NODE;
+        cmd.remove_node = &rm;
+        log_info("removing node %llu, asked by %s", (unsigned long long)r->node_id,
+                 call->principal);
+        propose_registry(call, &cmd);
+        return;
+    }
+    Keyraft__NodeRecord rec = *node;
+    rec.role = to;
+    log_info("node %llu: wanted role %s, asked by %s", (unsigned long long)r->node_id,
+             to == KEYRAFT__NODE_ROLE__NODE_VOTER ? "voter" : "standby", call->principal);
+    propose_node(call, &rec);
+    fsm_nodes_free(&reg);
+}
+
+static void op_cluster_transfer(struct call *call)
+{
+    if (require_admin(call) != 0 || require_leader(call) != 0)
+        return;
+    int rv = cluster_transfer(call->svc->deps.cluster, call->req->cluster_transfer->node_id);
+    if (rv != 0) {
+        reply_error(call, rv, "cannot hand leadership over: %s%s", kr_strerror(rv),
+                    rv == KR_ENOTFOUND ? " (not a voter of this cluster)" : "");
+        return;
+    }
+    reply_cluster_view(call, 0);
+}
+
+/* Leader duty: the registry holds this node, and raft follows the registry. */
+static void tick_membership(struct service *svc)
+{
+    const struct config *cfg = svc->deps.config;
+    struct fsm_nodes reg;
+    if (svc->registry_in_progress || fsm_list_nodes(svc->deps.store, &reg) != 0)
+        return;
+    int self = 0;
+    for (size_t i = 0; i < reg.n; i++)
+        self |= reg.nodes[i]->id == cfg->node_id;
+    if (!self) {
+        Keyraft__NodeRecord rec = KEYRAFT__NODE_RECORD__INIT;
+        rec.id = cfg->node_id;
+        rec.raft_address = (char *)cfg->raft_address;
+        rec.client_address = (char *)cfg->listen;
+        rec.role = KEYRAFT__NODE_ROLE__NODE_VOTER;
+        rec.added_at = now_ms();
+        Keyraft__PutNodeCommand put = KEYRAFT__PUT_NODE_COMMAND__INIT;
+        put.node = &rec;
+        Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
+        cmd.op_case = KEYRAFT__COMMAND__OP_PUT_NODE;
+        cmd.put_node = &put;
+        if (cluster_propose(svc->deps.cluster, &cmd, self_registered, svc) == 0)
+            svc->registry_in_progress = 1;
+        fsm_nodes_free(&reg);
+        return;
+    }
+    struct cluster_wanted wanted[FSM_MAX_NODES];
+    for (size_t i = 0; i < reg.n; i++)
+        wanted[i] = (struct cluster_wanted){reg.nodes[i]->id, reg.nodes[i]->raft_address,
+                                            node_role_to_cluster(reg.nodes[i]->role)};
+    cluster_reconcile(svc->deps.cluster, wanted, reg.n);
+    fsm_nodes_free(&reg);
 }
 
 /* --- dispatch ---------------------------------------------------------------------------- */
@@ -1507,6 +1928,51 @@ static void on_applied(void *arg, uint64_t applied_index)
         uv_timer_start(&svc->wake, on_wake, 0, 0);
 }
 
+/* Operations whose answer depends on a key's replicated state. */
+static int uses_key_state(Keyraft__Request__OpCase op)
+{
+    switch (op) {
+    case KEYRAFT__REQUEST__OP_STATUS:
+    case KEYRAFT__REQUEST__OP_RANDOM:
+    case KEYRAFT__REQUEST__OP_CLUSTER_LIST:
+    case KEYRAFT__REQUEST__OP_CLUSTER_ADD:
+    case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER:
+        return 0;
+    default:
+        return 1;
+    }
+}
+
+static int op_is_write(Keyraft__Request__OpCase op)
+{
+    switch (op) {
+    case KEYRAFT__REQUEST__OP_CREATE:
+    case KEYRAFT__REQUEST__OP_IMPORT:
+    case KEYRAFT__REQUEST__OP_ACTIVATE:
+    case KEYRAFT__REQUEST__OP_DEACTIVATE:
+    case KEYRAFT__REQUEST__OP_REVOKE:
+    case KEYRAFT__REQUEST__OP_DESTROY:
+    case KEYRAFT__REQUEST__OP_ROTATE:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static void barrier_passed(void *arg, int status)
+{
+    struct call *call = arg;
+    call->svc->pending--;
+    if (status != 0) {
+        reply_error(call, status, "the read could not be ordered: %s", kr_strerror(status));
+        return;
+    }
+    dispatch(call);
+}
+
 void service_handle(struct service *svc, const struct service_caller *caller,
                     Keyraft__Request *req, service_reply_cb cb, void *ctx)
 {
@@ -1528,12 +1994,32 @@ void service_handle(struct service *svc, const struct service_caller *caller,
     snprintf(call->principal, sizeof(call->principal), "%s",
              caller->principal ? caller->principal : "");
     snprintf(call->address, sizeof(call->address), "%s", caller->address ? caller->address : "");
-    if (req->op_case != KEYRAFT__REQUEST__OP_STATUS && !service_ready(svc)) {
+    snprintf(call->roles, sizeof(call->roles), "%s", caller->roles ? caller->roles : "");
+    int about_node = req->op_case == KEYRAFT__REQUEST__OP_STATUS ||
+                     req->op_case == KEYRAFT__REQUEST__OP_CLUSTER_LIST;
+    if (!about_node && !service_ready(svc)) {
         reply_error(call, KR_EUNAVAIL, "the node is starting: no domain key loaded yet");
+        return;
+    }
+    char why[256];
+    if (uses_key_state(req->op_case) && !cluster_serving(svc->deps.cluster, why, sizeof(why))) {
+        reply_error(call, KR_EUNAVAIL, "%s", why);
         return;
     }
     if (strlen(req->request_id) > REQUEST_ID_MAX) {
         reply_error(call, KR_EINVAL, "request_id longer than %d characters", REQUEST_ID_MAX);
+        return;
+    }
+    if (req->linearizable && !op_is_write(req->op_case) && uses_key_state(req->op_case)) {
+        /* Answered after a barrier committed: no newer write can be missed. */
+        int rv = cluster_barrier(svc->deps.cluster, barrier_passed, call);
+        if (rv != 0) {
+            reply_error(call, rv, "a linearizable read %s", rv == KR_ENOTLEADER
+                                                               ? "must go to the leader"
+                                                               : "could not be ordered");
+            return;
+        }
+        svc->pending++;
         return;
     }
     if (req->min_index > cluster_applied_index(svc->deps.cluster)) {
@@ -1579,6 +2065,18 @@ static void dispatch(struct call *call)
     case KEYRAFT__REQUEST__OP_UNWRAP: op_unwrap(call); break;
     case KEYRAFT__REQUEST__OP_RANDOM: op_random(call); break;
     case KEYRAFT__REQUEST__OP_STATUS: op_status(call); break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_LIST: op_cluster_list(call); break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_ADD: op_cluster_add(call); break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
+        op_cluster_change(call, req->cluster_promote, KEYRAFT__NODE_ROLE__NODE_VOTER, 0);
+        break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
+        op_cluster_change(call, req->cluster_demote, KEYRAFT__NODE_ROLE__NODE_STANDBY, 0);
+        break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
+        op_cluster_change(call, req->cluster_remove, KEYRAFT__NODE_ROLE__NODE_ROLE_UNSPECIFIED, 1);
+        break;
+    case KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER: op_cluster_transfer(call); break;
     default:
         reply_error(call, KR_EINVAL, "the request names no operation this node knows");
         break;
@@ -1647,7 +2145,10 @@ void service_tick(struct service *svc)
 {
     if (svc->waiting != NULL)
         run_waiting(svc, 0); /* deadlines */
-    if (svc->domain_in_progress || !cluster_is_leader(svc->deps.cluster))
+    if (!cluster_is_leader(svc->deps.cluster))
+        return;
+    tick_membership(svc);
+    if (svc->domain_in_progress)
         return;
     Keyraft__DomainRecord *dom = NULL;
     int rv = fsm_get_domain(svc->deps.store, FSM_DEFAULT_DOMAIN, &dom);

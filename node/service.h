@@ -18,6 +18,7 @@ struct service_deps {
     struct store *store;
     struct cluster *cluster;
     struct keyring *keyring;
+    struct hsm *hsm;             /* for admitting nodes (the MWK copy) */
     const struct config *config;
 };
 
