@@ -40,6 +40,10 @@ struct op {
     Keyraft__DestroyKeyCommand destroy;
     Keyraft__PutDomainCommand put_domain;
     Keyraft__DomainRecord domain;
+    Keyraft__PutNodeCommand put_node;
+    Keyraft__RemoveNodeCommand remove_node;
+    Keyraft__NodeRecord node;
+    char raft_addr[32], client_addr[32];
     char id[FSM_KEY_ID_LEN + 1];
     char name[64];
     char dom[64];
@@ -90,6 +94,32 @@ static void e_domain(struct entry *e, const char *req, const char *domain_id)
     o->put_domain.domain = &o->domain;
     o->cmd.op_case = KEYRAFT__COMMAND__OP_PUT_DOMAIN;
     o->cmd.put_domain = &o->put_domain;
+}
+
+static void e_put_node(struct entry *e, const char *req, uint64_t id, const char *raft_addr,
+                       const char *client_addr, Keyraft__NodeRole role)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->raft_addr, sizeof(o->raft_addr), "%s", raft_addr);
+    snprintf(o->client_addr, sizeof(o->client_addr), "%s", client_addr);
+    keyraft__node_record__init(&o->node);
+    o->node.id = id;
+    o->node.raft_address = o->raft_addr;
+    o->node.client_address = o->client_addr;
+    o->node.role = role;
+    keyraft__put_node_command__init(&o->put_node);
+    o->put_node.node = &o->node;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_PUT_NODE;
+    o->cmd.put_node = &o->put_node;
+}
+
+static void e_remove_node(struct entry *e, const char *req, uint64_t id)
+{
+    struct op *o = op_begin(e, req);
+    keyraft__remove_node_command__init(&o->remove_node);
+    o->remove_node.node_id = id;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_REMOVE_NODE;
+    o->cmd.remove_node = &o->remove_node;
 }
 
 static void e_put_key(struct entry *e, const char *req, const char *id, const char *name,
@@ -1263,6 +1293,60 @@ static void test_retry_without_restart_resumes_too(void **state)
     free(entry);
 }
 
+/* The node registry: add, change role, address clashes, remove. */
+static void test_node_registry(void **state)
+{
+    struct fx *f = *state;
+    const Keyraft__NodeRole V = KEYRAFT__NODE_ROLE__NODE_VOTER, S = KEYRAFT__NODE_ROLE__NODE_STANDBY;
+    e_put_node(f->e, "n1", 1, "127.0.0.1:7301", "127.0.0.1:7300", V);
+    e_put_node(f->e, "n2", 2, "127.0.0.1:7311", "127.0.0.1:7310", V);
+    e_put_node(f->e, "n3", 3, "127.0.0.1:7311", "127.0.0.1:7320", V);   /* raft addr taken */
+    e_put_node(f->e, "n4", 4, "127.0.0.1:7341", "127.0.0.1:7310", V);   /* client addr taken */
+    e_put_node(f->e, "n5", 5, "127.0.0.1:7351", "127.0.0.1:7350",
+               KEYRAFT__NODE_ROLE__NODE_ROLE_UNSPECIFIED);                 /* no role */
+    e_put_node(f->e, "n6", 0, "127.0.0.1:7361", "127.0.0.1:7360", V);   /* id 0 */
+    struct fsm_result *r = apply_entry(f, 1);
+    assert_non_null(r);
+    assert_int_equal(r->n, 6);
+    assert_int_equal(r->ops[0].status, 0);
+    assert_int_equal(r->ops[1].status, 0);
+    assert_int_equal(r->ops[2].status, KR_EEXIST);
+    assert_int_equal(r->ops[3].status, KR_EEXIST);
+    assert_int_equal(r->ops[4].status, KR_EINVAL);
+    assert_int_equal(r->ops[5].status, KR_EINVAL);
+
+    struct fsm_nodes all;
+    assert_int_equal(fsm_list_nodes(f->store, &all), 0);
+    assert_int_equal(all.n, 2);
+    assert_int_equal(all.nodes[0]->id, 1);
+    assert_int_equal(all.nodes[1]->id, 2);
+    assert_string_equal(all.nodes[1]->client_address, "127.0.0.1:7310");
+    fsm_nodes_free(&all);
+
+    /* Same node, new role: its own addresses are no clash. */
+    e_put_node(f->e, "n2-standby", 2, "127.0.0.1:7311", "127.0.0.1:7310", S);
+    e_remove_node(f->e, "rm1", 1);
+    e_remove_node(f->e, "rm9", 9);
+    r = apply_entry(f, 2);
+    assert_non_null(r);
+    assert_int_equal(r->ops[0].status, 0);
+    assert_int_equal(r->ops[1].status, 0);
+    assert_int_equal(r->ops[2].status, KR_ENOTFOUND);
+    Keyraft__NodeRecord *n2 = NULL;
+    assert_int_equal(fsm_get_node(f->store, 2, &n2), 0);
+    assert_int_equal(n2->role, S);
+    keyraft__node_record__free_unpacked(n2, NULL);
+    assert_int_equal(fsm_get_node(f->store, 1, &n2), KR_ENOTFOUND);
+
+    /* Survives a restart. */
+    fx_close(f);
+    fx_open(f);
+    assert_int_equal(fsm_list_nodes(f->store, &all), 0);
+    assert_int_equal(all.n, 1);
+    assert_int_equal(all.nodes[0]->id, 2);
+    fsm_nodes_free(&all);
+}
+
 int main(void)
 {
     /* Skipped entries and store failures are logged as errors on purpose. */
@@ -1292,6 +1376,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_crash_mid_entry_resumes_at_position, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_retry_without_restart_resumes_too, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_node_registry, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
