@@ -163,7 +163,10 @@ static int fsm_restore_cb(struct raft_fsm *raft_fsm, struct raft_buffer *buf)
         goto out;
     }
 out:
-    raft_free(buf->base);
+    /* raft 0.15 frees the buffer itself when restore fails: only a
+     * successful restore takes it (freeing it on failure was a double free). */
+    if (rv == 0)
+        raft_free(buf->base);
     return rv;
 }
 

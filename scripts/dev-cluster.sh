@@ -30,6 +30,13 @@ build_tools() {
   bin="$root/build"
 }
 
+# Running and not a zombie waiting to be reaped (kill -0 succeeds on those).
+alive() {
+  local pid="$1" state
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 client_port() { echo $((base + 10 * ($1 - 1))); }
 raft_port() { echo $((base + 10 * ($1 - 1) + 1)); }
 
@@ -47,7 +54,7 @@ wait_up() {
       status >/dev/null 2>&1; then
       return 0
     fi
-    if ! kill -0 "$(cat "$dir/node$i.pid")" 2>/dev/null; then
+    if ! alive "$(cat "$dir/node$i.pid")"; then
       echo "node $i exited; its log: $dir/node$i.log" >&2
       tail -20 "$dir/node$i.log" >&2
       return 1
@@ -83,7 +90,7 @@ key = node1/tls/admin.key
 timeout_ms = 30000
 CONF
   for i in $(seq 1 "$n"); do
-    if [ -f "$dir/node$i.pid" ] && kill -0 "$(cat "$dir/node$i.pid")" 2>/dev/null; then
+    if [ -f "$dir/node$i.pid" ] && alive "$(cat "$dir/node$i.pid")"; then
       continue
     fi
     if [ "$i" -gt 1 ] && [ ! -f "$dir/node$i/keyraftd.conf" ]; then
@@ -107,9 +114,9 @@ cmd_stop() {
   for f in "$dir"/node*.pid; do
     [ -f "$f" ] || continue
     pid="$(cat "$f")"
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
       kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 1 100); do alive "$pid" || break; sleep 0.1; done
       kill -KILL "$pid" 2>/dev/null || true
       stopped=$((stopped + 1))
     fi
@@ -124,7 +131,7 @@ cmd_status() {
   for f in "$dir"/node*.pid; do
     [ -f "$f" ] || continue
     i="${f##*/node}"; i="${i%.pid}"
-    if kill -0 "$(cat "$f")" 2>/dev/null; then echo "node $i: running (pid $(cat "$f"))"
+    if alive "$(cat "$f")"; then echo "node $i: running (pid $(cat "$f"))"
     else echo "node $i: not running"; fi
   done
   "$bin/keyraft" --config "$dir/client.conf" cluster list

@@ -29,6 +29,7 @@ struct worker {
     double *lat_ms;
     long n, cap, errors;
     int first_error;
+    double max_gap_ms; /* longest time between two successful ops */
 };
 
 static double now_s(void)
@@ -91,11 +92,19 @@ static void *run(void *arg)
     uint8_t payload[65536];
     memset(payload, 0x5a, sizeof(payload));
     double end = now_s() + w->sh->seconds;
+    double last_ok = now_s();
     long seq = 0;
     while (now_s() < end && take_ticket(w->sh)) {
         double t0 = now_s();
         int rv = one_op(w, c, seq++, payload);
-        double ms = (now_s() - t0) * 1000.0;
+        double t1 = now_s();
+        double ms = (t1 - t0) * 1000.0;
+        if (rv == 0) {
+            /* The longest wait between two acknowledgements: spans a failover. */
+            if ((t1 - last_ok) * 1000.0 > w->max_gap_ms)
+                w->max_gap_ms = (t1 - last_ok) * 1000.0;
+            last_ok = t1;
+        }
         if (rv != 0) {
             if (w->errors++ == 0)
                 w->first_error = rv;
@@ -183,8 +192,11 @@ int main(int argc, char **argv)
     }
     long total = 0, errors = 0;
     int first_error = 0;
+    double max_gap_ms = 0;
     for (int i = 0; i < threads; i++) {
         pthread_join(tid[i], NULL);
+        if (w[i].max_gap_ms > max_gap_ms)
+            max_gap_ms = w[i].max_gap_ms;
         total += w[i].n;
         errors += w[i].errors;
         if (!first_error)
@@ -201,9 +213,9 @@ int main(int argc, char **argv)
     qsort(all, (size_t)total, sizeof(double), cmp_double);
 #define PCT(p) (total ? all[(long)((double)(total - 1) * (p))] : 0.0)
     printf("op=%s threads=%d size=%zu ops=%ld errors=%ld seconds=%.2f ops_per_s=%.0f "
-           "p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f\n",
+           "p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f max_gap_ms=%.1f\n",
            sh.op, threads, sh.size, total, errors, elapsed, (double)total / elapsed, PCT(0.50),
-           PCT(0.99), PCT(0.999));
+           PCT(0.99), PCT(0.999), max_gap_ms);
     if (errors)
         fprintf(stderr, "kr_bench: %ld errors, first: %s\n", errors, kr_status_name(first_error));
     free(all);
