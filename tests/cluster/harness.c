@@ -489,6 +489,11 @@ int kr_cli(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
     return kr_cli_argv(node, stdin_data, stdin_len, out, argv);
 }
 
+int kr_run(const char *const *argv, struct kr_out *out, int timeout_ms)
+{
+    return run_capture(argv, NULL, 0, out, timeout_ms, 0);
+}
+
 /* ---- nodes ------------------------------------------------------------------------- */
 
 /* Two distinct free loopback ports: both bound at once, then released. */
@@ -514,6 +519,11 @@ out:
         if (fds[i] >= 0)
             close(fds[i]);
     return rc;
+}
+
+int kr_free_port_pair(int *a, int *b)
+{
+    return free_ports(a, b);
 }
 
 void kr_node_dump_log(const struct kr_node *node, size_t max)
@@ -647,12 +657,11 @@ int kr_node_status_role(const struct kr_node *node, char *role, size_t role_len)
     return rc;
 }
 
-int kr_node_start(struct kr_node *node)
+int kr_node_spawn(struct kr_node *node)
 {
-    char bin[KR_PATH_MAX], log[KR_PATH_MAX + 16], role[32] = "";
+    char bin[KR_PATH_MAX], log[KR_PATH_MAX + 16];
     pid_t parent = getpid(), pid;
-    uint64_t deadline;
-    int fd, last = 0;
+    int fd;
 
     harness_setup();
     if (node->pid > 0) {
@@ -682,6 +691,18 @@ int kr_node_start(struct kr_node *node)
     close(fd);
     node->pid = pid;
     track(pid);
+    return 0;
+}
+
+int kr_node_start(struct kr_node *node)
+{
+    char role[32] = "";
+    uint64_t deadline;
+    int last = 0;
+
+    if (kr_node_spawn(node) != 0)
+        return -1;
+    pid_t pid = node->pid;
     deadline = now_ms() + START_TIMEOUT_MS;
     while (now_ms() < deadline) {
         if (!kr_node_alive(node)) {

@@ -50,6 +50,11 @@ int kr_node_init(struct kr_node *node);
  * to 20 s until it answers a status request as leader. 0 or -1. */
 int kr_node_start(struct kr_node *node);
 
+/* Starts keyraftd --data DIR (output appended to DIR/node.log) and returns
+ * at once, the process tracked like kr_node_start's: for nodes that are not
+ * to lead (joining members), whose readiness the caller checks itself. */
+int kr_node_spawn(struct kr_node *node);
+
 /* SIGTERM, then waits up to 10 s (SIGKILL after). Returns the exit code of
  * the process (0 on a clean stop), 128+N when a signal N ended it, or -1
  * when it was not running. */
@@ -79,6 +84,13 @@ int kr_cli(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
 int kr_cli_argv(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
                 struct kr_out *out, const char *const *argv);
 void kr_out_free(struct kr_out *out);
+
+/* Runs |argv| (argv[0] a path; NULL-terminated) with no stdin, capturing
+ * like kr_cli, killed after |timeout_ms|. Returns out->status. */
+int kr_run(const char *const *argv, struct kr_out *out, int timeout_ms);
+
+/* Two distinct loopback ports that were free a moment ago. 0 or -1. */
+int kr_free_port_pair(int *a, int *b);
 
 /* A client on the node's client.conf (timeout |timeout_ms|, 0: default).
  * Free with kr_node_client_free. */
