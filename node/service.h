@@ -13,12 +13,15 @@
 #include "keyring.h"
 #include "store.h"
 
+struct snapshot_registry;
+
 struct service_deps {
     uv_loop_t *loop;
     struct store *store;
     struct cluster *cluster;
     struct keyring *keyring;
     const struct config *config;
+    struct snapshot_registry *snapshots; /* NULL: snapshot transfer refused */
 };
 
 struct service;
@@ -32,6 +35,7 @@ struct service_caller {
     const char *principal;
     const char *roles;
     const char *address;
+    int is_node; /* the certificate is a node's (tls_conn_peer_is_node) */
 };
 
 /* Called exactly once per request. |resp| and everything it points to is
