@@ -77,6 +77,8 @@ struct cluster {
     int tls_transport;
     void (*apply_hook)(void *arg, uint64_t applied_index);
     void *apply_hook_arg;
+    int (*fetch_snapshot)(void *arg, uint64_t min_index);
+    void *fetch_arg;
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -153,15 +155,40 @@ static int fsm_restore_cb(struct raft_fsm *raft_fsm, struct raft_buffer *buf)
         rv = RAFT_MALFORMED;
         goto out;
     }
-    if (store_applied_index(c->store) < fields[1]) {
-        /* The log before this index is gone and the store does not hold it. */
-        log_error("snapshot at index %llu is past the store (applied %llu): the data "
-                  "directory is incomplete; restore it from a peer or a backup",
+    uint64_t applied = store_applied_index(c->store);
+    if (applied >= fields[1])
+        goto out; /* the store holds it all: entries up to |applied| replay as no-ops */
+    /* The log before this index is gone and the store does not hold it: copy
+     * a peer's store. This blocks the loop for the whole fetch; accepted, as
+     * a node this far behind has nothing correct to serve meanwhile. */
+    log_warn("snapshot at index %llu is past the store (applied %llu): fetching the store "
+             "from a peer", (unsigned long long)fields[1], (unsigned long long)applied);
+    int frv = KR_EUNAVAIL;
+    if (c->fetch_snapshot != NULL)
+        frv = c->fetch_snapshot(c->fetch_arg, fields[1]);
+    if (frv == 0 && store_applied_index(c->store) < fields[1])
+        frv = KR_EINTERNAL; /* the hook's contract */
+    if (frv == 0) {
+        /* The fsm caches its position inside an entry; it belongs to the old
+         * store. Raft holds no fsm result here (restore runs between applies). */
+        struct fsm *fsm = NULL;
+        frv = fsm_new(c->store, next_index, c, &fsm);
+        if (frv == 0) {
+            fsm_free(c->fsm);
+            c->fsm = fsm;
+        }
+    }
+    if (frv != 0) {
+        log_error("snapshot at index %llu is past the store (applied %llu) and no peer's "
+                  "store could be fetched (%s): the data directory is incomplete; restore it "
+                  "from a peer or a backup",
                   (unsigned long long)fields[1],
-                  (unsigned long long)store_applied_index(c->store));
+                  (unsigned long long)store_applied_index(c->store), kr_strerror(frv));
         rv = RAFT_CORRUPT;
         goto out;
     }
+    log_info("snapshot at index %llu restored: the store is at %llu",
+             (unsigned long long)fields[1], (unsigned long long)store_applied_index(c->store));
 out:
     /* raft 0.15 frees the buffer itself when restore fails: only a
      * successful restore takes it (freeing it on failure was a double free). */
@@ -477,6 +504,8 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     c->loop = loop;
     c->store = store;
     c->node_id = config->node_id;
+    c->fetch_snapshot = config->fetch_snapshot;
+    c->fetch_arg = config->fetch_arg;
     int rv = fsm_new(store, next_index, c, &c->fsm);
     if (rv != 0) {
         free(c);

@@ -22,6 +22,12 @@ struct cluster_config {
     struct tls_ctx *peer_server_tls;
     struct tls_ctx *peer_client_tls;
     const char *raft_listen;  /* bind address when not raft_address (may be NULL) */
+    /* Brings the store to at least |min_index| out of band (a peer's
+     * checkpoint swapped in) when a raft snapshot is past it: raft no longer
+     * has the entries. Called on the loop, from cluster_start or later; 0
+     * once the store is there. NULL: such a snapshot fails the restore. */
+    int (*fetch_snapshot)(void *arg, uint64_t min_index);
+    void *fetch_arg;
 };
 
 struct cluster;

@@ -3,6 +3,7 @@
 #include "node.h"
 
 #define KR_LOG_MODULE "node"
+#include <inttypes.h>
 #include <openssl/crypto.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -25,6 +26,8 @@
 #include "secmem.h"
 #include "server.h"
 #include "service.h"
+#include "snapfetch.h"
+#include "snapshot.h"
 #include "store.h"
 #include "tls.h"
 
@@ -38,6 +41,7 @@ struct node {
     struct hsm *hsm;
     struct keyring *keyring;
     struct store *store;
+    struct snapshot_registry *snapshots;
     struct cluster *cluster;
     struct service *service;
     struct tls_ctx *tls;
@@ -124,6 +128,7 @@ static void on_tick(uv_timer_t *t)
             node_stop(n);
         return;
     }
+    snapshot_tick(n->snapshots, uv_now(&n->loop));
     service_tick(n->service);
     if (!n->was_ready && service_ready(n->service)) {
         n->was_ready = 1;
@@ -305,6 +310,88 @@ static int complete_join_if_needed(const char *config_path)
     return 0;
 }
 
+/* Appends |ep| to |eps| unless it is empty or already there. */
+static void add_endpoint(const char **eps, size_t *n, size_t cap, const char *ep)
+{
+    if (ep == NULL || ep[0] == '\0' || *n == cap)
+        return;
+    for (size_t i = 0; i < *n; i++)
+        if (strcmp(eps[i], ep) == 0)
+            return;
+    eps[(*n)++] = ep;
+}
+
+/* The cluster's fetch hook: copies a peer's checkpoint into DATA_DIR/db.incoming,
+ * checks it, and swaps it in as the store. Peers in order: the raft leader
+ * (its client address from the node registry), the other registered nodes,
+ * then [node] join (a new node has an empty registry). Runs on the loop,
+ * possibly inside cluster_start (n->cluster not set yet: no leader known). */
+static int node_fetch_snapshot(void *arg, uint64_t min_index)
+{
+    struct node *n = arg;
+    const char *eps[FSM_MAX_NODES + 1];
+    size_t n_eps = 0;
+    struct fsm_nodes nodes;
+    uint64_t leader = 0;
+    if (n->cluster != NULL) {
+        struct cluster_status st;
+        cluster_get_status(n->cluster, &st);
+        leader = st.leader_id;
+    }
+    int rv = fsm_list_nodes(n->store, &nodes);
+    if (rv != 0) {
+        log_warn("snapshot fetch: node registry unreadable (%s); trying [node] join only",
+                 kr_strerror(rv));
+        nodes.n = 0;
+    }
+    for (size_t i = 0; i < nodes.n; i++)
+        if (leader != 0 && nodes.nodes[i]->id == leader && leader != n->config.node_id)
+            add_endpoint(eps, &n_eps, FSM_MAX_NODES + 1, nodes.nodes[i]->client_address);
+    for (size_t i = 0; i < nodes.n; i++)
+        if (nodes.nodes[i]->id != n->config.node_id)
+            add_endpoint(eps, &n_eps, FSM_MAX_NODES + 1, nodes.nodes[i]->client_address);
+    add_endpoint(eps, &n_eps, FSM_MAX_NODES + 1, n->config.join);
+
+    char incoming[CONFIG_PATH_MAX + 16];
+    snprintf(incoming, sizeof(incoming), "%s/db.incoming", n->config.data_dir);
+    struct snapfetch_result res;
+    memset(&res, 0, sizeof(res));
+    rv = store_remove_dir(incoming); /* left by a fetch that crashed */
+    if (rv == 0) {
+        struct snapfetch_config fc = {
+            .endpoints = eps,
+            .n_endpoints = n_eps,
+            .ca_file = n->config.tls_ca,
+            .cert_file = n->config.tls_cert,
+            .key_file = n->config.tls_key,
+        };
+        rv = snapshot_fetch(&fc, min_index, incoming, &res);
+    }
+    fsm_nodes_free(&nodes); /* eps borrowed from it */
+    if (rv != 0)
+        return rv;
+    uint64_t got = 0;
+    rv = store_probe(incoming, &got);
+    if (rv == 0 && got < min_index) {
+        log_error("snapshot fetch: the copy from %s is at index %" PRIu64 ", %" PRIu64
+                  " is needed",
+                  res.endpoint, got, min_index);
+        rv = KR_EPROTO;
+    }
+    /* Restore runs between applies and every request finishes within its
+     * loop callback: no store iterator is open here. */
+    if (rv == 0)
+        rv = store_swap(n->store, incoming);
+    if (rv != 0) {
+        store_remove_dir(incoming);
+        return rv;
+    }
+    log_info("store fetched from %s: index %" PRIu64 ", %zu files, %" PRIu64
+             " bytes in %" PRIu64 " ms",
+             res.endpoint, got, res.n_files, res.bytes, res.elapsed_ms);
+    return 0;
+}
+
 int node_run(const char *config_path, int until_ready)
 {
     int rv = complete_join_if_needed(config_path);
@@ -331,6 +418,11 @@ int node_run(const char *config_path, int until_ready)
     snprintf(path, sizeof(path), "%s/db", n->config.data_dir);
     if ((rv = store_open(path, &n->store)) != 0)
         goto out_keyring;
+    if ((rv = snapshot_registry_new(n->config.data_dir, n->store, &n->snapshots)) != 0) {
+        log_error("cannot set up snapshot serving in %s: %s", n->config.data_dir,
+                  kr_strerror(rv));
+        goto out_store;
+    }
     if ((rv = tls_server_ctx_new(n->config.tls_ca, n->config.tls_cert, n->config.tls_key,
                                  &n->tls)) != 0) {
         log_error("TLS setup failed: %s", kr_strerror(rv));
@@ -354,6 +446,8 @@ int node_run(const char *config_path, int until_ready)
         .peer_server_tls = n->tls,
         .peer_client_tls = n->peer_client_tls,
         .raft_listen = n->config.raft_listen[0] ? n->config.raft_listen : NULL,
+        .fetch_snapshot = node_fetch_snapshot,
+        .fetch_arg = n,
     };
     rv = cluster_start(&n->loop, &cc, n->store, &n->cluster);
     int cluster_rv = rv;
@@ -364,6 +458,7 @@ int node_run(const char *config_path, int until_ready)
         .keyring = n->keyring,
         .hsm = n->hsm,
         .config = &n->config,
+        .snapshots = n->snapshots,
     };
     if (rv == 0)
         rv = service_new(&deps, &n->service);
@@ -410,6 +505,7 @@ out_tls:
     tls_ctx_free(n->peer_client_tls);
     tls_ctx_free(n->tls);
 out_store:
+    snapshot_registry_free(n->snapshots);
     store_close(n->store);
 out_keyring:
     keyring_free(n->keyring);

@@ -241,6 +241,7 @@ static void dispatch_frames(struct conn *c)
             .principal = tls_conn_peer_name(c->tls),
             .roles = tls_conn_peer_roles(c->tls),
             .address = c->address,
+            .is_node = tls_conn_peer_is_node(c->tls),
         };
         c->refs++;
         c->in_flight++;

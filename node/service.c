@@ -19,6 +19,7 @@
 #include "node.h"
 #include "rpc.h"
 #include "secmem.h"
+#include "snapshot.h"
 
 #define NAME_MAX_LEN 256
 #define TAG_MAX 64
@@ -67,6 +68,7 @@ struct call {
     char roles[256];
     char address[64];
     Keyraft__JoinBundle *bundle; /* cluster add: the reply, once the registry has the node */
+    int is_node;
     struct arena_block *arena;
     Keyraft__Response resp;
     /* work in progress for writes */
@@ -1889,6 +1891,106 @@ static void tick_membership(struct service *svc)
     fsm_nodes_free(&reg);
 }
 
+/* --- out-of-band snapshot transfer: node certificates only ------------------------------- */
+
+/* 1 when the call may use the snapshot ops; otherwise it has been answered. */
+static int snapshot_allowed(struct call *call)
+{
+    if (!call->is_node) {
+        log_warn("%s: '%s' asked for a snapshot transfer without a node certificate",
+                 call->address, call->principal);
+        reply_error(call, KR_EPERM, "snapshot transfer is for cluster nodes");
+        return 0;
+    }
+    if (call->svc->deps.snapshots == NULL) {
+        reply_error(call, KR_EUNAVAIL, "this node does not serve snapshots");
+        return 0;
+    }
+    return 1;
+}
+
+static void op_snapshot_open(struct call *call)
+{
+    if (!snapshot_allowed(call))
+        return;
+    struct snapshot_view v;
+    int rv = snapshot_open(call->svc->deps.snapshots, uv_now(call->svc->deps.loop), &v);
+    if (rv != 0) {
+        reply_error(call, rv, "cannot open a checkpoint: %s", kr_strerror(rv));
+        return;
+    }
+    log_info("%s: checkpoint %s for '%s'", call->address, v.id, call->principal);
+    Keyraft__SnapshotOpenResponse *r = arena_alloc(call, sizeof(*r));
+    Keyraft__SnapshotFile *files = arena_alloc(call, v.n_files * sizeof(*files));
+    Keyraft__SnapshotFile **ptrs = arena_alloc(call, v.n_files * sizeof(*ptrs));
+    if (r == NULL || files == NULL || ptrs == NULL) {
+        snapshot_close(call->svc->deps.snapshots, v.id);
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    keyraft__snapshot_open_response__init(r);
+    /* Strings borrowed from the registry: nothing touches it before
+     * call_finish packs the response. */
+    r->id = (char *)v.id;
+    r->applied_index = v.applied_index;
+    for (size_t i = 0; i < v.n_files; i++) {
+        keyraft__snapshot_file__init(&files[i]);
+        files[i].name = v.files[i].name;
+        files[i].size = v.files[i].size;
+        ptrs[i] = &files[i];
+    }
+    r->n_files = v.n_files;
+    r->files = ptrs;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_SNAPSHOT;
+    call->resp.snapshot = r;
+    call_finish(call);
+}
+
+static void op_snapshot_read(struct call *call)
+{
+    if (!snapshot_allowed(call))
+        return;
+    const Keyraft__SnapshotReadRequest *q = call->req->snapshot_read;
+    Keyraft__SnapshotReadResponse *r = arena_alloc(call, sizeof(*r));
+    uint8_t *buf = arena_alloc(call, SNAPSHOT_CHUNK_MAX);
+    if (r == NULL || buf == NULL) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return;
+    }
+    size_t len = 0;
+    int rv = snapshot_read(call->svc->deps.snapshots, q->id, q->name, q->offset, q->length,
+                           uv_now(call->svc->deps.loop), buf, &len);
+    if (rv == KR_ENOTFOUND) {
+        reply_error(call, rv, "no open checkpoint '%.64s' (closed or expired)", q->id);
+        return;
+    }
+    if (rv != 0) {
+        reply_error(call, rv, "checkpoint '%.64s': cannot read '%.256s' at %llu: %s", q->id,
+                    q->name, (unsigned long long)q->offset,
+                    rv == KR_EINVAL ? "no such file, or past its end" : kr_strerror(rv));
+        return;
+    }
+    keyraft__snapshot_read_response__init(r);
+    r->data.data = buf;
+    r->data.len = len;
+    call->resp.result_case = KEYRAFT__RESPONSE__RESULT_SNAPSHOT_DATA;
+    call->resp.snapshot_data = r;
+    call_finish(call);
+}
+
+static void op_snapshot_close(struct call *call)
+{
+    if (!snapshot_allowed(call))
+        return;
+    const char *id = call->req->snapshot_close->id;
+    int rv = snapshot_close(call->svc->deps.snapshots, id);
+    if (rv != 0) {
+        reply_error(call, rv, "no open checkpoint '%.64s' (closed or expired)", id);
+        return;
+    }
+    call_finish(call);
+}
+
 /* --- dispatch ---------------------------------------------------------------------------- */
 
 static void dispatch(struct call *call);
@@ -1940,6 +2042,9 @@ static int uses_key_state(Keyraft__Request__OpCase op)
     case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
     case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
     case KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER:
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_OPEN:
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_READ:
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_CLOSE:
         return 0;
     default:
         return 1;
@@ -1995,9 +2100,10 @@ void service_handle(struct service *svc, const struct service_caller *caller,
              caller->principal ? caller->principal : "");
     snprintf(call->address, sizeof(call->address), "%s", caller->address ? caller->address : "");
     snprintf(call->roles, sizeof(call->roles), "%s", caller->roles ? caller->roles : "");
-    int about_node = req->op_case == KEYRAFT__REQUEST__OP_STATUS ||
-                     req->op_case == KEYRAFT__REQUEST__OP_CLUSTER_LIST;
-    if (!about_node && !service_ready(svc)) {
+    call->is_node = caller->is_node;
+    /* A node behind (or new) serves status, membership and snapshots before it
+     * is ready. */
+    if (uses_key_state(req->op_case) && !service_ready(svc)) {
         reply_error(call, KR_EUNAVAIL, "the node is starting: no domain key loaded yet");
         return;
     }
@@ -2077,6 +2183,9 @@ static void dispatch(struct call *call)
         op_cluster_change(call, req->cluster_remove, KEYRAFT__NODE_ROLE__NODE_ROLE_UNSPECIFIED, 1);
         break;
     case KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER: op_cluster_transfer(call); break;
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_OPEN: op_snapshot_open(call); break;
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_READ: op_snapshot_read(call); break;
+    case KEYRAFT__REQUEST__OP_SNAPSHOT_CLOSE: op_snapshot_close(call); break;
     default:
         reply_error(call, KR_EINVAL, "the request names no operation this node knows");
         break;

@@ -13,6 +13,8 @@
 #include "keyring.h"
 #include "store.h"
 
+struct snapshot_registry;
+
 struct service_deps {
     uv_loop_t *loop;
     struct store *store;
@@ -20,6 +22,7 @@ struct service_deps {
     struct keyring *keyring;
     struct hsm *hsm;             /* for admitting nodes (the MWK copy) */
     const struct config *config;
+    struct snapshot_registry *snapshots; /* NULL: snapshot transfer refused */
 };
 
 struct service;
@@ -33,6 +36,7 @@ struct service_caller {
     const char *principal;
     const char *roles;
     const char *address;
+    int is_node; /* the certificate is a node's (tls_conn_peer_is_node) */
 };
 
 /* Called exactly once per request. |resp| and everything it points to is

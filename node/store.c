@@ -5,11 +5,13 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <inttypes.h>
 #include <rocksdb/c.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "keyraft.h"
@@ -29,6 +31,8 @@ static const char store_applied_key[] = {'\0', 'a', 'p', 'p', 'l', 'i', 'e', 'd'
 #define STORE_MAX_OPEN_FILES 512
 /* Directory inside the DB dir that store_flush's checkpoint goes through. */
 #define STORE_FLUSH_DIR "flush-checkpoint"
+/* Where store_swap parks the replaced DB dir (next to it) until the new one is open. */
+#define STORE_OLD_SUFFIX ".old"
 
 struct store {
     rocksdb_t *db;
@@ -38,6 +42,7 @@ struct store {
     char *path;
     char *flush_dir;
     uint64_t applied; /* accessed with __atomic: read from any thread */
+    unsigned n_iters; /* open iterators (__atomic): store_swap refuses while any */
 };
 
 enum batch_op_kind { BATCH_OP_PUT, BATCH_OP_DELETE };
@@ -61,6 +66,7 @@ struct store_batch {
 };
 
 struct store_iter {
+    struct store *store;
     rocksdb_t *db;
     const rocksdb_snapshot_t *snapshot;
     rocksdb_readoptions_t *opts; /* holds the bound slices the iterator points at */
@@ -98,48 +104,64 @@ static uint64_t store_get_be64(const uint8_t in[8])
     return v;
 }
 
-/* Removes a directory holding only files (a checkpoint). Absent is fine. */
-static int store_remove_flat_dir(const char *path)
+static int store_remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
-    int rc = KR_EIO;
-    DIR *dir = opendir(path);
-    if (dir == NULL) {
+    (void)st;
+    (void)ftw;
+    if ((flag == FTW_DP ? rmdir(path) : unlink(path)) != 0) {
+        log_error("remove %s: %s", path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int store_remove_dir(const char *path)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0) {
         if (errno == ENOENT)
             return 0;
-        log_error("open %s: %s", path, strerror(errno));
+        log_error("remove %s: %s", path, strerror(errno));
         return KR_EIO;
     }
-    struct dirent *ent;
-    errno = 0;
-    while ((ent = readdir(dir)) != NULL) {
-        if (strcmp(ent->d_name, ".") == 0 || strcmp(ent->d_name, "..") == 0)
-            continue;
-        if (unlinkat(dirfd(dir), ent->d_name, 0) != 0) {
-            log_error("remove %s/%s: %s", path, ent->d_name, strerror(errno));
-            goto out;
-        }
-        errno = 0;
+    /* Depth first, never following links; stops at the first failure (logged). */
+    if (nftw(path, store_remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
+        return KR_EIO;
+    return 0;
+}
+
+/* fsync of the directory holding |path|, so renames in it are durable. */
+static int store_sync_parent(const char *path)
+{
+    char *copy = strdup(path);
+    if (copy == NULL)
+        return KR_ENOMEM;
+    char *slash = strrchr(copy, '/');
+    const char *parent = ".";
+    if (slash == copy)
+        parent = "/";
+    else if (slash != NULL) {
+        *slash = '\0';
+        parent = copy;
     }
-    if (errno != 0) {
-        log_error("read dir %s: %s", path, strerror(errno));
-        goto out;
-    }
-    if (rmdir(path) != 0) {
-        log_error("remove %s: %s", path, strerror(errno));
-        goto out;
-    }
-    rc = 0;
-out:
-    closedir(dir);
+    int rc = KR_EIO;
+    int fd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0)
+        log_error("sync directory %s: %s", parent, strerror(errno));
+    else
+        rc = 0;
+    if (fd >= 0)
+        close(fd);
+    free(copy);
     return rc;
 }
 
 /* Shared by every family (RocksDB copies what it keeps). */
-static rocksdb_options_t *store_make_options(int compression)
+static rocksdb_options_t *store_make_options(int compression, int create)
 {
     rocksdb_options_t *opts = rocksdb_options_create();
-    rocksdb_options_set_create_if_missing(opts, 1);
-    rocksdb_options_set_create_missing_column_families(opts, 1);
+    rocksdb_options_set_create_if_missing(opts, create);
+    rocksdb_options_set_create_missing_column_families(opts, create);
     /* With the WAL off, only an atomic flush keeps the applied index in the
      * meta family consistent with the data in the others. */
     rocksdb_options_set_atomic_flush(opts, 1);
@@ -163,24 +185,143 @@ static rocksdb_options_t *store_make_options(int compression)
     return opts;
 }
 
-static rocksdb_t *store_open_db(const char *path, int compression,
+/* CREATE makes what is missing (store_open); EXISTING and READ_ONLY need a
+ * complete database with every family (a swapped-in or probed copy). */
+enum store_open_mode { STORE_OPEN_CREATE, STORE_OPEN_EXISTING, STORE_OPEN_READ_ONLY };
+
+static rocksdb_t *store_open_db(const char *path, int compression, enum store_open_mode mode,
                                 rocksdb_column_family_handle_t **handles, char **err)
 {
-    rocksdb_options_t *opts = store_make_options(compression);
+    rocksdb_options_t *opts = store_make_options(compression, mode == STORE_OPEN_CREATE);
     const rocksdb_options_t *cf_opts[STORE_NUM_HANDLES];
     for (int i = 0; i < STORE_NUM_HANDLES; i++)
         cf_opts[i] = opts;
-    rocksdb_t *db = rocksdb_open_column_families(opts, path, STORE_NUM_HANDLES, store_cf_names,
-                                                 cf_opts, handles, err);
+    rocksdb_t *db;
+    if (mode == STORE_OPEN_READ_ONLY)
+        db = rocksdb_open_for_read_only_column_families(opts, path, STORE_NUM_HANDLES,
+                                                        store_cf_names, cf_opts, handles, 0, err);
+    else
+        db = rocksdb_open_column_families(opts, path, STORE_NUM_HANDLES, store_cf_names, cf_opts,
+                                          handles, err);
     rocksdb_options_destroy(opts);
     return db;
+}
+
+/* Destroys the family handles, then closes (Debian's RocksDB asserts that
+ * order). Accepts a partly opened pair. */
+static void store_close_db(rocksdb_t **db, rocksdb_column_family_handle_t **handles)
+{
+    for (int i = 0; i < STORE_NUM_HANDLES; i++) {
+        if (handles[i] != NULL)
+            rocksdb_column_family_handle_destroy(handles[i]);
+        handles[i] = NULL;
+    }
+    if (*db != NULL)
+        rocksdb_close(*db);
+    *db = NULL;
+}
+
+/* The applied index recorded in |db| (0 when none was ever written). */
+static int store_read_applied(rocksdb_t *db, rocksdb_column_family_handle_t *meta,
+                              const rocksdb_readoptions_t *read_opts, const char *path,
+                              uint64_t *out)
+{
+    int rc = KR_EIO;
+    char *err = NULL;
+    rocksdb_pinnableslice_t *applied = rocksdb_get_pinned_cf(
+        db, read_opts, meta, store_applied_key, sizeof(store_applied_key), &err);
+    if (err != NULL) {
+        log_error("open %s: read applied index: %s", path, err);
+        goto out;
+    }
+    uint64_t v = 0;
+    if (applied != NULL) {
+        size_t len = 0;
+        const char *p = rocksdb_pinnableslice_value(applied, &len);
+        if (len != 8) {
+            log_error("open %s: applied index record is %zu bytes, expected 8", path, len);
+            goto out;
+        }
+        v = store_get_be64((const uint8_t *)p);
+    }
+    *out = v;
+    rc = 0;
+out:
+    rocksdb_pinnableslice_destroy(applied);
+    rocksdb_free(err);
+    return rc;
+}
+
+/* Opens store->path into store->db and store->cf and loads the applied
+ * index. On failure both are left NULL. */
+static int store_attach(struct store *store, enum store_open_mode mode)
+{
+    const char *path = store->path;
+    char *err = NULL;
+    int rc = KR_EIO;
+    store->db = store_open_db(path, rocksdb_lz4_compression, mode, store->cf, &err);
+    if (err != NULL && strstr(err, "Compression type") != NULL) {
+        log_warn("open %s: lz4 unavailable (%s), storing uncompressed", path, err);
+        rocksdb_free(err);
+        err = NULL;
+        store->db = store_open_db(path, rocksdb_no_compression, mode, store->cf, &err);
+    }
+    if (err != NULL) {
+        if (strstr(err, "lock") != NULL || strstr(err, "LOCK") != NULL)
+            log_error("open %s: %s (already in use by another keyraftd?)", path, err);
+        else
+            log_error("open %s: %s", path, err);
+        goto out;
+    }
+    /* A checkpoint left by a crash inside store_flush only pins old files. */
+    rc = store_remove_dir(store->flush_dir);
+    if (rc != 0)
+        goto out;
+    uint64_t applied = 0;
+    rc = store_read_applied(store->db, store_handle(store, STORE_CF_META), store->read_opts, path,
+                            &applied);
+    if (rc != 0)
+        goto out;
+    __atomic_store_n(&store->applied, applied, __ATOMIC_RELEASE);
+out:
+    rocksdb_free(err);
+    if (rc != 0)
+        store_close_db(&store->db, store->cf); /* nothing written: no flush needed */
+    return rc;
+}
+
+/* Finishes a store_swap that a crash interrupted: with the DB dir missing,
+ * the parked old one goes back (the new one never got in place); with both
+ * present, the swap had completed and the old one is garbage. */
+static int store_recover_swap(const char *path)
+{
+    char *old = NULL;
+    if (asprintf(&old, "%s%s", path, STORE_OLD_SUFFIX) < 0)
+        return KR_ENOMEM;
+    int rc = 0;
+    struct stat st;
+    if (lstat(old, &st) != 0)
+        goto out; /* no swap was under way */
+    if (lstat(path, &st) != 0 && errno == ENOENT) {
+        log_warn("open %s: an interrupted swap left it at %s; moving it back", path, old);
+        if (rename(old, path) != 0) {
+            log_error("open %s: move back %s: %s", path, old, strerror(errno));
+            rc = KR_EIO;
+            goto out;
+        }
+        rc = store_sync_parent(path);
+    } else {
+        log_warn("open %s: removing %s left by an interrupted swap", path, old);
+        rc = store_remove_dir(old);
+    }
+out:
+    free(old);
+    return rc;
 }
 
 int store_open(const char *path, struct store **out)
 {
     int rc = KR_ENOMEM;
-    char *err = NULL;
-    rocksdb_pinnableslice_t *applied = NULL;
     struct store *store = calloc(1, sizeof(*store));
     if (store == NULL)
         goto out;
@@ -189,64 +330,22 @@ int store_open(const char *path, struct store **out)
         store->flush_dir = NULL;
         goto out;
     }
-
-    store->db = store_open_db(path, rocksdb_lz4_compression, store->cf, &err);
-    if (err != NULL && strstr(err, "Compression type") != NULL) {
-        log_warn("open %s: lz4 unavailable (%s), storing uncompressed", path, err);
-        rocksdb_free(err);
-        err = NULL;
-        store->db = store_open_db(path, rocksdb_no_compression, store->cf, &err);
-    }
-    if (err != NULL) {
-        if (strstr(err, "lock") != NULL || strstr(err, "LOCK") != NULL)
-            log_error("open %s: %s (already in use by another keyraftd?)", path, err);
-        else
-            log_error("open %s: %s", path, err);
-        rc = KR_EIO;
-        goto out;
-    }
     store->read_opts = rocksdb_readoptions_create();
     store->write_opts = rocksdb_writeoptions_create();
     /* Durability comes from the raft log: entries past the applied index are
      * replayed after a crash. */
     rocksdb_writeoptions_disable_WAL(store->write_opts, 1);
-
-    /* A checkpoint left by a crash inside store_flush only pins old files. */
-    rc = store_remove_flat_dir(store->flush_dir);
+    rc = store_recover_swap(path);
     if (rc != 0)
         goto out;
-
-    applied = rocksdb_get_pinned_cf(store->db, store->read_opts, store_handle(store, STORE_CF_META),
-                                    store_applied_key, sizeof(store_applied_key), &err);
-    if (err != NULL) {
-        log_error("open %s: read applied index: %s", path, err);
-        rc = KR_EIO;
+    rc = store_attach(store, STORE_OPEN_CREATE);
+    if (rc != 0)
         goto out;
-    }
-    if (applied != NULL) {
-        size_t len = 0;
-        const char *v = rocksdb_pinnableslice_value(applied, &len);
-        if (len != 8) {
-            log_error("open %s: applied index record is %zu bytes, expected 8", path, len);
-            rc = KR_EIO;
-            goto out;
-        }
-        store->applied = store_get_be64((const uint8_t *)v);
-    }
     log_info("opened %s at applied index %" PRIu64, path, store->applied);
     *out = store;
     store = NULL;
-    rc = 0;
 out:
-    rocksdb_pinnableslice_destroy(applied);
-    rocksdb_free(err);
     if (store != NULL) {
-        /* Nothing was written: no flush needed before closing. */
-        for (int i = 0; i < STORE_NUM_HANDLES; i++)
-            if (store->cf[i] != NULL)
-                rocksdb_column_family_handle_destroy(store->cf[i]);
-        if (store->db != NULL)
-            rocksdb_close(store->db);
         if (store->read_opts != NULL)
             rocksdb_readoptions_destroy(store->read_opts);
         if (store->write_opts != NULL)
@@ -258,6 +357,16 @@ out:
     return rc;
 }
 
+/* 0 while the store holds an open DB; KR_EIO (logged) after a swap that
+ * could not reopen anything. */
+static int store_check_open(const struct store *store, const char *what)
+{
+    if (store->db != NULL)
+        return 0;
+    log_error("%s %s: the store is closed (a database swap failed)", what, store->path);
+    return KR_EIO;
+}
+
 void store_close(struct store *store)
 {
     if (store == NULL)
@@ -266,13 +375,10 @@ void store_close(struct store *store)
      * flush every family (atomically) so a clean shutdown loses nothing and
      * the next start replays no entries. RocksDB's own shutdown flush would
      * do the same, but this way a failure is logged with context. */
-    if (store_flush(store) != 0)
+    if (store->db != NULL && store_flush(store) != 0)
         log_error("close %s: final flush failed, entries past the last flush will be replayed",
                   store->path);
-    /* Debian's RocksDB asserts that every handle is gone before close. */
-    for (int i = 0; i < STORE_NUM_HANDLES; i++)
-        rocksdb_column_family_handle_destroy(store->cf[i]);
-    rocksdb_close(store->db);
+    store_close_db(&store->db, store->cf);
     rocksdb_readoptions_destroy(store->read_opts);
     rocksdb_writeoptions_destroy(store->write_opts);
     free(store->flush_dir);
@@ -290,7 +396,10 @@ int store_get(struct store *store, enum store_cf cf, const void *key, size_t key
 {
     if (!store_cf_valid(cf))
         return KR_EINVAL;
-    int rc = KR_EIO;
+    int rc = store_check_open(store, "get");
+    if (rc != 0)
+        return rc;
+    rc = KR_EIO;
     char *err = NULL;
     rocksdb_pinnableslice_t *slice = rocksdb_get_pinned_cf(
         store->db, store->read_opts, store_handle(store, cf), key, key_len, &err);
@@ -402,7 +511,10 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
                   batch->err == KR_EINVAL ? "bad column family" : "out of memory");
         return batch->err;
     }
-    int rc = KR_EIO;
+    int rc = store_check_open(store, "commit");
+    if (rc != 0)
+        return rc;
+    rc = KR_EIO;
     char *err = NULL;
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
     for (size_t i = 0; i < batch->n_ops; i++) {
@@ -452,36 +564,176 @@ static int store_has_unflushed(struct store *store)
     return 0;
 }
 
-/* RocksDB 7.8's C API has no multi-family flush, and a per-family flush with
- * atomic_flush flushes only that family, which could persist data without
- * its applied index. A checkpoint with log_size_for_flush = 0 flushes all
- * families atomically and waits; the checkpoint itself (hard links in the DB
- * dir) is then removed. */
-int store_flush(struct store *store)
+/* Makes a checkpoint of the open DB in |dir| (absent). log_size_for_flush =
+ * 0 makes RocksDB flush every family first, atomically (atomic_flush), and
+ * wait: the checkpoint holds everything committed, with its applied index.
+ * SST files are hard links, so |dir| must be on the DB's filesystem. */
+static int store_make_checkpoint(struct store *store, const char *dir, const char *what)
 {
-    int dirty = store_has_unflushed(store);
-    if (dirty <= 0)
-        return dirty;
-    int rc = store_remove_flat_dir(store->flush_dir);
-    if (rc != 0)
-        return rc;
-    rc = KR_EIO;
+    int rc = KR_EIO;
     char *err = NULL;
     rocksdb_checkpoint_t *cp = rocksdb_checkpoint_object_create(store->db, &err);
     if (err != NULL) {
-        log_error("flush %s: checkpoint object: %s", store->path, err);
+        log_error("%s %s: checkpoint object: %s", what, store->path, err);
         goto out;
     }
-    rocksdb_checkpoint_create(cp, store->flush_dir, 0, &err);
+    rocksdb_checkpoint_create(cp, dir, 0, &err);
     if (err != NULL) {
-        log_error("flush %s: checkpoint: %s", store->path, err);
+        log_error("%s %s: checkpoint into %s: %s", what, store->path, dir, err);
         goto out;
     }
-    rc = store_remove_flat_dir(store->flush_dir);
+    rc = 0;
 out:
     if (cp != NULL)
         rocksdb_checkpoint_object_destroy(cp);
     rocksdb_free(err);
+    return rc;
+}
+
+/* RocksDB 7.8's C API has no multi-family flush, and a per-family flush with
+ * atomic_flush flushes only that family, which could persist data without
+ * its applied index. A checkpoint flushes all families atomically and waits;
+ * the checkpoint itself (hard links in the DB dir) is then removed. */
+int store_flush(struct store *store)
+{
+    int rc = store_check_open(store, "flush");
+    if (rc != 0)
+        return rc;
+    int dirty = store_has_unflushed(store);
+    if (dirty <= 0)
+        return dirty;
+    rc = store_remove_dir(store->flush_dir);
+    if (rc != 0)
+        return rc;
+    rc = store_make_checkpoint(store, store->flush_dir, "flush");
+    if (rc != 0)
+        return rc;
+    return store_remove_dir(store->flush_dir);
+}
+
+int store_checkpoint(struct store *store, const char *dir)
+{
+    int rc = store_check_open(store, "checkpoint");
+    if (rc != 0)
+        return rc;
+    return store_make_checkpoint(store, dir, "checkpoint");
+}
+
+int store_probe(const char *dir, uint64_t *out_applied)
+{
+    rocksdb_column_family_handle_t *cf[STORE_NUM_HANDLES] = {NULL};
+    rocksdb_readoptions_t *read_opts = NULL;
+    char *err = NULL;
+    int rc = KR_EIO;
+    /* Compression only matters for writing; read-only never writes data. */
+    rocksdb_t *db = store_open_db(dir, rocksdb_no_compression, STORE_OPEN_READ_ONLY, cf, &err);
+    if (err != NULL) {
+        log_error("probe %s: %s", dir, err);
+        goto out;
+    }
+    read_opts = rocksdb_readoptions_create();
+    rocksdb_readoptions_set_verify_checksums(read_opts, 1);
+    rocksdb_readoptions_set_fill_cache(read_opts, 0);
+    uint64_t applied = 0;
+    rc = store_read_applied(db, cf[(int)STORE_CF_META + 1], read_opts, dir, &applied);
+    if (rc != 0)
+        goto out;
+    /* Open checked that every file the MANIFEST names is there with its
+     * size; reading every entry checks every block's checksum, so a copy
+     * damaged in transfer is refused here rather than found later. */
+    for (int i = 0; i < STORE_NUM_HANDLES; i++) {
+        rocksdb_iterator_t *it = rocksdb_create_iterator_cf(db, read_opts, cf[i]);
+        for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it); rocksdb_iter_next(it))
+            ;
+        rocksdb_iter_get_error(it, &err);
+        rocksdb_iter_destroy(it);
+        if (err != NULL) {
+            log_error("probe %s: reading family %s: %s", dir, store_cf_names[i], err);
+            rc = KR_EIO;
+            goto out;
+        }
+    }
+    *out_applied = applied;
+out:
+    if (read_opts != NULL)
+        rocksdb_readoptions_destroy(read_opts);
+    store_close_db(&db, cf);
+    rocksdb_free(err);
+    return rc;
+}
+
+int store_swap(struct store *store, const char *new_db_dir)
+{
+    char *old = NULL;
+    int rc = store_check_open(store, "swap");
+    if (rc != 0)
+        return rc;
+    unsigned iters = __atomic_load_n(&store->n_iters, __ATOMIC_ACQUIRE);
+    if (iters != 0) {
+        log_error("swap %s: %u iterators still open", store->path, iters);
+        return KR_EBUSY;
+    }
+    struct stat st;
+    if (stat(new_db_dir, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        log_error("swap %s: %s is not a directory", store->path, new_db_dir);
+        return KR_EINVAL;
+    }
+    if (asprintf(&old, "%s%s", store->path, STORE_OLD_SUFFIX) < 0)
+        return KR_ENOMEM;
+    /* A stale one would make rename fail, or be mistaken for ours by store_open. */
+    rc = store_remove_dir(old);
+    if (rc != 0)
+        goto out;
+    /* The old DB must be complete on disk: it is what a failure restores. */
+    rc = store_flush(store);
+    if (rc != 0)
+        goto out;
+    uint64_t old_applied = store_applied_index(store);
+    store_close_db(&store->db, store->cf);
+    if (rename(store->path, old) != 0) {
+        log_error("swap %s: move it to %s: %s", store->path, old, strerror(errno));
+        rc = KR_EIO;
+        goto reopen_old;
+    }
+    if (rename(new_db_dir, store->path) != 0) {
+        log_error("swap %s: move %s in place: %s", store->path, new_db_dir, strerror(errno));
+        rc = KR_EIO;
+        goto put_back_old;
+    }
+    if (store_sync_parent(store->path) != 0 || store_attach(store, STORE_OPEN_EXISTING) != 0) {
+        rc = KR_EIO;
+        log_error("swap %s: the new database does not open; putting the old one back",
+                  store->path);
+        if (rename(store->path, new_db_dir) != 0) {
+            log_error("swap %s: move the new database back to %s: %s; removing it",
+                      store->path, new_db_dir, strerror(errno));
+            /* With both present, store_open would keep the new one. */
+            if (store_remove_dir(store->path) != 0)
+                goto out;
+        }
+        goto put_back_old;
+    }
+    log_info("swapped %s: applied index %" PRIu64 " -> %" PRIu64, store->path, old_applied,
+             store_applied_index(store));
+    /* The swap is done: failing to clean up only costs space (store_open
+     * retries the removal). */
+    if (store_remove_dir(old) != 0)
+        log_warn("swap %s: could not remove %s", store->path, old);
+    rc = 0;
+    goto out;
+
+put_back_old:
+    if (rename(old, store->path) != 0) {
+        log_error("swap %s: move %s back: %s", store->path, old, strerror(errno));
+        goto out; /* store_open puts it back */
+    }
+    store_sync_parent(store->path);
+reopen_old:
+    if (store_attach(store, STORE_OPEN_EXISTING) != 0)
+        log_error("swap %s: the old database does not reopen either: the store is closed",
+                  store->path);
+out:
+    free(old);
     return rc;
 }
 
@@ -498,10 +750,15 @@ int store_iter_new(struct store *store, enum store_cf cf, const void *lower, siz
 {
     if (!store_cf_valid(cf))
         return KR_EINVAL;
-    int rc = KR_ENOMEM;
+    int rc = store_check_open(store, "iterate");
+    if (rc != 0)
+        return rc;
+    rc = KR_ENOMEM;
     struct store_iter *iter = calloc(1, sizeof(*iter));
     if (iter == NULL)
         goto out;
+    iter->store = store;
+    __atomic_add_fetch(&store->n_iters, 1, __ATOMIC_ACQ_REL);
     iter->db = store->db;
     if (lower != NULL && (iter->lower = store_dup_bytes(lower, lower_len)) == NULL)
         goto out;
@@ -585,13 +842,14 @@ void store_iter_free(struct store_iter *iter)
         rocksdb_readoptions_destroy(iter->opts);
     free(iter->lower);
     free(iter->upper);
+    __atomic_sub_fetch(&iter->store->n_iters, 1, __ATOMIC_ACQ_REL);
     free(iter);
 }
 
 uint64_t store_estimate_count(struct store *store, enum store_cf cf)
 {
     uint64_t n = 0;
-    if (!store_cf_valid(cf))
+    if (!store_cf_valid(cf) || store->db == NULL)
         return 0;
     if (rocksdb_property_int_cf(store->db, store_handle(store, cf), "rocksdb.estimate-num-keys",
                                 &n) != 0) {

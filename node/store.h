@@ -64,8 +64,41 @@ int store_iter_status(const struct store_iter *iter);
 /* Borrowed views, valid until the next move. */
 const uint8_t *store_iter_key(const struct store_iter *iter, size_t *len);
 const uint8_t *store_iter_value(const struct store_iter *iter, size_t *len);
-/* Accepts NULL. Every iterator must be freed before store_close. */
+/* Accepts NULL. Every iterator must be freed before store_close and
+ * store_swap. */
 void store_iter_free(struct store_iter *iter);
+
+/* --- whole-database copies: out-of-band raft snapshots ------------------------- */
+
+/* Writes a self-contained copy of the database into |dir|, which must not
+ * exist and must be on the store's filesystem (SST files are hard-linked).
+ * Memtables are flushed first, so the copy holds every commit so far and its
+ * applied index. Open it with store_open or check it with store_probe. */
+int store_checkpoint(struct store *store, const char *dir);
+
+/* Opens the database in |dir| read-only (every column family must be there),
+ * reads every entry with checksums verified, and reports its applied index:
+ * the check a fetched checkpoint passes before store_swap. KR_EIO (logged)
+ * when it is not a complete, undamaged store. Reads the whole database. */
+int store_probe(const char *dir, uint64_t *out_applied);
+
+/* Replaces the store's database with the one in |new_db_dir| (renamed into
+ * place: same filesystem), keeping |store| valid for its callers. The current
+ * one is flushed, closed and parked at <path>.old, the new one renamed to
+ * <path> and opened, then <path>.old is removed.
+ * Contract: every iterator of |store| is freed before the call (KR_EBUSY
+ * otherwise) and no other thread uses the store during it.
+ * On failure the old database is put back and reopened, and |new_db_dir| is
+ * left where it was. If even the old one cannot be reopened, the store stays
+ * closed: every call fails with KR_EIO until store_close. A crash in the
+ * middle is repaired by the next store_open: before the new database is in
+ * place the old one comes back, after it the new one stays (check it with
+ * store_probe before the swap). */
+int store_swap(struct store *store, const char *new_db_dir);
+
+/* Removes |path| and everything under it, never following symlinks. Absent
+ * is fine. For database and checkpoint directories. */
+int store_remove_dir(const char *path);
 
 /* Approximate number of keys in a family (RocksDB estimate). */
 uint64_t store_estimate_count(struct store *store, enum store_cf cf);

@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <ftw.h>
 #include <inttypes.h>
@@ -473,6 +474,259 @@ static void test_flush_leaves_no_checkpoint(void **state)
     store_close(s);
 }
 
+/* A database at |path| holding |key| = |value| at applied index |index|,
+ * closed again (as a checkpoint would be handed over). */
+static void make_db(const char *path, const char *key, const char *value, uint64_t index)
+{
+    struct store *s = open_ok(path);
+    put_one(s, STORE_CF_KEYS, key, value, index);
+    store_close(s);
+}
+
+static int path_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+static void test_checkpoint_is_a_consistent_copy(void **state)
+{
+    struct fixture *f = *state;
+    char cp[160], cp2[160];
+    snprintf(cp, sizeof(cp), "%s/cp", f->dir);
+    snprintf(cp2, sizeof(cp2), "%s/cp2", f->dir);
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "k1", "v1", 4);
+    put_one(s, STORE_CF_META, "cfg", "x", 5); /* in memtables only: the checkpoint flushes */
+    assert_int_equal(store_checkpoint(s, cp), 0);
+    /* The target must be new. */
+    assert_int_equal(store_checkpoint(s, cp), KR_EIO);
+    put_one(s, STORE_CF_KEYS, "k2", "after", 6);
+
+    uint64_t applied = 0;
+    assert_int_equal(store_probe(cp, &applied), 0);
+    assert_int_equal(applied, 5);
+    /* The copy is a store of its own, frozen at the checkpoint. */
+    struct store *c = open_ok(cp);
+    assert_int_equal(store_applied_index(c), 5);
+    assert_value(c, STORE_CF_KEYS, "k1", 2, "v1");
+    assert_value(c, STORE_CF_META, "cfg", 3, "x");
+    assert_absent(c, STORE_CF_KEYS, "k2", 2);
+    store_close(c);
+    /* A second one while the first exists. */
+    assert_int_equal(store_checkpoint(s, cp2), 0);
+    assert_int_equal(store_probe(cp2, &applied), 0);
+    assert_int_equal(applied, 6);
+    store_close(s);
+}
+
+static void test_probe_refuses_what_is_not_a_store(void **state)
+{
+    struct fixture *f = *state;
+    char dir[160], path[200];
+    uint64_t applied = 77;
+    /* Absent, empty, junk: nothing is created, nothing reported. */
+    snprintf(dir, sizeof(dir), "%s/none", f->dir);
+    assert_int_equal(store_probe(dir, &applied), KR_EIO);
+    assert_false(path_exists(dir));
+    snprintf(dir, sizeof(dir), "%s/empty", f->dir);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    assert_int_equal(store_probe(dir, &applied), KR_EIO);
+    snprintf(path, sizeof(path), "%s/CURRENT", dir);
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fputs("MANIFEST-000042\n", fp);
+    fclose(fp);
+    assert_int_equal(store_probe(dir, &applied), KR_EIO);
+    assert_int_equal(applied, 77);
+
+    /* A checkpoint with one SST damaged in the middle fails the checksums. */
+    struct store *s = open_ok(f->db);
+    char value[4096];
+    uint32_t x = 12345; /* incompressible, so the SST is large */
+    for (size_t i = 0; i < sizeof(value); i++) {
+        x = x * 1103515245u + 12345u;
+        value[i] = (char)(x >> 24);
+    }
+    struct store_batch *b = store_batch_new();
+    for (int i = 0; i < 64; i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "key-%03d", i);
+        store_batch_put(b, STORE_CF_KEYS, key, strlen(key), value, sizeof(value));
+    }
+    assert_int_equal(store_batch_commit(s, b, 3), 0);
+    store_batch_free(b);
+    snprintf(dir, sizeof(dir), "%s/cp", f->dir);
+    assert_int_equal(store_checkpoint(s, dir), 0);
+    store_close(s);
+    assert_int_equal(store_probe(dir, &applied), 0);
+    assert_int_equal(applied, 3);
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *ent;
+    int damaged = 0;
+    while ((ent = readdir(d)) != NULL) {
+        size_t n = strlen(ent->d_name);
+        if (n < 4 || strcmp(ent->d_name + n - 4, ".sst") != 0)
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", dir, ent->d_name);
+        struct stat st;
+        assert_int_equal(stat(path, &st), 0);
+        if (st.st_size < 100000)
+            continue; /* the small SSTs of the other families */
+        /* The checkpoint hard-links SSTs: copy before damaging, or the
+         * source store would be damaged too. */
+        uint8_t *data = malloc((size_t)st.st_size);
+        assert_non_null(data);
+        fp = fopen(path, "rb");
+        assert_int_equal(fread(data, 1, (size_t)st.st_size, fp), (size_t)st.st_size);
+        fclose(fp);
+        assert_int_equal(unlink(path), 0);
+        data[st.st_size / 3] ^= 0x5a;
+        fp = fopen(path, "wb");
+        assert_int_equal(fwrite(data, 1, (size_t)st.st_size, fp), (size_t)st.st_size);
+        fclose(fp);
+        free(data);
+        damaged++;
+    }
+    closedir(d);
+    assert_int_equal(damaged, 1);
+    applied = 77;
+    assert_int_equal(store_probe(dir, &applied), KR_EIO);
+    assert_int_equal(applied, 77);
+    /* The source store was not touched by the damage. */
+    s = open_ok(f->db);
+    uint8_t *v = NULL;
+    size_t len = 0;
+    assert_int_equal(store_get(s, STORE_CF_KEYS, "key-063", 7, &v, &len), 0);
+    assert_int_equal(len, sizeof(value));
+    assert_memory_equal(v, value, len);
+    free(v);
+    store_close(s);
+}
+
+static void test_swap_replaces_data_keeps_struct(void **state)
+{
+    struct fixture *f = *state;
+    char other[160], incoming[160], old[160];
+    snprintf(other, sizeof(other), "%s/other", f->dir);
+    snprintf(incoming, sizeof(incoming), "%s/db.incoming", f->dir);
+    snprintf(old, sizeof(old), "%s.old", f->db);
+    make_db(other, "new-key", "new-value", 40);
+    struct store *o = open_ok(other);
+    struct store_batch *b = store_batch_new();
+    assert_non_null(b);
+    store_batch_put(b, STORE_CF_NAMES, "dom\0n", 5, "new-key", 7);
+    assert_int_equal(store_batch_commit(o, b, 41), 0);
+    store_batch_free(b);
+    assert_int_equal(store_checkpoint(o, incoming), 0);
+    store_close(o);
+
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "old-key", "old-value", 3);
+    struct store *const before = s;
+    assert_int_equal(store_swap(s, incoming), 0);
+    assert_ptr_equal(s, before);
+    assert_int_equal(store_applied_index(s), 41);
+    assert_value(s, STORE_CF_KEYS, "new-key", 7, "new-value");
+    assert_value(s, STORE_CF_NAMES, "dom\0n", 5, "new-key");
+    assert_absent(s, STORE_CF_KEYS, "old-key", 7);
+    assert_false(path_exists(incoming));
+    assert_false(path_exists(old));
+    /* The same struct keeps working: writes, iterators, flushes. */
+    put_one(s, STORE_CF_KEYS, "later", "x", 42);
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_KEYS, NULL, 0, NULL, 0, &it), 0);
+    int n = 0;
+    for (; store_iter_valid(it); store_iter_next(it))
+        n++;
+    assert_int_equal(store_iter_status(it), 0);
+    store_iter_free(it);
+    assert_int_equal(n, 2);
+    assert_int_equal(store_flush(s), 0);
+    store_close(s);
+
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 42);
+    assert_value(s, STORE_CF_KEYS, "new-key", 7, "new-value");
+    assert_value(s, STORE_CF_KEYS, "later", 5, "x");
+    store_close(s);
+}
+
+static void test_failed_swap_leaves_the_old_data(void **state)
+{
+    struct fixture *f = *state;
+    char incoming[160], old[160], path[200];
+    snprintf(incoming, sizeof(incoming), "%s/db.incoming", f->dir);
+    snprintf(old, sizeof(old), "%s.old", f->db);
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "old-key", "old-value", 9); /* unflushed: must survive */
+
+    /* An empty directory is no database: not created on the fly. */
+    assert_int_equal(mkdir(incoming, 0700), 0);
+    assert_int_equal(store_swap(s, incoming), KR_EIO);
+    assert_int_equal(store_applied_index(s), 9);
+    assert_value(s, STORE_CF_KEYS, "old-key", 7, "old-value");
+    assert_true(path_exists(incoming)); /* left where it was */
+    assert_false(path_exists(old));
+    /* Junk. */
+    snprintf(path, sizeof(path), "%s/CURRENT", incoming);
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fputs("garbage\n", fp);
+    fclose(fp);
+    assert_int_equal(store_swap(s, incoming), KR_EIO);
+    assert_value(s, STORE_CF_KEYS, "old-key", 7, "old-value");
+    /* Not a directory at all. */
+    snprintf(path, sizeof(path), "%s/missing", f->dir);
+    assert_int_equal(store_swap(s, path), KR_EINVAL);
+
+    /* An open iterator refuses the swap and changes nothing. */
+    assert_int_equal(store_remove_dir(incoming), 0);
+    assert_false(path_exists(incoming));
+    make_db(incoming, "new-key", "new-value", 50);
+    struct store_iter *it = NULL;
+    assert_int_equal(store_iter_new(s, STORE_CF_KEYS, NULL, 0, NULL, 0, &it), 0);
+    assert_int_equal(store_swap(s, incoming), KR_EBUSY);
+    assert_true(store_iter_valid(it));
+    store_iter_free(it);
+    assert_int_equal(store_applied_index(s), 9);
+
+    /* The store still works, and keeps its data across a restart. */
+    put_one(s, STORE_CF_KEYS, "k2", "v2", 10);
+    store_close(s);
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 10);
+    assert_value(s, STORE_CF_KEYS, "old-key", 7, "old-value");
+    /* And the refused database can still go in. */
+    assert_int_equal(store_swap(s, incoming), 0);
+    assert_int_equal(store_applied_index(s), 50);
+    store_close(s);
+}
+
+/* What a crash inside store_swap leaves is repaired by store_open. */
+static void test_interrupted_swap_is_repaired(void **state)
+{
+    struct fixture *f = *state;
+    char old[160];
+    snprintf(old, sizeof(old), "%s.old", f->db);
+    /* Crash between the two renames: the DB is only at .old. */
+    make_db(f->db, "k", "v", 7);
+    assert_int_equal(rename(f->db, old), 0);
+    struct store *s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 7);
+    assert_value(s, STORE_CF_KEYS, "k", 1, "v");
+    assert_false(path_exists(old));
+    store_close(s);
+    /* Crash after the new one went in: the old one is garbage. */
+    make_db(old, "stale", "x", 3);
+    s = open_ok(f->db);
+    assert_int_equal(store_applied_index(s), 7);
+    assert_absent(s, STORE_CF_KEYS, "stale", 5);
+    assert_false(path_exists(old));
+    store_close(s);
+}
+
 static void crash_key(unsigned batch, unsigned j, char *key, size_t cap)
 {
     snprintf(key, cap, "b%04u-k%04u", batch, j);
@@ -570,6 +824,11 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_flush_leaves_no_checkpoint, setup, teardown),
         cmocka_unit_test_setup_teardown(test_crash_keeps_index_and_data_consistent, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_checkpoint_is_a_consistent_copy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_probe_refuses_what_is_not_a_store, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_swap_replaces_data_keeps_struct, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_swap_leaves_the_old_data, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_interrupted_swap_is_repaired, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
