@@ -663,11 +663,17 @@ out:
     return rv;
 }
 
-/* The subject CN of |name| into |out|; KR_EINVAL when there is none. */
-static int common_name(X509_NAME *name, char *out, size_t cap)
+/* 0 when the subject CN of |name| is |node_name|; KR_EINVAL (logged, |what|
+ * names the object) otherwise. */
+static int names_node(X509_NAME *name, const char *node_name, const char *what)
 {
-    int len = X509_NAME_get_text_by_NID(name, NID_commonName, out, (int)cap);
-    return len > 0 && (size_t)len < cap ? 0 : KR_EINVAL;
+    char cn[PKI_NAME_MAX + 1] = "";
+    int len = X509_NAME_get_text_by_NID(name, NID_commonName, cn, (int)sizeof(cn));
+    if (len > 0 && (size_t)len < sizeof(cn) && strcmp(cn, node_name) == 0)
+        return 0;
+    ERR_clear_error();
+    log_error("the %s names \"%s\", not \"%s\"", what, cn, node_name);
+    return KR_EINVAL;
 }
 
 int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const char *csr_pem,
@@ -680,7 +686,6 @@ int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const c
     X509_NAME *name = NULL;
     GENERAL_NAMES *san = NULL;
     BIO *in = NULL, *out = NULL;
-    char cn[PKI_NAME_MAX + 1];
     int rv = check_days(days);
     if (rv != 0)
         goto out;
@@ -702,11 +707,8 @@ int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const c
         rv = KR_EAUTH;
         goto out;
     }
-    if (common_name(X509_REQ_get_subject_name(req), cn, sizeof(cn)) != 0 ||
-        strcmp(cn, node_name) != 0) {
-        log_error("the certificate request names \"%s\", not \"%s\"", cn, node_name);
+    if (names_node(X509_REQ_get_subject_name(req), node_name, "certificate request") != 0)
         goto out;
-    }
     /* Only the public key comes from the request; names and uses are ours. */
     name = X509_NAME_new();
     san = GENERAL_NAMES_new();
@@ -744,7 +746,6 @@ int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const ch
     X509 *ca = NULL, *cert = NULL;
     X509_STORE *store = NULL;
     X509_STORE_CTX *ctx = NULL;
-    char cn[PKI_NAME_MAX + 1];
     size_t ca_len = 0;
     int rv = read_file_bio(ca_cert_path, &ca_buf, &ca_len, &ca_bio);
     if (rv != 0)
@@ -775,11 +776,8 @@ int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const ch
         rv = KR_EAUTH;
         goto out;
     }
-    if (common_name(X509_get_subject_name(cert), cn, sizeof(cn)) != 0 ||
-        strcmp(cn, node_name) != 0) {
-        log_error("the node certificate names \"%s\", not \"%s\"", cn, node_name);
+    if (names_node(X509_get_subject_name(cert), node_name, "node certificate") != 0)
         goto out;
-    }
     rv = 0;
 out:
     X509_STORE_CTX_free(ctx);

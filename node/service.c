@@ -525,17 +525,23 @@ static int reply_if_retry(struct call *call)
     return 1;
 }
 
-static void propose(struct call *call, Keyraft__Command *cmd)
+/* Proposes |cmd| under the call's scoped request id; |done| answers it. */
+static void propose_then(struct call *call, Keyraft__Command *cmd, cluster_done_cb done)
 {
     char request_id[REQUEST_ID_MAX + 260];
     scoped_request_id(call, request_id, sizeof(request_id));
     cmd->request_id = request_id;
-    int rv = cluster_propose(call->svc->deps.cluster, cmd, write_done, call);
+    int rv = cluster_propose(call->svc->deps.cluster, cmd, done, call);
     if (rv != 0) {
         reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
         return;
     }
     call->svc->pending++;
+}
+
+static void propose(struct call *call, Keyraft__Command *cmd)
+{
+    propose_then(call, cmd, write_done);
 }
 
 /* Seals |call->material| as version |version| of a key. */
@@ -1645,15 +1651,7 @@ static void registry_done(void *arg, const struct fsm_op_result *res)
 
 static void propose_registry(struct call *call, Keyraft__Command *cmd)
 {
-    char request_id[REQUEST_ID_MAX + 260];
-    scoped_request_id(call, request_id, sizeof(request_id));
-    cmd->request_id = request_id;
-    int rv = cluster_propose(call->svc->deps.cluster, cmd, registry_done, call);
-    if (rv != 0) {
-        reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
-        return;
-    }
-    call->svc->pending++;
+    propose_then(call, cmd, registry_done);
 }
 
 static void propose_node(struct call *call, const Keyraft__NodeRecord *rec)
