@@ -208,6 +208,7 @@ struct fake {
     SSL_CTX *ctx;
     enum fake_mode mode;
     uint64_t commit_index;
+    char hint[64]; /* FAKE_NOTLEADER: the leader endpoint it names, if any */
     pthread_t thread;
     pthread_mutex_t mu;
     int stop;
@@ -239,6 +240,7 @@ static int fake_reply(struct fake *f, SSL *ssl, const Keyraft__Request *req)
     if (f->mode == FAKE_NOTLEADER) {
         resp.status = KR_ENOTLEADER;
         resp.message = (char *)"not the leader";
+        resp.leader_endpoint = f->hint;
     } else if (req->op_case == KEYRAFT__REQUEST__OP_RANDOM) {
         memset(data, 0xab, sizeof(data));
         rnd.data.data = data;
@@ -633,6 +635,45 @@ static void test_failover_keeps_request_id(void **state)
     fake_stop(&leader);
 }
 
+/* A refusal that names the leader sends the client straight there, past
+ * other endpoints, and teaches it an endpoint its list did not have. */
+static void test_leader_hint_is_followed(void **state)
+{
+    struct fake follower, other, leader;
+    Keyraft__KeyAttributes *attrs = NULL;
+    char eps[128];
+
+    (void)state;
+    fake_start(&leader, FAKE_ANSWER, P.srv_cert, 7);
+    fake_start(&other, FAKE_NOTLEADER, P.srv_cert, 0);
+    fake_start(&follower, FAKE_NOTLEADER, P.srv_cert, 0);
+    snprintf(follower.hint, sizeof(follower.hint), "127.0.0.1:%d", leader.port);
+    snprintf(eps, sizeof(eps), "127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d", follower.port,
+             other.port, leader.port);
+    kr_client *c = new_client(eps, 5000);
+    assert_int_equal(kr_create_key(c, "hinted", KEYRAFT__ALGORITHM__AES_256, NULL, 0, &attrs), 0);
+    kr_key_attributes_free(attrs);
+    assert_int_equal(fake_count(&follower), 1);
+    assert_int_equal(fake_count(&other), 0); /* skipped: the hint named the leader */
+    assert_int_equal(fake_count(&leader), 1);
+    assert_string_equal(follower.request_id[0], leader.request_id[0]);
+    kr_client_free(c);
+
+    /* Only the follower configured: the hinted leader is learnt. */
+    snprintf(eps, sizeof(eps), "127.0.0.1:%d", follower.port);
+    c = new_client(eps, 5000);
+    attrs = NULL;
+    assert_int_equal(kr_create_key(c, "learnt", KEYRAFT__ALGORITHM__AES_256, NULL, 0, &attrs), 0);
+    assert_string_equal(attrs->name, "learnt");
+    kr_key_attributes_free(attrs);
+    assert_int_equal(fake_count(&leader), 2);
+    assert_int_equal(kr_client_last_index(c), 7);
+    kr_client_free(c);
+    fake_stop(&follower);
+    fake_stop(&other);
+    fake_stop(&leader);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -645,6 +686,7 @@ int main(void)
         cmocka_unit_test(test_oversized_frame_is_etoobig),
         cmocka_unit_test(test_wrong_server_name_is_etls),
         cmocka_unit_test(test_failover_keeps_request_id),
+        cmocka_unit_test(test_leader_hint_is_followed),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
