@@ -315,6 +315,8 @@ static int cli_connect(struct cli *cli)
     char err[512] = "";
     int rc;
 
+    if (cli->client != NULL)
+        return 0;
     if (cli->config_path != NULL ||
         !(cli->endpoint != NULL && cli->ca != NULL && cli->cert != NULL && cli->key != NULL)) {
         rc = kr__client_file_load_err(cli->config_path, &cli->file, &cfg, err, sizeof(err));

@@ -753,19 +753,20 @@ int cluster_reconcile(struct cluster *c, const struct cluster_wanted *wanted, si
             cluster_transfer(c, 0);
             return 1;
         }
+        uint64_t sid = srv->id;
         if (want == CLUSTER_ABSENT)
-            return start_change(c, "removing", srv->id,
-                                raft_remove(&c->raft, &c->change, srv->id, change_done));
+            return start_change(c, "removing", sid,
+                                raft_remove(&c->raft, &c->change, sid, change_done));
         if (srv->role == CLUSTER_SPARE || want == CLUSTER_STANDBY)
-            return start_change(c, "assigning standby to", srv->id,
-                                raft_assign(&c->raft, &c->change, srv->id, RAFT_STANDBY,
+            return start_change(c, "assigning standby to", sid,
+                                raft_assign(&c->raft, &c->change, sid, RAFT_STANDBY,
                                             change_done));
         /* standby -> voter: only once it holds nearly the whole log, so the
          * promotion's catch-up rounds are short and other changes not held up. */
         const struct raft_progress *p = &c->raft.leader_state.progress[i];
         if (p->recent_recv && p->match_index + CATCH_UP_SLACK >= c->raft.last_stored)
-            return start_change(c, "promoting to voter", srv->id,
-                                raft_assign(&c->raft, &c->change, srv->id, RAFT_VOTER,
+            return start_change(c, "promoting to voter", sid,
+                                raft_assign(&c->raft, &c->change, sid, RAFT_VOTER,
                                             change_done));
     }
     return 0;

@@ -65,6 +65,10 @@ static void node_closed_all(void *arg)
     uv_close((uv_handle_t *)&n->ticker, NULL);
     uv_close((uv_handle_t *)&n->sigint, NULL);
     uv_close((uv_handle_t *)&n->sigterm, NULL);
+    /* Closing the handles restored the default action: a second signal now
+     * would kill the node before its store and HSM session are closed. */
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
 }
 
 static void cluster_stopped(void *arg) { node_closed_all(arg); }

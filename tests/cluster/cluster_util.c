@@ -14,6 +14,7 @@
 #define JOIN_READY_MS 30000
 #define ROLES_READY_MS 30000
 #define PROBE_TIMEOUT_MS 1000
+#define STOP_WAIT_MS 10000
 #define LIST_PAGE 1000
 #define LIST_MAX_PAGES 100
 
@@ -67,12 +68,47 @@ out:
     return rc;
 }
 
+/* Ports handed out so far in one cluster: two that the kernel offers as free
+ * right after each other may be the same, or one already given away. */
+struct port_set {
+    int used[4 * KC_MAX_NODES];
+    size_t n;
+};
+
+static int port_taken(const struct port_set *ps, int port)
+{
+    for (size_t i = 0; i < ps->n; i++)
+        if (ps->used[i] == port)
+            return 1;
+    return 0;
+}
+
+static void port_add(struct port_set *ps, int port)
+{
+    if (ps->n < sizeof(ps->used) / sizeof(ps->used[0]))
+        ps->used[ps->n++] = port;
+}
+
+static int fresh_ports(struct port_set *ps, int *a, int *b)
+{
+    for (int attempt = 0; attempt < 20; attempt++) {
+        if (kr_free_port_pair(a, b) != 0)
+            return -1;
+        if (!port_taken(ps, *a) && !port_taken(ps, *b)) {
+            port_add(ps, *a);
+            port_add(ps, *b);
+            return 0;
+        }
+    }
+    return -1;
+}
+
 /* Puts a proxy on the node's raft_address, forwarding to a new raft_listen. */
-static int setup_proxy(struct kc_node *node)
+static int setup_proxy(struct kc_node *node, struct port_set *ps)
 {
     int spare = 0;
 
-    if (kr_free_port_pair(&node->raft_listen_port, &spare) != 0 ||
+    if (fresh_ports(ps, &node->raft_listen_port, &spare) != 0 ||
         add_raft_listen(node->n.dir, node->raft_listen_port) != 0 ||
         tcp_proxy_new(node->n.raft_port, node->raft_listen_port, &node->proxy) != 0) {
         fprintf(stderr, "cluster: no proxy for node %llu\n", (unsigned long long)node->id);
@@ -101,13 +137,46 @@ static void save_log(const char *dir, const char *name, const struct kr_out *o)
     fclose(f);
 }
 
-/* Node i+1: `keyraftd init --join`, the admin's `cluster add`, start. */
-static int join_node(struct kc_cluster *c, size_t i, int standby, int proxied)
+/* `keyraftd init --join` for one new node, on its own thread: inits of
+ * several nodes (HSM token, RSA transport key) run side by side. */
+struct join_init {
+    struct kc_node *node;
+    const char *join; /* node 1's client endpoint */
+    pthread_t thread;
+    int started, rc;
+    uint64_t ms;
+};
+
+static void *join_init_main(void *arg)
+{
+    struct join_init *ji = arg;
+    struct kr_node *kn = &ji->node->n;
+    char bin[KR_PATH_MAX + 16], id[24], listen[32], raft[32];
+    struct kr_out o;
+    uint64_t t0 = kc_now_ms();
+
+    snprintf(bin, sizeof(bin), "%s/keyraftd", kr_build_dir());
+    snprintf(id, sizeof(id), "%llu", (unsigned long long)ji->node->id);
+    snprintf(listen, sizeof(listen), "127.0.0.1:%d", kn->port);
+    snprintf(raft, sizeof(raft), "127.0.0.1:%d", kn->raft_port);
+    const char *init[] = {bin,      "init",   "--data",         kn->dir, "--node-id",
+                          id,       "--listen", listen,         "--raft-address", raft,
+                          "--join", ji->join, NULL};
+    ji->rc = kr_run(init, &o, INIT_TIMEOUT_MS);
+    save_log(kn->dir, "init.log", &o);
+    if (ji->rc != 0)
+        fprintf(stderr, "cluster: keyraftd init --join of node %s exited %d:\n%s%s\n", id,
+                ji->rc, (const char *)o.out, o.err);
+    kr_out_free(&o);
+    ji->ms = kc_now_ms() - t0;
+    return NULL;
+}
+
+/* Directories and ports of node i+1, then its init started on a thread. */
+static int join_prepare(struct kc_cluster *c, size_t i, struct port_set *ps, struct join_init *ji)
 {
     struct kc_node *node = &c->nodes[i];
     struct kr_node *kn = &node->n;
-    char bin[KR_PATH_MAX + 16], id[24], listen[32], raft[32], request[KR_PATH_MAX + 32];
-    struct kr_out o;
 
     memset(node, 0, sizeof(*node));
     node->id = i + 1;
@@ -118,38 +187,39 @@ static int join_node(struct kc_cluster *c, size_t i, int standby, int proxied)
         return -1;
     }
     c->n = i + 1; /* from here on, destroy cleans it up */
-    if (kr_free_port_pair(&kn->port, &kn->raft_port) != 0)
+    if (fresh_ports(ps, &kn->port, &kn->raft_port) != 0)
         return -1;
     snprintf(node->endpoint, sizeof(node->endpoint), "127.0.0.1:%d", kn->port);
-    snprintf(bin, sizeof(bin), "%s/keyraftd", kr_build_dir());
-    snprintf(id, sizeof(id), "%llu", (unsigned long long)node->id);
-    snprintf(listen, sizeof(listen), "127.0.0.1:%d", kn->port);
-    snprintf(raft, sizeof(raft), "127.0.0.1:%d", kn->raft_port);
-    const char *init[] = {bin,    "init",          "--data", kn->dir, "--node-id",
-                          id,     "--listen",      listen,   "--raft-address", raft,
-                          "--join", c->nodes[0].endpoint, NULL};
-    int rc = kr_run(init, &o, INIT_TIMEOUT_MS);
-    save_log(kn->dir, "init.log", &o);
-    if (rc != 0) {
-        fprintf(stderr, "cluster: keyraftd init --join of node %s exited %d:\n%s%s\n", id, rc,
-                (const char *)o.out, o.err);
-        kr_out_free(&o);
+    ji->node = node;
+    ji->join = c->nodes[0].endpoint;
+    if (pthread_create(&ji->thread, NULL, join_init_main, ji) != 0)
         return -1;
-    }
-    kr_out_free(&o);
+    ji->started = 1;
+    return 0;
+}
+
+/* After its init: the admin's `cluster add` of node i+1, then its start. */
+static int join_admit(struct kc_cluster *c, size_t i, int standby, struct port_set *ps,
+                      int proxied)
+{
+    struct kc_node *node = &c->nodes[i];
+    struct kr_node *kn = &node->n;
+    char request[KR_PATH_MAX + 32];
+    struct kr_out o;
+
     /* The admin identity node 1 made; this node's own endpoint only. */
     snprintf(kn->client_conf, sizeof(kn->client_conf), "%s", c->nodes[0].n.client_conf);
     if (kr_client_file_load(kn->client_conf, &kn->cfile, &kn->ccfg) != 0)
         return -1;
     kn->ccfg.endpoints = node->endpoint;
-    if (proxied && setup_proxy(node) != 0)
+    if (proxied && setup_proxy(node, ps) != 0)
         return -1;
     snprintf(request, sizeof(request), "%s/join-request", kn->dir);
     const char *add[] = {"cluster", "add", request, standby ? "--standby" : NULL, NULL};
-    rc = kc_cli(c, &o, add);
+    int rc = kc_cli(c, &o, add);
     if (rc != 0) {
-        fprintf(stderr, "cluster: cluster add of node %s exited %d:\n%s%s\n", id, rc,
-                (const char *)o.out, o.err);
+        fprintf(stderr, "cluster: cluster add of node %llu exited %d:\n%s%s\n",
+                (unsigned long long)node->id, rc, (const char *)o.out, o.err);
         kr_out_free(&o);
         return -1;
     }
@@ -157,38 +227,66 @@ static int join_node(struct kc_cluster *c, size_t i, int standby, int proxied)
     if (kr_node_spawn(kn) != 0)
         return -1;
     append_endpoint(c, node);
-    return kc_wait_serving(node, JOIN_READY_MS);
+    return 0;
 }
 
 int kc_cluster_create(struct kc_cluster *c, size_t n, size_t n_standby, int proxied)
 {
     char want[KC_MAX_NODES + 1];
     struct kc_node *first = &c->nodes[0];
+    struct join_init inits[KC_MAX_NODES];
+    struct port_set ps = {.n = 0};
+    int rc = 0;
+    uint64_t t0 = kc_now_ms(), t_inits = 0, t_started = 0;
 
     memset(c, 0, sizeof(*c));
+    memset(inits, 0, sizeof(inits));
     if (n == 0 || n > KC_MAX_NODES || n_standby >= n)
         return -1;
     if (kr_node_init(&first->n) != 0)
         return -1;
     c->n = 1;
     first->id = 1;
+    port_add(&ps, first->n.port);
+    port_add(&ps, first->n.raft_port);
     snprintf(first->endpoint, sizeof(first->endpoint), "127.0.0.1:%d", first->n.port);
+    /* The joiners' inits need nothing from node 1 but its address: they
+     * run while it starts. */
+    for (size_t i = 1; i < n && rc == 0; i++)
+        rc = join_prepare(c, i, &ps, &inits[i]);
     /* init's own first start bound raft_address directly; from now on the
      * proxy holds it. */
-    if ((proxied && setup_proxy(first) != 0) || kr_node_start(&first->n) != 0)
+    if (rc == 0 && ((proxied && setup_proxy(first, &ps) != 0) || kr_node_start(&first->n) != 0))
+        rc = -1;
+    if (rc == 0)
+        append_endpoint(c, first);
+    for (size_t i = 1; i < n; i++) {
+        if (inits[i].started)
+            pthread_join(inits[i].thread, NULL);
+        if (!inits[i].started || inits[i].rc != 0)
+            rc = -1;
+    }
+    t_inits = kc_now_ms();
+    for (size_t i = 1; i < n && rc == 0; i++)
+        rc = join_admit(c, i, i >= n - n_standby, &ps, proxied);
+    t_started = kc_now_ms();
+    for (size_t i = 1; i < n && rc == 0; i++)
+        rc = kc_wait_serving(&c->nodes[i], JOIN_READY_MS);
+    if (rc != 0)
         goto fail;
-    append_endpoint(c, first);
-    for (size_t i = 1; i < n; i++)
-        if (join_node(c, i, i >= n - n_standby, proxied) != 0)
-            goto fail;
     for (size_t i = 0; i < n; i++)
         want[i] = i >= n - n_standby ? 's' : 'v';
     want[n] = '\0';
     if (kc_wait_roles(c, want, ROLES_READY_MS) != 0)
         goto fail;
+    fprintf(stderr, "cluster: node 1 and %zu inits in %llu ms, %zu admitted and started in %llu "
+            "ms, all serving in their roles after %llu ms more\n", n - 1,
+            (unsigned long long)(t_inits - t0), n - 1,
+            (unsigned long long)(t_started - t_inits),
+            (unsigned long long)(kc_now_ms() - t_started));
     return 0;
 fail:
-    fprintf(stderr, "cluster: making a %zu-node cluster failed at node %zu\n", n, c->n);
+    fprintf(stderr, "cluster: making a %zu-node cluster failed\n", n);
     kc_dump_logs(c, 3000);
     kc_cluster_destroy(c);
     return -1;
@@ -198,15 +296,22 @@ int kc_cluster_destroy(struct kc_cluster *c)
 {
     int unclean = 0;
 
-    /* All at once: a leader handing off to a peer that is stopping too would
-     * wait out its hand-off deadline; kr_node_stop's second SIGTERM ends that. */
+    /* One SIGTERM to all at once, then each may take its time: a leader
+     * hands off first (up to its hand-off deadline when its peers are
+     * stopping too). A second SIGTERM only for one that hangs. */
     for (size_t i = 0; i < c->n; i++)
         if (kr_node_alive(&c->nodes[i].n))
             kill(c->nodes[i].n.pid, SIGTERM);
     for (size_t i = 0; i < c->n; i++) {
         struct kc_node *node = &c->nodes[i];
         if (node->n.pid > 0) {
-            int rc = kr_node_stop(&node->n);
+            int rc = kr_node_wait_exit(&node->n, STOP_WAIT_MS);
+            if (rc == -1 && node->n.pid > 0) {
+                fprintf(stderr, "cluster: node %llu still runs %d ms after SIGTERM\n",
+                        (unsigned long long)node->id, STOP_WAIT_MS);
+                rc = kr_node_stop(&node->n);
+                rc = rc == 0 ? -1 : rc;
+            }
             if (rc != 0) {
                 fprintf(stderr, "cluster: node %llu exited %d on SIGTERM\n",
                         (unsigned long long)node->id, rc);

@@ -757,6 +757,26 @@ int kr_node_stop(struct kr_node *node)
     return exit_code(wstatus);
 }
 
+int kr_node_wait_exit(struct kr_node *node, unsigned timeout_ms)
+{
+    uint64_t deadline = now_ms() + timeout_ms;
+    int wstatus = 0;
+
+    if (node->pid <= 0)
+        return -1;
+    for (;;) {
+        pid_t r = waitpid(node->pid, &wstatus, WNOHANG);
+        if (r == node->pid) {
+            untrack(node->pid);
+            node->pid = 0;
+            return exit_code(wstatus);
+        }
+        if ((r < 0 && errno != EINTR) || now_ms() >= deadline)
+            return -1;
+        sleep_ms(10);
+    }
+}
+
 int kr_node_kill9(struct kr_node *node)
 {
     if (node->pid <= 0)

@@ -60,6 +60,12 @@ int kr_node_spawn(struct kr_node *node);
  * when it was not running. */
 int kr_node_stop(struct kr_node *node);
 
+/* Waits up to |timeout_ms| for the process to exit by itself (after a
+ * signal the caller sent), sending nothing: a second SIGTERM may mean "stop
+ * now" to keyraftd. Returns the exit code as kr_node_stop does, or -1 when it
+ * was not running or is still running (pid kept). */
+int kr_node_wait_exit(struct kr_node *node, unsigned timeout_ms);
+
 /* SIGKILL and reap. 0, or -1 when it was not running. */
 int kr_node_kill9(struct kr_node *node);
 
