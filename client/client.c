@@ -30,7 +30,7 @@
 #define CONNECT_TIMEOUT_MAX_MS 5000 /* one endpoint may not eat the whole call */
 #define RETRY_PASSES 3
 #define BACKOFF_MIN_MS 100
-#define BACKOFF_MAX_MS 1000
+#define BACKOFF_MAX_MS 250 /* an election takes 1-2 s: retry often enough to see its end */
 #define REQUEST_ID_BYTES 16
 #define MAX_ENDPOINTS 64 /* configured plus learned from leader hints */
 
