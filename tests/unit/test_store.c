@@ -569,7 +569,7 @@ static void test_probe_refuses_what_is_not_a_store(void **state)
         size_t n = strlen(ent->d_name);
         if (n < 4 || strcmp(ent->d_name + n - 4, ".sst") != 0)
             continue;
-        snprintf(path, sizeof(path), "%s/%s", dir, ent->d_name);
+        assert_true((size_t)snprintf(path, sizeof(path), "%.100s/%.80s", dir, ent->d_name) < sizeof(path));
         struct stat st;
         assert_int_equal(stat(path, &st), 0);
         if (st.st_size < 100000)
