@@ -107,6 +107,8 @@ const char *command_op_name(const Keyraft__Command *command)
     case KEYRAFT__COMMAND__OP_ADD_VERSION: return "add_version";
     case KEYRAFT__COMMAND__OP_DESTROY_KEY: return "destroy_key";
     case KEYRAFT__COMMAND__OP_PUT_DOMAIN: return "put_domain";
+    case KEYRAFT__COMMAND__OP_PUT_NODE: return "put_node";
+    case KEYRAFT__COMMAND__OP_REMOVE_NODE: return "remove_node";
     default: return "unknown";
     }
 }

@@ -517,6 +517,11 @@ static void test_op_names(void **state)
     assert_string_equal(command_op_name(&s.cmds[4]), "put_domain");
     Keyraft__Command bare = KEYRAFT__COMMAND__INIT;
     assert_string_equal(command_op_name(&bare), "unknown");
+    /* Every op of command.proto has a name (the fuzzer found one without). */
+    bare.op_case = KEYRAFT__COMMAND__OP_PUT_NODE;
+    assert_string_equal(command_op_name(&bare), "put_node");
+    bare.op_case = KEYRAFT__COMMAND__OP_REMOVE_NODE;
+    assert_string_equal(command_op_name(&bare), "remove_node");
     bare.op_case = (Keyraft__Command__OpCase)99;
     assert_string_equal(command_op_name(&bare), "unknown");
     command_batch_free(NULL);
