@@ -65,6 +65,21 @@ wait_up() {
   return 1
 }
 
+# Waits until the leader has node $1 in raft with the role the registry
+# wants for it (the promotion follows its catch-up), up to 60 s.
+wait_member() {
+  local i="$1" row
+  for _ in $(seq 1 600); do
+    row=$("$bin/keyraft" --config "$dir/client.conf" cluster list 2>/dev/null |
+          awk -v i="$i" '$1 == i {print $4, $5}')
+    set -- $row
+    if [ -n "${1:-}" ] && [ "${1:-}" = "${2:-}" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "node $i did not become a member in 60 s; its log: $dir/node$i.log" >&2
+  return 1
+}
+
 start_node() {
   local i="$1"
   setsid "$bin/keyraftd" --data "$dir/node$i" >>"$dir/node$i.log" 2>&1 </dev/null &
@@ -104,6 +119,7 @@ CONF
     fi
     start_node "$i"
     wait_up "$i"
+    [ "$i" -gt 1 ] && wait_member "$i"
   done
   echo "keyraft cluster of $n nodes up in $dir"
   echo "  KEYRAFT_CONFIG=$dir/client.conf $bin/keyraft cluster list"
