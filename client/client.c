@@ -772,26 +772,6 @@ static long leader_endpoint_index(kr_client *c, const char *hint)
     return (long)c->n_eps++;
 }
 
-static int op_is_write(Keyraft__Request__OpCase op)
-{
-    switch (op) {
-    case KEYRAFT__REQUEST__OP_CREATE:
-    case KEYRAFT__REQUEST__OP_IMPORT:
-    case KEYRAFT__REQUEST__OP_ACTIVATE:
-    case KEYRAFT__REQUEST__OP_DEACTIVATE:
-    case KEYRAFT__REQUEST__OP_REVOKE:
-    case KEYRAFT__REQUEST__OP_DESTROY:
-    case KEYRAFT__REQUEST__OP_ROTATE:
-    case KEYRAFT__REQUEST__OP_CLUSTER_ADD:
-    case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
-    case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
-    case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
 enum phase { PHASE_CONNECT, PHASE_REQUEST };
 
 /* One try on endpoint |idx|: reuses an open connection to it, else connects.
@@ -845,7 +825,7 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
     }
     c->err[0] = '\0';
     req->id = ++c->next_id;
-    if (op_is_write(req->op_case)) {
+    if (kr_op_is_write(req->op_case)) {
         if (req->request_id == NULL || req->request_id[0] == '\0') {
             uint8_t raw[REQUEST_ID_BYTES];
             if (RAND_bytes(raw, sizeof(raw)) != 1) {
@@ -904,7 +884,8 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
                 conn_close(c);
                 if (leader >= 0 && (size_t)leader != idx) {
                     /* Straight to the leader: the loop steps idx forward. */
-                    attempts = attempts + 1 > RETRY_PASSES * MAX_ENDPOINTS ? attempts : attempts + 1;
+                    if (attempts < RETRY_PASSES * MAX_ENDPOINTS)
+                        attempts++; /* the hop to the leader is not a failed try */
                     idx = ((size_t)leader + c->n_eps - 1) % c->n_eps;
                 }
                 continue;

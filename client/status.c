@@ -124,3 +124,23 @@ Keyraft__RevokeReason kr_reason_parse(const char *name)
 {
     return (Keyraft__RevokeReason)parse_name(reason_names, NAMES_LEN(reason_names), name);
 }
+
+int kr_op_is_write(Keyraft__Request__OpCase op)
+{
+    switch (op) {
+    case KEYRAFT__REQUEST__OP_CREATE:
+    case KEYRAFT__REQUEST__OP_IMPORT:
+    case KEYRAFT__REQUEST__OP_ACTIVATE:
+    case KEYRAFT__REQUEST__OP_DEACTIVATE:
+    case KEYRAFT__REQUEST__OP_REVOKE:
+    case KEYRAFT__REQUEST__OP_DESTROY:
+    case KEYRAFT__REQUEST__OP_ROTATE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_ADD:
+    case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
+    case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
+        return 1;
+    default:
+        return 0;
+    }
+}

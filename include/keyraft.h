@@ -55,6 +55,10 @@ Keyraft__KeyState kr_state_parse(const char *name);
 const char *kr_reason_name(Keyraft__RevokeReason reason);
 Keyraft__RevokeReason kr_reason_parse(const char *name);
 
+/* 1 for operations that change replicated state: they go through raft on the
+ * leader, carry an idempotency request_id, and are deduplicated. */
+int kr_op_is_write(Keyraft__Request__OpCase op);
+
 /* Where and how to connect. Strings are borrowed by kr_client_new. */
 typedef struct kr_client_config {
     const char *endpoints; /* "HOST:PORT[,HOST:PORT...]" */

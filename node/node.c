@@ -337,11 +337,8 @@ static int node_fetch_snapshot(void *arg, uint64_t min_index)
     size_t n_eps = 0;
     struct fsm_nodes nodes;
     uint64_t leader = 0;
-    if (n->cluster != NULL) {
-        struct cluster_status st;
-        cluster_get_status(n->cluster, &st);
-        leader = st.leader_id;
-    }
+    if (n->cluster != NULL)
+        leader = cluster_leader_id(n->cluster);
     int rv = fsm_list_nodes(n->store, &nodes);
     if (rv != 0) {
         log_warn("snapshot fetch: node registry unreadable (%s); trying [node] join only",

@@ -2049,22 +2049,6 @@ static int uses_key_state(Keyraft__Request__OpCase op)
     }
 }
 
-static int op_is_write(Keyraft__Request__OpCase op)
-{
-    switch (op) {
-    case KEYRAFT__REQUEST__OP_CREATE:
-    case KEYRAFT__REQUEST__OP_IMPORT:
-    case KEYRAFT__REQUEST__OP_ACTIVATE:
-    case KEYRAFT__REQUEST__OP_DEACTIVATE:
-    case KEYRAFT__REQUEST__OP_REVOKE:
-    case KEYRAFT__REQUEST__OP_DESTROY:
-    case KEYRAFT__REQUEST__OP_ROTATE:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
 static void barrier_passed(void *arg, int status)
 {
     struct call *call = arg;
@@ -2114,7 +2098,7 @@ void service_handle(struct service *svc, const struct service_caller *caller,
         reply_error(call, KR_EINVAL, "request_id longer than %d characters", REQUEST_ID_MAX);
         return;
     }
-    if (req->linearizable && !op_is_write(req->op_case) && uses_key_state(req->op_case)) {
+    if (req->linearizable && !kr_op_is_write(req->op_case) && uses_key_state(req->op_case)) {
         /* Answered after a barrier committed: no newer write can be missed. */
         int rv = cluster_barrier(svc->deps.cluster, barrier_passed, call);
         if (rv != 0) {

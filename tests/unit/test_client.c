@@ -384,6 +384,10 @@ static void test_status_names(void **state)
     assert_string_equal(kr_status_name(KR_ETOOBIG), "KR_ETOOBIG");
     assert_string_equal(kr_status_name(KR_EUNSUPPORTED), "KR_EUNSUPPORTED");
     assert_string_equal(kr_strerror(KR_ENOTLEADER), "this node is not the leader");
+    assert_true(kr_op_is_write(KEYRAFT__REQUEST__OP_CREATE));
+    assert_true(kr_op_is_write(KEYRAFT__REQUEST__OP_CLUSTER_ADD));
+    assert_false(kr_op_is_write(KEYRAFT__REQUEST__OP_GET));
+    assert_false(kr_op_is_write(KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER));
     assert_string_equal(kr_strerror(-999), "unknown error");
     assert_string_equal(kr_strerror(7), "unknown error");
     assert_non_null(kr_status_name(-999));
