@@ -35,6 +35,7 @@ static const struct status_entry status_table[] = {
     {KR_EBUSY, "KR_EBUSY", "overloaded: retry later"},
     {KR_EINTERNAL, "KR_EINTERNAL", "internal error (a bug: please report)"},
     {KR_EUNSUPPORTED, "KR_EUNSUPPORTED", "not supported by this build or algorithm"},
+    {KR_EPENDING, "KR_EPENDING", "held for quorum approval"},
 };
 
 static const struct status_entry *status_find(int status)
@@ -139,6 +140,15 @@ int kr_op_is_write(Keyraft__Request__OpCase op)
     case KEYRAFT__REQUEST__OP_CLUSTER_PROMOTE:
     case KEYRAFT__REQUEST__OP_CLUSTER_DEMOTE:
     case KEYRAFT__REQUEST__OP_CLUSTER_REMOVE:
+    case KEYRAFT__REQUEST__OP_PRINCIPAL_CREATE:
+    case KEYRAFT__REQUEST__OP_PRINCIPAL_REVOKE:
+    case KEYRAFT__REQUEST__OP_DOMAIN_CREATE:
+    case KEYRAFT__REQUEST__OP_DOMAIN_DESTROY:
+    case KEYRAFT__REQUEST__OP_SET_POLICY:
+    case KEYRAFT__REQUEST__OP_QUORUM_SET:
+    case KEYRAFT__REQUEST__OP_APPROVAL_APPROVE:
+    case KEYRAFT__REQUEST__OP_APPROVAL_DENY:
+    case KEYRAFT__REQUEST__OP_AUDIT_SUBMIT:
         return 1;
     default:
         return 0;

@@ -36,7 +36,8 @@ enum {
     KR_ECONFIG = -19,     /* bad configuration */
     KR_EBUSY = -20,       /* overloaded: retry later */
     KR_EINTERNAL = -21,   /* a bug: please report */
-    KR_EUNSUPPORTED = -22 /* not supported by this build or algorithm */
+    KR_EUNSUPPORTED = -22, /* not supported by this build or algorithm */
+    KR_EPENDING = -23     /* held for quorum approval: Response.approval_id names it */
 };
 
 /* A static English description of a status code; never NULL. */

@@ -109,6 +109,14 @@ const char *command_op_name(const Keyraft__Command *command)
     case KEYRAFT__COMMAND__OP_PUT_DOMAIN: return "put_domain";
     case KEYRAFT__COMMAND__OP_PUT_NODE: return "put_node";
     case KEYRAFT__COMMAND__OP_REMOVE_NODE: return "remove_node";
+    case KEYRAFT__COMMAND__OP_AUDIT_APPEND: return "audit_append";
+    case KEYRAFT__COMMAND__OP_PUT_PRINCIPAL: return "put_principal";
+    case KEYRAFT__COMMAND__OP_DESTROY_DOMAIN: return "destroy_domain";
+    case KEYRAFT__COMMAND__OP_SET_KEY_POLICY: return "set_key_policy";
+    case KEYRAFT__COMMAND__OP_PUT_GOVERNANCE: return "put_governance";
+    case KEYRAFT__COMMAND__OP_CREATE_APPROVAL: return "create_approval";
+    case KEYRAFT__COMMAND__OP_VOTE_APPROVAL: return "vote_approval";
+    case KEYRAFT__COMMAND__OP_FINISH_APPROVAL: return "finish_approval";
     default: return "unknown";
     }
 }

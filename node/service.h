@@ -14,6 +14,7 @@
 #include "store.h"
 
 struct snapshot_registry;
+struct audit_log;
 
 struct service_deps {
     uv_loop_t *loop;
@@ -23,6 +24,9 @@ struct service_deps {
     struct hsm *hsm;             /* for admitting nodes (the MWK copy) */
     const struct config *config;
     struct snapshot_registry *snapshots; /* NULL: snapshot transfer refused */
+    struct audit_log *audit;     /* the recorder (audit.h); NULL: nothing recorded */
+    const uint8_t *audit_spki;   /* this node's HSM audit key (DER SPKI) */
+    size_t audit_spki_len;
 };
 
 struct service;
@@ -36,6 +40,7 @@ struct service_caller {
     const char *principal;
     const char *roles;
     const char *address;
+    const char *serial; /* the certificate's serial number, hex */
     int is_node; /* the certificate is a node's (tls_conn_peer_is_node) */
 };
 
