@@ -1,6 +1,7 @@
 /* cli.c: the keyraft command-line client: argument parsing, one function per
- * command, human or --json output, exit 0 ok / 1 failed / 2 usage. */
-#include "keyraft.h"
+ * command, human or --json output, exit 0 ok / 1 failed / 2 usage / 3 held
+ * for approval. The governance commands are in cli_gov.c. */
+#include "cli.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -8,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -17,56 +19,15 @@
 
 #include "cli_json.h"
 #include "client_internal.h"
+#include "keyraft.h"
 #include "pki.h"
 
-#define EXIT_USAGE 2
 #define INPUT_MAX (KR_MAX_FRAME - 4096u) /* room for the rest of the request */
-#define MAX_ARGS 128
-#define MAX_POS 2
+#define WAIT_POLL_MS 1000
 
 /* ---- arguments ----------------------------------------------------------------- */
 
-enum { OPT_FLAG = 0, OPT_ARG = 1, OPT_MULTI = 2 | OPT_ARG };
-
-struct optspec {
-    const char *name;
-    int kind;
-};
-
-struct args {
-    const char *pos[MAX_POS];
-    int n_pos;
-    struct {
-        const char *name;
-        const char *val; /* NULL for a flag */
-    } kv[MAX_ARGS];
-    int n_kv;
-};
-
-struct cli;
-struct command {
-    const char *name;
-    int (*run)(struct cli *cli, const struct args *a);
-    const struct optspec *opts; /* ends with {NULL, 0} */
-    int min_pos, max_pos;
-    const char *usage;
-    const char *help;
-};
-
-struct cli {
-    const char *config_path;
-    const char *endpoint;
-    const char *ca, *cert, *key;
-    const char *timeout;
-    char ca_path[4096]; /* the CA file in use, once connected */
-    int json;
-    int linearizable;
-    const struct command *cmd;
-    kr_client_file *file;
-    kr_client *client;
-};
-
-static const char *arg_get(const struct args *a, const char *name)
+const char *cli_arg(const struct args *a, const char *name)
 {
     for (int i = a->n_kv - 1; i >= 0; i--) /* the last one wins */
         if (strcmp(a->kv[i].name, name) == 0)
@@ -74,9 +35,9 @@ static const char *arg_get(const struct args *a, const char *name)
     return NULL;
 }
 
-static int arg_has(const struct args *a, const char *name)
+int cli_has(const struct args *a, const char *name)
 {
-    return arg_get(a, name) != NULL;
+    return cli_arg(a, name) != NULL;
 }
 
 static const char *cmd_name(const struct cli *cli)
@@ -84,9 +45,20 @@ static const char *cmd_name(const struct cli *cli)
     return cli->cmd != NULL ? cli->cmd->name : "keyraft";
 }
 
-static int usage_error(const struct cli *cli, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static int usage_error(const struct cli *cli, const char *fmt, ...)
+int cli_only_opts(const struct cli *cli, const struct args *a, const char *sub,
+                  const char *const *allowed)
+{
+    for (int i = 0; i < a->n_kv; i++) {
+        int ok = 0;
+        for (const char *const *n = allowed; *n != NULL && !ok; n++)
+            ok = strcmp(*n, a->kv[i].name) == 0;
+        if (!ok)
+            return cli_usage(cli, "%s takes no --%s", sub, a->kv[i].name);
+    }
+    return 0;
+}
+
+int cli_usage(const struct cli *cli, const char *fmt, ...)
 {
     va_list ap;
 
@@ -102,14 +74,12 @@ static int usage_error(const struct cli *cli, const char *fmt, ...)
         fprintf(stderr, "usage: keyraft %s\n", cli->cmd->usage);
     else
         fprintf(stderr, "try: keyraft --help\n");
-    return EXIT_USAGE;
+    return CLI_EXIT_USAGE;
 }
 
 /* ---- errors and output ----------------------------------------------------------- */
 
-static int fail(const struct cli *cli, int status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(const struct cli *cli, int status, const char *fmt, ...)
+int cli_fail(const struct cli *cli, int status, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
@@ -132,17 +102,16 @@ static int fail(const struct cli *cli, int status, const char *fmt, ...)
     return EXIT_FAILURE;
 }
 
-/* A failed library call: the node's message, or a local one. */
-static int fail_call(const struct cli *cli, int status)
+int cli_fail_call(const struct cli *cli, int status)
 {
     const char *detail = cli->client != NULL ? kr_client_last_error(cli->client) : "";
-    return fail(cli, status, "%s", detail);
+    return cli_fail(cli, status, "%s", detail);
 }
 
-static int print_json(const struct cli *cli, json_t *j)
+int cli_print_json(const struct cli *cli, json_t *j)
 {
     if (j == NULL)
-        return fail(cli, KR_ENOMEM, "cannot build the JSON output");
+        return cli_fail(cli, KR_ENOMEM, "cannot build the JSON output");
     json_dumpf(j, stdout, JSON_INDENT(2));
     fputc('\n', stdout);
     json_decref(j);
@@ -172,26 +141,13 @@ static void print_hex(const uint8_t *data, size_t len)
     putchar('\n');
 }
 
-static void iso_time(uint64_t ms, char *buf, size_t len)
-{
-    time_t t = (time_t)(ms / 1000);
-    struct tm tm;
-    char base[32];
-
-    if (gmtime_r(&t, &tm) == NULL || strftime(base, sizeof(base), "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
-        snprintf(buf, len, "%llu", (unsigned long long)ms);
-        return;
-    }
-    snprintf(buf, len, "%s.%03uZ", base, (unsigned)(ms % 1000));
-}
-
 static void print_time(const char *label, uint64_t ms)
 {
     char buf[64];
 
     if (ms == 0)
         return;
-    iso_time(ms, buf, sizeof(buf));
+    cli_format_time(ms, buf, sizeof(buf));
     printf("%s: %s\n", label, buf);
 }
 
@@ -231,12 +187,32 @@ static void print_attributes(const Keyraft__KeyAttributes *k)
     }
     if (k->commit_index != 0)
         printf("commit-index: %llu\n", (unsigned long long)k->commit_index);
+    const Keyraft__KeyPolicy *p = k->policy;
+    uint64_t limit = p != NULL ? p->usage_limit : 0;
+    if (p != NULL && p->owner_group[0] != '\0')
+        printf("owner-group: %s\n", p->owner_group);
+    for (size_t i = 0; p != NULL && i < p->n_grants; i++) {
+        printf("allow: %s:", p->grants[i]->group);
+        for (size_t j = 0; j < p->grants[i]->n_ops; j++)
+            printf("%s%s", j > 0 ? "," : "", p->grants[i]->ops[j]);
+        putchar('\n');
+    }
+    if (limit != 0)
+        printf("usage-limit: %llu encryptions per version\n", (unsigned long long)limit);
+    else
+        printf("usage-limit: unlimited\n");
     for (size_t i = 0; i < k->n_versions; i++) {
         const Keyraft__VersionInfo *v = k->versions[i];
-        char when[64];
-        iso_time(v->created_at, when, sizeof(when));
-        printf("version-%u: created %s%s%s%s\n", v->version, when,
-               v->kcv[0] != '\0' ? ", kcv " : "", v->kcv, v->destroyed ? ", destroyed" : "");
+        char when[64], used[64];
+        cli_format_time(v->created_at, when, sizeof(when));
+        if (limit != 0)
+            snprintf(used, sizeof(used), "%llu/%llu", (unsigned long long)v->encryptions,
+                     (unsigned long long)limit);
+        else
+            snprintf(used, sizeof(used), "%llu", (unsigned long long)v->encryptions);
+        printf("version-%u: created %s%s%s, used %s%s\n", v->version, when,
+               v->kcv[0] != '\0' ? ", kcv " : "", v->kcv, used,
+               v->destroyed ? ", destroyed" : "");
     }
 }
 
@@ -249,20 +225,20 @@ static int read_all(const struct cli *cli, FILE *f, const char *what, kr_buf *ou
     uint8_t *buf = malloc(cap);
 
     if (buf == NULL)
-        return fail(cli, KR_ENOMEM, "out of memory reading %s", what);
+        return cli_fail(cli, KR_ENOMEM, "out of memory reading %s", what);
     for (;;) {
         if (len == cap) {
             if (cap > INPUT_MAX) {
                 OPENSSL_cleanse(buf, len);
                 free(buf);
-                return fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
+                return cli_fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
             }
             size_t ncap = cap * 2 > INPUT_MAX + 1 ? INPUT_MAX + 1 : cap * 2;
             uint8_t *nbuf = malloc(ncap);
             if (nbuf == NULL) {
                 OPENSSL_cleanse(buf, len);
                 free(buf);
-                return fail(cli, KR_ENOMEM, "out of memory reading %s", what);
+                return cli_fail(cli, KR_ENOMEM, "out of memory reading %s", what);
             }
             memcpy(nbuf, buf, len); /* not realloc: the old copy gets wiped */
             OPENSSL_cleanse(buf, len);
@@ -278,12 +254,12 @@ static int read_all(const struct cli *cli, FILE *f, const char *what, kr_buf *ou
     if (ferror(f)) {
         OPENSSL_cleanse(buf, len);
         free(buf);
-        return fail(cli, KR_EIO, "cannot read %s: %s", what, strerror(errno));
+        return cli_fail(cli, KR_EIO, "cannot read %s: %s", what, strerror(errno));
     }
     if (len > INPUT_MAX) {
         OPENSSL_cleanse(buf, len);
         free(buf);
-        return fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
+        return cli_fail(cli, KR_ETOOBIG, "%s exceeds %u bytes", what, INPUT_MAX);
     }
     out->data = buf;
     out->len = len;
@@ -301,7 +277,7 @@ static int read_file(const struct cli *cli, const char *path, kr_buf *out)
     int rc;
 
     if (f == NULL)
-        return fail(cli, KR_EINVAL, "cannot open %s: %s", path, strerror(errno));
+        return cli_fail(cli, KR_EINVAL, "cannot open %s: %s", path, strerror(errno));
     rc = read_all(cli, f, path, out);
     fclose(f);
     return rc;
@@ -309,7 +285,7 @@ static int read_file(const struct cli *cli, const char *path, kr_buf *out)
 
 /* ---- client ---------------------------------------------------------------------------- */
 
-static int cli_connect(struct cli *cli)
+int cli_connect(struct cli *cli)
 {
     kr_client_config cfg = {0};
     char err[512] = "";
@@ -321,7 +297,7 @@ static int cli_connect(struct cli *cli)
         !(cli->endpoint != NULL && cli->ca != NULL && cli->cert != NULL && cli->key != NULL)) {
         rc = kr__client_file_load_err(cli->config_path, &cli->file, &cfg, err, sizeof(err));
         if (rc != 0)
-            return fail(cli, rc, "%s", err);
+            return cli_fail(cli, rc, "%s", err);
     }
     if (cli->endpoint != NULL)
         cfg.endpoints = cli->endpoint;
@@ -337,34 +313,255 @@ static int cli_connect(struct cli *cli)
         char *end = NULL;
         long v = strtol(cli->timeout, &end, 10);
         if (end == cli->timeout || *end != '\0' || v <= 0 || v > 24L * 3600 * 1000)
-            return fail(cli, KR_EINVAL, "--timeout-ms %s: want a positive number", cli->timeout);
+            return cli_fail(cli, KR_EINVAL, "--timeout-ms %s: want a positive number", cli->timeout);
         cfg.timeout_ms = (int)v;
     }
     rc = kr__client_new_err(&cfg, &cli->client, err, sizeof(err));
     if (rc != 0)
-        return fail(cli, rc, "%s", err);
+        return cli_fail(cli, rc, "%s", err);
+    cli->cfg = cfg;
     return 0;
 }
 
-/* Sends |req|; on failure prints the error and returns the exit code. */
-static int call(struct cli *cli, Keyraft__Request *req, Keyraft__Response__ResultCase expect,
-                Keyraft__Response **out_resp)
+/* ---- calls, and requests held for approval ------------------------------------------------ */
+
+uint64_t cli_now_ms(void)
 {
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void cli_sleep_ms(uint64_t ms)
+{
+    struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000};
+
+    while (ms > 0 && nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* The node's answer |resp| (consumed) as the caller wants it: 0 and
+ * *out_resp for status 0 with the |expect|ed result, else the error printed. */
+static int take_answer(struct cli *cli, Keyraft__Response *resp,
+                       Keyraft__Response__ResultCase expect, Keyraft__Response **out_resp)
+{
+    if (resp->status != 0) {
+        int status = resp->status;
+        kr_response_free(resp);
+        return cli_fail_call(cli, status); /* kr_call kept the node's message */
+    }
+    if (expect != KEYRAFT__RESPONSE__RESULT__NOT_SET && resp->result_case != expect) {
+        int got = (int)resp->result_case;
+        kr_response_free(resp);
+        return cli_fail(cli, KR_EPROTO, "the node answered with result %d, expected %d", got,
+                        (int)expect);
+    }
+    *out_resp = resp;
+    return 0;
+}
+
+static int print_held(const struct cli *cli, const char *id, const char *message,
+                      const char *hint)
+{
+    char text[1024];
+
+    snprintf(text, sizeof(text),
+             "once it is approved, run the same command with --approval %s%s%s", id,
+             hint != NULL ? "\n" : "", hint != NULL ? hint : "");
+    fflush(stdout);
+    return cli_print_pending(stdout, stderr, cli->json, id, message, text);
+}
+
+/* approval_show |id|: 0 and *out (RESULT_APPROVAL), or an exit code. */
+static int fetch_approval(struct cli *cli, const char *id, Keyraft__Response **out)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ApprovalRequest op = KEYRAFT__APPROVAL_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    op.id = (char *)id;
+    req.op_case = KEYRAFT__REQUEST__OP_APPROVAL_SHOW;
+    req.approval_show = &op;
+    req.linearizable = cli->linearizable;
+    rc = kr_call(cli->client, &req, &resp);
+    if (rc != 0)
+        return cli_fail(cli, rc, "cannot follow approval %s: %s", id,
+                        kr_client_last_error(cli->client));
+    return take_answer(cli, resp, KEYRAFT__RESPONSE__RESULT_APPROVAL, out);
+}
+
+/* --wait: polls approval |id| once a second until it is decided or the wait
+ * runs out; once APPROVED, sends |req| again with the approval id and a fresh
+ * request id (the held one was answered already). */
+static int wait_for_approval(struct cli *cli, Keyraft__Request *req,
+                             Keyraft__Response__ResultCase expect, const char *id,
+                             const char *message, const char *hint,
+                             Keyraft__Response **out_resp)
+{
+    uint64_t deadline = mono_ms() + cli->wait_ms;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    fprintf(stderr, "held for approval %s: %s; waiting up to %llu s\n", id, message,
+            (unsigned long long)(cli->wait_ms / 1000));
+    for (;;) {
+        uint64_t now = mono_ms();
+        if (now >= deadline)
+            return print_held(cli, id, message, hint);
+        cli_sleep_ms(deadline - now < WAIT_POLL_MS ? deadline - now : WAIT_POLL_MS);
+        rc = fetch_approval(cli, id, &resp);
+        if (rc != 0)
+            return rc;
+        const Keyraft__ApprovalInfo *ai = resp->approval;
+        switch (ai->state) {
+        case KEYRAFT__APPROVAL_STATE__APPROVAL_PENDING:
+            kr_response_free(resp);
+            resp = NULL;
+            continue;
+        case KEYRAFT__APPROVAL_STATE__APPROVAL_APPROVED: {
+            kr_response_free(resp);
+            resp = NULL;
+            req->approval_id = (char *)id;
+            req->request_id = (char *)protobuf_c_empty_string;
+            rc = kr_call(cli->client, req, &resp);
+            if (rc != 0)
+                return cli_fail_call(cli, rc);
+            if (resp->status == KR_EPENDING) {
+                rc = print_held(cli, id, resp->message, hint);
+                kr_response_free(resp);
+                return rc;
+            }
+            return take_answer(cli, resp, expect, out_resp);
+        }
+        case KEYRAFT__APPROVAL_STATE__APPROVAL_DONE:
+            /* Ran already (by another run of the command, or the node): its
+             * recorded outcome is the answer; nothing is sent twice. */
+            if (ai->result_status != 0) {
+                rc = cli_fail(cli, ai->result_status, "approval %s ran and failed: %s", id,
+                              ai->result_message);
+            } else if (cli->json) {
+                rc = cli_print_approval(cli, ai);
+                rc = rc == 0 ? CLI_RC_PRINTED : rc;
+            } else {
+                printf("approval %s ran: %s%s%s\n", id, kr_status_name(ai->result_status),
+                       ai->result_message[0] != '\0' ? ": " : "", ai->result_message);
+                rc = CLI_RC_PRINTED;
+            }
+            kr_response_free(resp);
+            return rc;
+        case KEYRAFT__APPROVAL_STATE__APPROVAL_DENIED:
+        case KEYRAFT__APPROVAL_STATE__APPROVAL_EXPIRED:
+        default: {
+            const char *state = cli_approval_state_name(ai->state);
+            int status = ai->state == KEYRAFT__APPROVAL_STATE__APPROVAL_EXPIRED ? KR_ETIMEDOUT
+                                                                                : KR_EPERM;
+            rc = cli_fail(cli, status, "approval %s was %s", id, state);
+            kr_response_free(resp);
+            return rc;
+        }
+        }
+    }
+}
+
+int cli_call_hint(struct cli *cli, Keyraft__Request *req, Keyraft__Response__ResultCase expect,
+                  const char *pending_hint, Keyraft__Response **out_resp)
+{
+    Keyraft__Response *resp = NULL;
+    char id[256], message[1024];
     int rc = cli_connect(cli);
 
     if (rc != 0)
         return rc;
     req->linearizable = cli->linearizable;
-    rc = kr__call_ok(cli->client, req, expect, out_resp);
+    if (cli->approval_id != NULL)
+        req->approval_id = (char *)cli->approval_id;
+    rc = kr_call(cli->client, req, &resp);
     if (rc != 0)
-        return fail_call(cli, rc);
+        return cli_fail_call(cli, rc);
+    if (resp->status != KR_EPENDING)
+        return take_answer(cli, resp, expect, out_resp);
+    /* Copied: |resp| goes before the wait, and the strings outlive it. */
+    snprintf(id, sizeof(id), "%s", resp->approval_id);
+    snprintf(message, sizeof(message), "%s",
+             resp->message[0] != '\0' ? resp->message : kr_strerror(KR_EPENDING));
+    kr_response_free(resp);
+    if (!cli->wait || id[0] == '\0')
+        return print_held(cli, id[0] != '\0' ? id : "?", message, pending_hint);
+    return wait_for_approval(cli, req, expect, id, message, pending_hint, out_resp);
+}
+
+int cli_call(struct cli *cli, Keyraft__Request *req, Keyraft__Response__ResultCase expect,
+             Keyraft__Response **out_resp)
+{
+    return cli_call_hint(cli, req, expect, NULL, out_resp);
+}
+
+int cli_key_ref(const struct cli *cli, const struct args *a, const char *key,
+                Keyraft__KeyRef *ref)
+{
+    const char *domain = cli_arg(a, "domain");
+
+    if (kr__key_ref(key, ref) != 0)
+        return cli_usage(cli, "bad key reference \"%s\": want an id or name:NAME", key);
+    if (domain != NULL) {
+        if (domain[0] == '\0')
+            return cli_usage(cli, "--domain is empty");
+        ref->domain = (char *)domain;
+    }
     return 0;
 }
 
-static int key_ref(const struct cli *cli, const char *key, Keyraft__KeyRef *ref)
+/* ---- key policy options ------------------------------------------------------------------- */
+
+void cli_policy_clear(struct cli_policy *p)
 {
-    if (kr__key_ref(key, ref) != 0)
-        return usage_error(cli, "bad key reference \"%s\": want an id or name:NAME", key);
+    for (size_t i = 0; i < p->policy.n_grants; i++)
+        cli_grant_clear(&p->grants[i]);
+    p->policy.n_grants = 0;
+}
+
+int cli_policy_parse(const struct cli *cli, const struct args *a, struct cli_policy *p)
+{
+    const char *owner = cli_arg(a, "owner-group"), *limit = cli_arg(a, "usage-limit");
+    char err[256];
+
+    keyraft__key_policy__init(&p->policy);
+    p->policy.grants = p->ptrs;
+    p->given = owner != NULL || limit != NULL;
+    if (owner != NULL) {
+        if (owner[0] == '\0')
+            return cli_usage(cli, "--owner-group is empty");
+        p->policy.owner_group = (char *)owner;
+    }
+    if (limit != NULL && cli_parse_count(limit, &p->policy.usage_limit) != 0)
+        return cli_usage(cli, "bad --usage-limit \"%s\": want an integer or 2^K (0: unlimited)",
+                         limit);
+    for (int i = 0; i < a->n_kv; i++) {
+        if (strcmp(a->kv[i].name, "allow") != 0)
+            continue;
+        Keyraft__GroupGrant *g = &p->grants[p->policy.n_grants];
+        int rc = cli_parse_grant(a->kv[i].val, g, err, sizeof(err));
+        if (rc == KR_ENOMEM)
+            return cli_fail(cli, rc, "out of memory");
+        if (rc != 0)
+            return cli_usage(cli, "bad --allow \"%s\": %s", a->kv[i].val, err);
+        p->ptrs[p->policy.n_grants++] = g;
+        for (size_t j = 0; j + 1 < p->policy.n_grants; j++)
+            if (strcmp(p->grants[j].group, g->group) == 0)
+                return cli_usage(cli, "--allow names group \"%s\" twice: list all its "
+                                 "operations in one --allow", g->group);
+        p->given = 1;
+    }
     return 0;
 }
 
@@ -373,18 +570,18 @@ static int parse_tag(const struct cli *cli, const char *s, Keyraft__Tag *tag)
     const char *eq = strchr(s, '=');
 
     if (eq == NULL || eq == s)
-        return usage_error(cli, "bad --tag \"%s\": want KEY=VALUE", s);
+        return cli_usage(cli, "bad --tag \"%s\": want KEY=VALUE", s);
     tag->key = strndup(s, (size_t)(eq - s));
     tag->value = (char *)(eq + 1);
     if (tag->key == NULL)
-        return fail(cli, KR_ENOMEM, "out of memory");
+        return cli_fail(cli, KR_ENOMEM, "out of memory");
     return 0;
 }
 
 /* Tags from every --tag: two parallel arrays the caller frees with tags_free. */
 struct tags {
-    Keyraft__Tag items[MAX_ARGS];
-    Keyraft__Tag *ptrs[MAX_ARGS];
+    Keyraft__Tag items[CLI_MAX_ARGS];
+    Keyraft__Tag *ptrs[CLI_MAX_ARGS];
     size_t n;
 };
 
@@ -415,7 +612,7 @@ static int parse_alg(const struct cli *cli, const char *s, Keyraft__Algorithm *o
     Keyraft__Algorithm alg = kr_alg_parse(s);
 
     if (alg == KEYRAFT__ALGORITHM__ALG_UNSPECIFIED)
-        return usage_error(cli,
+        return cli_usage(cli,
                            "unknown algorithm \"%s\" (aes-128, aes-256, hmac-sha256, "
                            "hmac-sha512, rsa-2048, rsa-3072, rsa-4096, ec-p256, ec-p384, "
                            "ed25519)",
@@ -433,16 +630,15 @@ static int parse_u32(const struct cli *cli, const char *what, const char *s, uin
     errno = 0;
     v = strtoull(s, &end, 10);
     if (errno != 0 || end == s || *end != '\0' || s[0] == '-' || v < min || v > max)
-        return usage_error(cli, "bad %s \"%s\": want %u..%u", what, s, min, max);
+        return cli_usage(cli, "bad %s \"%s\": want %u..%u", what, s, min, max);
     *out = (uint32_t)v;
     return 0;
 }
 
-/* Prints a response that carries key attributes. */
-static int print_key_result(const struct cli *cli, const Keyraft__Response *resp, int id_only)
+int cli_print_key_result(const struct cli *cli, const Keyraft__Response *resp, int id_only)
 {
     if (cli->json)
-        return print_json(cli, cli_json_result(resp));
+        return cli_print_json(cli, cli_json_result(resp));
     if (resp->result_case != KEYRAFT__RESPONSE__RESULT_KEY)
         return 0;
     if (id_only)
@@ -476,7 +672,7 @@ static int to_pkcs8(const struct cli *cli, const char *path, const kr_buf *in, k
 
     bio = BIO_new_mem_buf(in->data, (int)in->len); /* in->len <= INPUT_MAX */
     if (bio == NULL) {
-        rc = fail(cli, KR_ENOMEM, "out of memory");
+        rc = cli_fail(cli, KR_ENOMEM, "out of memory");
         goto out;
     }
     pk = PEM_read_bio_PrivateKey(bio, NULL, no_passphrase, NULL);
@@ -486,26 +682,26 @@ static int to_pkcs8(const struct cli *cli, const char *path, const kr_buf *in, k
         pk = d2i_AutoPrivateKey(NULL, &p, (long)in->len);
     }
     if (pk == NULL) {
-        rc = fail(cli, KR_EINVAL,
+        rc = cli_fail(cli, KR_EINVAL,
                   "%s: not a PEM or DER private key (encrypted keys are not supported)", path);
         goto out;
     }
     p8 = EVP_PKEY2PKCS8(pk);
     n = p8 != NULL ? i2d_PKCS8_PRIV_KEY_INFO(p8, NULL) : -1;
     if (n <= 0) {
-        rc = fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
+        rc = cli_fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
         goto out;
     }
     der = malloc((size_t)n);
     if (der == NULL) {
-        rc = fail(cli, KR_ENOMEM, "out of memory");
+        rc = cli_fail(cli, KR_ENOMEM, "out of memory");
         goto out;
     }
     unsigned char *q = der;
     if (i2d_PKCS8_PRIV_KEY_INFO(p8, &q) != n) {
         OPENSSL_cleanse(der, (size_t)n);
         free(der);
-        rc = fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
+        rc = cli_fail(cli, KR_ECRYPTO, "%s: cannot encode the key as PKCS#8", path);
         goto out;
     }
     out->data = der;
@@ -540,25 +736,32 @@ static int create_or_import(struct cli *cli, const struct args *a, int import)
     Keyraft__ImportKeyRequest imp = KEYRAFT__IMPORT_KEY_REQUEST__INIT;
     Keyraft__Response *resp = NULL;
     struct tags tags = {.n = 0};
+    struct cli_policy pol = {.given = 0};
     kr_buf raw = {0}, material = {0};
     Keyraft__Algorithm alg = KEYRAFT__ALGORITHM__ALG_UNSPECIFIED;
-    const char *name = arg_get(a, "name"), *alg_s = arg_get(a, "alg");
+    const char *name = cli_arg(a, "name"), *alg_s = cli_arg(a, "alg");
+    const char *domain = cli_arg(a, "domain");
     int rc;
 
     if (name == NULL || name[0] == '\0')
-        return usage_error(cli, "--name is required");
+        return cli_usage(cli, "--name is required");
     if (alg_s == NULL)
-        return usage_error(cli, "--alg is required");
+        return cli_usage(cli, "--alg is required");
+    if (domain != NULL && domain[0] == '\0')
+        return cli_usage(cli, "--domain is empty");
     rc = parse_alg(cli, alg_s, &alg);
     if (rc != 0)
         return rc;
+    rc = cli_policy_parse(cli, a, &pol);
+    if (rc != 0)
+        goto out;
     rc = parse_tags(cli, a, &tags);
     if (rc != 0)
         goto out;
     if (import) {
-        const char *file = arg_get(a, "file");
+        const char *file = cli_arg(a, "file");
         if (file == NULL) {
-            rc = usage_error(cli, "--file is required");
+            rc = cli_usage(cli, "--file is required");
             goto out;
         }
         rc = read_file(cli, file, &raw);
@@ -578,8 +781,12 @@ static int create_or_import(struct cli *cli, const struct args *a, int import)
         imp.material.len = material.len;
         imp.n_tags = tags.n;
         imp.tags = tags.ptrs;
-        imp.pre_active = arg_has(a, "pre-active");
-        imp.non_exportable = arg_has(a, "non-exportable");
+        imp.pre_active = cli_has(a, "pre-active");
+        imp.non_exportable = cli_has(a, "non-exportable");
+        if (domain != NULL)
+            imp.domain = (char *)domain;
+        if (pol.given)
+            imp.policy = &pol.policy;
         req.op_case = KEYRAFT__REQUEST__OP_IMPORT;
         req.import = &imp;
     } else {
@@ -587,19 +794,24 @@ static int create_or_import(struct cli *cli, const struct args *a, int import)
         create.algorithm = alg;
         create.n_tags = tags.n;
         create.tags = tags.ptrs;
-        create.pre_active = arg_has(a, "pre-active");
-        create.non_exportable = arg_has(a, "non-exportable");
+        create.pre_active = cli_has(a, "pre-active");
+        create.non_exportable = cli_has(a, "non-exportable");
+        if (domain != NULL)
+            create.domain = (char *)domain;
+        if (pol.given)
+            create.policy = &pol.policy;
         req.op_case = KEYRAFT__REQUEST__OP_CREATE;
         req.create = &create;
     }
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
     if (rc == 0)
-        rc = print_key_result(cli, resp, 1);
+        rc = cli_print_key_result(cli, resp, 1);
 out:
     kr_response_free(resp);
     kr_buf_free(&raw);
     kr_buf_free(&material);
     tags_free(&tags);
+    cli_policy_clear(&pol);
     return rc;
 }
 
@@ -619,24 +831,28 @@ static int cmd_get(struct cli *cli, const struct args *a)
     Keyraft__GetKeyRequest op = KEYRAFT__GET_KEY_REQUEST__INIT;
     Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
     Keyraft__Response *resp = NULL;
-    const char *name = arg_get(a, "name");
+    const char *name = cli_arg(a, "name");
     int rc;
 
     if ((a->n_pos == 1) == (name != NULL))
-        return usage_error(cli, "give either a key id or --name NAME");
+        return cli_usage(cli, "give either a key id or --name NAME");
     if (name != NULL) {
         if (name[0] == '\0')
-            return usage_error(cli, "--name is empty");
+            return cli_usage(cli, "--name is empty");
         ref.name = (char *)name;
-    } else if ((rc = key_ref(cli, a->pos[0], &ref)) != 0) {
+        if ((ref.domain = (char *)cli_arg(a, "domain")) == NULL)
+            ref.domain = (char *)protobuf_c_empty_string;
+        else if (ref.domain[0] == '\0')
+            return cli_usage(cli, "--domain is empty");
+    } else if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0) {
         return rc;
     }
     op.key = &ref;
     req.op_case = KEYRAFT__REQUEST__OP_GET;
     req.get = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_KEY, &resp);
     if (rc == 0)
-        rc = print_key_result(cli, resp, 0);
+        rc = cli_print_key_result(cli, resp, 0);
     kr_response_free(resp);
     return rc;
 }
@@ -650,35 +866,42 @@ static int cmd_list(struct cli *cli, const struct args *a)
     const char *s;
     int rc = 0;
 
-    if ((s = arg_get(a, "alg")) != NULL && (rc = parse_alg(cli, s, &op.algorithm)) != 0)
+    if ((s = cli_arg(a, "alg")) != NULL && (rc = parse_alg(cli, s, &op.algorithm)) != 0)
         return rc;
-    if ((s = arg_get(a, "state")) != NULL) {
+    if ((s = cli_arg(a, "state")) != NULL) {
         op.state = kr_state_parse(s);
         if (op.state == KEYRAFT__KEY_STATE__STATE_UNSPECIFIED)
-            return usage_error(cli,
+            return cli_usage(cli,
                                "unknown state \"%s\" (pre-active, active, deactivated, "
                                "compromised, destroyed, destroyed-compromised)",
                                s);
     }
-    if ((s = arg_get(a, "tag")) != NULL) {
+    if ((s = cli_arg(a, "tag")) != NULL) {
         if ((rc = parse_tag(cli, s, &tag)) != 0)
             return rc;
         op.tag = &tag;
     }
-    if ((s = arg_get(a, "limit")) != NULL &&
+    if ((s = cli_arg(a, "limit")) != NULL &&
         (rc = parse_u32(cli, "--limit", s, 1, UINT32_MAX, &op.limit)) != 0)
         goto out;
-    if ((s = arg_get(a, "prefix")) != NULL)
+    if ((s = cli_arg(a, "prefix")) != NULL)
         op.prefix = (char *)s;
-    if ((s = arg_get(a, "after")) != NULL)
+    if ((s = cli_arg(a, "after")) != NULL)
         op.after = (char *)s;
+    if ((s = cli_arg(a, "domain")) != NULL) {
+        if (s[0] == '\0') {
+            rc = cli_usage(cli, "--domain is empty");
+            goto out;
+        }
+        op.domain = (char *)s;
+    }
     req.op_case = KEYRAFT__REQUEST__OP_LIST;
     req.list = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_LIST, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_LIST, &resp);
     if (rc != 0)
         goto out;
     if (cli->json) {
-        rc = print_json(cli, cli_json_result(resp));
+        rc = cli_print_json(cli, cli_json_result(resp));
         goto out;
     }
     const Keyraft__ListKeysResponse *l = resp->list;
@@ -717,20 +940,20 @@ static int cmd_export(struct cli *cli, const struct args *a)
     Keyraft__ExportKeyRequest op = KEYRAFT__EXPORT_KEY_REQUEST__INIT;
     Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
     Keyraft__Response *resp = NULL;
-    const char *s = arg_get(a, "version");
+    const char *s = cli_arg(a, "version");
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if (s != NULL && (rc = parse_u32(cli, "--version", s, 1, UINT32_MAX, &op.version)) != 0)
         return rc;
     op.key = &ref;
     req.op_case = KEYRAFT__REQUEST__OP_EXPORT;
     req.export = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_EXPORT, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_EXPORT, &resp);
     if (rc == 0) {
         if (cli->json)
-            rc = print_json(cli, cli_json_result(resp));
+            rc = cli_print_json(cli, cli_json_result(resp));
         else
             print_hex(resp->export->material.data, resp->export->material.len);
     }
@@ -746,7 +969,7 @@ static int state_change(struct cli *cli, const struct args *a, Keyraft__Request_
     Keyraft__Response *resp = NULL;
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     op.key = &ref;
     req.op_case = op_case;
@@ -764,9 +987,9 @@ static int state_change(struct cli *cli, const struct args *a, Keyraft__Request_
         req.rotate = &op;
         break;
     }
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
     if (rc == 0)
-        rc = print_key_result(cli, resp, 0);
+        rc = cli_print_key_result(cli, resp, 0);
     kr_response_free(resp);
     return rc;
 }
@@ -797,17 +1020,17 @@ static int cmd_revoke(struct cli *cli, const struct args *a)
     Keyraft__RevokeKeyRequest op = KEYRAFT__REVOKE_KEY_REQUEST__INIT;
     Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
     Keyraft__Response *resp = NULL;
-    const char *reason = arg_get(a, "reason"), *message = arg_get(a, "message");
+    const char *reason = cli_arg(a, "reason"), *message = cli_arg(a, "message");
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if (reason == NULL)
-        return usage_error(cli, "--reason is required");
+        return cli_usage(cli, "--reason is required");
     op.reason = kr_reason_parse(reason);
     if (op.reason == KEYRAFT__REVOKE_REASON__REASON_UNSPECIFIED &&
         strcmp(reason, "unspecified") != 0)
-        return usage_error(cli,
+        return cli_usage(cli,
                            "unknown reason \"%s\" (unspecified, compromised, superseded, "
                            "cessation, affiliation-changed, privilege-withdrawn)",
                            reason);
@@ -816,9 +1039,9 @@ static int cmd_revoke(struct cli *cli, const struct args *a)
     op.key = &ref;
     req.op_case = KEYRAFT__REQUEST__OP_REVOKE;
     req.revoke = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT__NOT_SET, &resp);
     if (rc == 0)
-        rc = print_key_result(cli, resp, 0);
+        rc = cli_print_key_result(cli, resp, 0);
     kr_response_free(resp);
     return rc;
 }
@@ -828,14 +1051,14 @@ static int print_bytes_result(const struct cli *cli, const Keyraft__Response *re
                               const ProtobufCBinaryData *bd)
 {
     if (cli->json)
-        return print_json(cli, cli_json_result(resp));
+        return cli_print_json(cli, cli_json_result(resp));
     write_raw(bd->data, bd->len);
     return 0;
 }
 
 static const char *aad_of(const struct args *a, size_t *len)
 {
-    const char *aad = arg_get(a, "aad");
+    const char *aad = cli_arg(a, "aad");
 
     *len = aad != NULL ? strlen(aad) : 0;
     return aad;
@@ -850,7 +1073,7 @@ static int cmd_encrypt(struct cli *cli, const struct args *a)
     kr_buf in = {0};
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if ((rc = read_stdin(cli, &in)) != 0)
         return rc;
@@ -860,7 +1083,7 @@ static int cmd_encrypt(struct cli *cli, const struct args *a)
     op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
     req.op_case = KEYRAFT__REQUEST__OP_ENCRYPT;
     req.encrypt = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_ENCRYPT, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_ENCRYPT, &resp);
     if (rc == 0)
         rc = print_bytes_result(cli, resp, &resp->encrypt->ciphertext);
     kr_response_free(resp);
@@ -883,7 +1106,7 @@ static int cmd_decrypt(struct cli *cli, const struct args *a)
     op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
     req.op_case = KEYRAFT__REQUEST__OP_DECRYPT;
     req.decrypt = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_DECRYPT, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_DECRYPT, &resp);
     if (rc == 0)
         rc = print_bytes_result(cli, resp, &resp->decrypt->plaintext);
     kr_response_free(resp);
@@ -901,7 +1124,7 @@ static int sign_or_mac(struct cli *cli, const struct args *a, int mac)
     kr_buf in = {0};
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if ((rc = read_stdin(cli, &in)) != 0)
         return rc;
@@ -915,7 +1138,7 @@ static int sign_or_mac(struct cli *cli, const struct args *a, int mac)
         req.op_case = KEYRAFT__REQUEST__OP_SIGN;
         req.sign = &op;
     }
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_SIGN, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_SIGN, &resp);
     if (rc == 0)
         rc = print_bytes_result(cli, resp, &resp->sign->signature);
     kr_response_free(resp);
@@ -941,14 +1164,14 @@ static int verify_common(struct cli *cli, const struct args *a, int mac)
     Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
     Keyraft__Response *resp = NULL;
     const char *opt = mac ? "mac" : "sig";
-    const char *path = arg_get(a, opt);
+    const char *path = cli_arg(a, opt);
     kr_buf msg = {0}, sig = {0};
     int rc, valid;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if (path == NULL)
-        return usage_error(cli, "--%s FILE is required", opt);
+        return cli_usage(cli, "--%s FILE is required", opt);
     if ((rc = read_file(cli, path, &sig)) != 0)
         goto out;
     if ((rc = read_stdin(cli, &msg)) != 0)
@@ -971,13 +1194,13 @@ static int verify_common(struct cli *cli, const struct args *a, int mac)
     if (rc == KR_EAUTH) { /* a node may report a mismatch as a status */
         valid = 0;
     } else if (rc != 0) {
-        rc = fail_call(cli, rc);
+        rc = cli_fail_call(cli, rc);
         goto out;
     } else {
         valid = resp->verify->valid != 0;
     }
     if (cli->json) {
-        rc = print_json(cli, json_pack("{s:b}", "valid", valid));
+        rc = cli_print_json(cli, json_pack("{s:b}", "valid", valid));
         if (rc != 0)
             goto out;
     } else {
@@ -1007,33 +1230,33 @@ static int cmd_datakey(struct cli *cli, const struct args *a)
     Keyraft__DataKeyRequest op = KEYRAFT__DATA_KEY_REQUEST__INIT;
     Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
     Keyraft__Response *resp = NULL;
-    const char *bits = arg_get(a, "bits");
+    const char *bits = cli_arg(a, "bits");
     char *pt = NULL, *wrapped = NULL;
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     op.bits = 256;
     if (bits != NULL) {
         if (strcmp(bits, "128") != 0 && strcmp(bits, "256") != 0)
-            return usage_error(cli, "--bits must be 128 or 256");
+            return cli_usage(cli, "--bits must be 128 or 256");
         op.bits = (uint32_t)atoi(bits);
     }
     op.key = &ref;
     op.aad.data = (uint8_t *)aad_of(a, &op.aad.len);
     req.op_case = KEYRAFT__REQUEST__OP_DATA_KEY;
     req.data_key = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_DATA_KEY, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_DATA_KEY, &resp);
     if (rc != 0)
         goto out;
     if (cli->json) {
-        rc = print_json(cli, cli_json_result(resp));
+        rc = cli_print_json(cli, cli_json_result(resp));
         goto out;
     }
     pt = cli_base64(resp->data_key->plaintext.data, resp->data_key->plaintext.len);
     wrapped = cli_base64(resp->data_key->wrapped.data, resp->data_key->wrapped.len);
     if (pt == NULL || wrapped == NULL) {
-        rc = fail(cli, KR_ENOMEM, "out of memory");
+        rc = cli_fail(cli, KR_ENOMEM, "out of memory");
         goto out;
     }
     printf("plaintext: %s\nwrapped: %s\n", pt, wrapped);
@@ -1057,7 +1280,7 @@ static int wrap_or_unwrap(struct cli *cli, const struct args *a, int unwrap)
     kr_buf in = {0};
     int rc;
 
-    if ((rc = key_ref(cli, a->pos[0], &ref)) != 0)
+    if ((rc = cli_key_ref(cli, a, a->pos[0], &ref)) != 0)
         return rc;
     if ((rc = read_stdin(cli, &in)) != 0)
         return rc;
@@ -1067,7 +1290,7 @@ static int wrap_or_unwrap(struct cli *cli, const struct args *a, int unwrap)
         uop.wrapped.len = in.len;
         req.op_case = KEYRAFT__REQUEST__OP_UNWRAP;
         req.unwrap = &uop;
-        rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_UNWRAP, &resp);
+        rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_UNWRAP, &resp);
         if (rc == 0)
             rc = print_bytes_result(cli, resp, &resp->unwrap->material);
     } else {
@@ -1076,7 +1299,7 @@ static int wrap_or_unwrap(struct cli *cli, const struct args *a, int unwrap)
         wop.material.len = in.len;
         req.op_case = KEYRAFT__REQUEST__OP_WRAP;
         req.wrap = &wop;
-        rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_WRAP, &resp);
+        rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_WRAP, &resp);
         if (rc == 0)
             rc = print_bytes_result(cli, resp, &resp->wrap->wrapped);
     }
@@ -1106,9 +1329,9 @@ static int cmd_random(struct cli *cli, const struct args *a)
         return rc;
     req.op_case = KEYRAFT__REQUEST__OP_RANDOM;
     req.random = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_RANDOM, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_RANDOM, &resp);
     if (rc == 0) {
-        if (!cli->json && arg_has(a, "hex"))
+        if (!cli->json && cli_has(a, "hex"))
             print_hex(resp->random->data.data, resp->random->data.len);
         else
             rc = print_bytes_result(cli, resp, &resp->random->data);
@@ -1127,13 +1350,13 @@ static int cmd_status(struct cli *cli, const struct args *a)
     (void)a;
     req.op_case = KEYRAFT__REQUEST__OP_STATUS;
     req.status = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_NODE_STATUS, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_NODE_STATUS, &resp);
     if (rc == 0) {
         json_t *j = cli_json_result(resp);
         if (cli->json) {
-            rc = print_json(cli, j);
+            rc = cli_print_json(cli, j);
         } else if (j == NULL) {
-            rc = fail(cli, KR_ENOMEM, "out of memory");
+            rc = cli_fail(cli, KR_ENOMEM, "out of memory");
         } else {
             cli_print_flat(stdout, j);
             json_decref(j);
@@ -1149,7 +1372,7 @@ static int print_cluster(const struct cli *cli, const Keyraft__ClusterListRespon
 {
     if (cli->json) {
         json_t *j = cli_json_message(&v->base);
-        return print_json(cli, j);
+        return cli_print_json(cli, j);
     }
     printf("%-6s %-22s %-22s %-8s %-8s %-7s %-10s %s\n", "ID", "CLIENT", "RAFT", "WANTED",
            "RAFT", "LEADER", "MATCH", "REACHABLE");
@@ -1175,7 +1398,7 @@ static int read_join_request(const struct cli *cli, const char *path, Keyraft__J
     *out = keyraft__join_request__unpack(NULL, raw.len, raw.data);
     kr_buf_free(&raw);
     if (*out == NULL || (*out)->node_id == 0 || (*out)->csr_pem[0] == '\0')
-        return fail(cli, KR_EINVAL, "%s is not a join request (keyraftd init --join writes one)",
+        return cli_fail(cli, KR_EINVAL, "%s is not a join request (keyraftd init --join writes one)",
                     path);
     return 0;
 }
@@ -1185,7 +1408,7 @@ static int write_bundle(const struct cli *cli, const char *path, const Keyraft__
     size_t len = keyraft__join_bundle__get_packed_size(b);
     uint8_t *buf = malloc(len);
     if (buf == NULL)
-        return fail(cli, KR_ENOMEM, "out of memory");
+        return cli_fail(cli, KR_ENOMEM, "out of memory");
     keyraft__join_bundle__pack(b, buf);
     FILE *f = fopen(path, "w");
     int ok = f != NULL && fwrite(buf, 1, len, f) == len;
@@ -1193,7 +1416,7 @@ static int write_bundle(const struct cli *cli, const char *path, const Keyraft__
         ok = 0;
     free(buf);
     if (!ok)
-        return fail(cli, KR_EIO, "cannot write %s: %s", path, strerror(errno));
+        return cli_fail(cli, KR_EIO, "cannot write %s: %s", path, strerror(errno));
     return 0;
 }
 
@@ -1212,7 +1435,7 @@ static int cluster_add(struct cli *cli, const struct args *a, const char *reques
     if (rc != 0)
         goto out;
     char ca_key[4200], node_name[64], host[256], out_path[4200];
-    const char *key_opt = arg_get(a, "ca-key");
+    const char *key_opt = cli_arg(a, "ca-key");
     if (key_opt != NULL) {
         snprintf(ca_key, sizeof(ca_key), "%s", key_opt);
     } else {
@@ -1230,7 +1453,7 @@ static int cluster_add(struct cli *cli, const struct args *a, const char *reques
         *colon = '\0';
     rc = pki_sign_node_csr(cli->ca_path, ca_key, jr->csr_pem, node_name, host, 825, &cert);
     if (rc != 0) {
-        rc = fail(cli, rc, "cannot sign %s's certificate with the CA key %s (--ca-key names "
+        rc = cli_fail(cli, rc, "cannot sign %s's certificate with the CA key %s (--ca-key names "
                   "another)", node_name, ca_key);
         goto out;
     }
@@ -1240,14 +1463,15 @@ static int cluster_add(struct cli *cli, const struct args *a, const char *reques
     op.raft_address = jr->raft_address;
     op.client_address = jr->client_address;
     op.transport_spki = jr->transport_spki;
+    op.audit_public_key = jr->audit_public_key;
     op.node_cert_pem = cert;
-    op.standby = arg_has(a, "standby");
+    op.standby = cli_has(a, "standby");
     req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_ADD;
     req.cluster_add = &op;
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_JOIN_BUNDLE, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_JOIN_BUNDLE, &resp);
     if (rc != 0)
         goto out;
-    const char *out_opt = arg_get(a, "out");
+    const char *out_opt = cli_arg(a, "out");
     if (out_opt != NULL) {
         snprintf(out_path, sizeof(out_path), "%s", out_opt);
     } else {
@@ -1263,7 +1487,7 @@ static int cluster_add(struct cli *cli, const struct args *a, const char *reques
         json_t *j = json_pack("{s:I,s:s,s:b,s:I}", "node_id", (json_int_t)jr->node_id, "bundle",
                               out_path, "standby", (int)op.standby, "commit_index",
                               (json_int_t)resp->commit_index);
-        rc = print_json(cli, j);
+        rc = cli_print_json(cli, j);
     } else {
         printf("node %llu admitted as %s; bundle written to %s\n"
                "start it with: keyraftd --data <its data dir>\n",
@@ -1283,7 +1507,7 @@ static int parse_node_id(const struct cli *cli, const char *s, uint64_t *out)
     errno = 0;
     unsigned long long v = s ? strtoull(s, &end, 10) : 0;
     if (s == NULL || end == s || *end != '\0' || errno != 0)
-        return usage_error(cli, "want a node id, got \"%s\"", s ? s : "");
+        return cli_usage(cli, "want a node id, got \"%s\"", s ? s : "");
     *out = v;
     return 0;
 }
@@ -1299,7 +1523,7 @@ static int cmd_cluster(struct cli *cli, const struct args *a)
 
     if (strcmp(sub, "add") == 0) {
         if (a->n_pos != 2)
-            return usage_error(cli, "cluster add needs the join request file");
+            return cli_usage(cli, "cluster add needs the join request file");
         return cluster_add(cli, a, a->pos[1]);
     }
     if (strcmp(sub, "list") == 0) {
@@ -1323,10 +1547,10 @@ static int cmd_cluster(struct cli *cli, const struct args *a)
             req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_TRANSFER;
             req.cluster_transfer = &node;
         } else {
-            return usage_error(cli, "unknown cluster command \"%s\"", sub);
+            return cli_usage(cli, "unknown cluster command \"%s\"", sub);
         }
     }
-    rc = call(cli, &req, KEYRAFT__RESPONSE__RESULT_CLUSTER, &resp);
+    rc = cli_call(cli, &req, KEYRAFT__RESPONSE__RESULT_CLUSTER, &resp);
     if (rc == 0)
         rc = print_cluster(cli, resp->cluster);
     kr_response_free(resp);
@@ -1336,66 +1560,108 @@ static int cmd_cluster(struct cli *cli, const struct args *a)
 /* ---- command table ------------------------------------------------------------------ */
 
 static const struct optspec opts_none[] = {{NULL, 0}};
+static const struct optspec opts_keyref[] = {{"domain", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_create[] = {
-    {"name", OPT_ARG},        {"alg", OPT_ARG},           {"tag", OPT_MULTI},
-    {"pre-active", OPT_FLAG}, {"non-exportable", OPT_FLAG}, {NULL, 0}};
+    {"name", OPT_ARG},         {"alg", OPT_ARG},           {"tag", OPT_MULTI},
+    {"pre-active", OPT_FLAG},  {"non-exportable", OPT_FLAG}, {"domain", OPT_ARG},
+    {"owner-group", OPT_ARG},  {"allow", OPT_MULTI},       {"usage-limit", OPT_ARG},
+    {NULL, 0}};
 static const struct optspec opts_import[] = {
-    {"name", OPT_ARG},        {"alg", OPT_ARG},           {"file", OPT_ARG}, {"tag", OPT_MULTI},
-    {"pre-active", OPT_FLAG}, {"non-exportable", OPT_FLAG}, {NULL, 0}};
-static const struct optspec opts_get[] = {{"name", OPT_ARG}, {NULL, 0}};
+    {"name", OPT_ARG},         {"alg", OPT_ARG},           {"file", OPT_ARG},
+    {"tag", OPT_MULTI},        {"pre-active", OPT_FLAG},   {"non-exportable", OPT_FLAG},
+    {"domain", OPT_ARG},       {"owner-group", OPT_ARG},   {"allow", OPT_MULTI},
+    {"usage-limit", OPT_ARG},  {NULL, 0}};
+static const struct optspec opts_get[] = {{"name", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_list[] = {{"alg", OPT_ARG},    {"state", OPT_ARG},
                                            {"tag", OPT_ARG},    {"prefix", OPT_ARG},
                                            {"limit", OPT_ARG},  {"after", OPT_ARG},
-                                           {NULL, 0}};
-static const struct optspec opts_export[] = {{"version", OPT_ARG}, {NULL, 0}};
+                                           {"domain", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_export[] = {
+    {"version", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_revoke[] = {
-    {"reason", OPT_ARG}, {"message", OPT_ARG}, {NULL, 0}};
-static const struct optspec opts_aad[] = {{"aad", OPT_ARG}, {NULL, 0}};
-static const struct optspec opts_verify[] = {{"sig", OPT_ARG}, {NULL, 0}};
-static const struct optspec opts_verify_mac[] = {{"mac", OPT_ARG}, {NULL, 0}};
-static const struct optspec opts_datakey[] = {{"bits", OPT_ARG}, {"aad", OPT_ARG}, {NULL, 0}};
+    {"reason", OPT_ARG}, {"message", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_encrypt[] = {{"aad", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_decrypt[] = {{"aad", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_verify[] = {{"sig", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_verify_mac[] = {
+    {"mac", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_datakey[] = {
+    {"bits", OPT_ARG}, {"aad", OPT_ARG}, {"domain", OPT_ARG}, {NULL, 0}};
 static const struct optspec opts_random[] = {{"hex", OPT_FLAG}, {NULL, 0}};
 static const struct optspec opts_cluster[] = {
     {"standby", OPT_FLAG}, {"ca-key", OPT_ARG}, {"out", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_principal[] = {
+    {"roles", OPT_ARG}, {"groups", OPT_ARG}, {"domains", OPT_ARG}, {"ca-key", OPT_ARG},
+    {"days", OPT_ARG},  {"out", OPT_ARG},    {"serial", OPT_ARG},  {NULL, 0}};
+static const struct optspec opts_policy[] = {{"owner-group", OPT_ARG},
+                                             {"allow", OPT_MULTI},
+                                             {"usage-limit", OPT_ARG},
+                                             {"domain", OPT_ARG},
+                                             {NULL, 0}};
+static const struct optspec opts_quorum[] = {
+    {"approvers", OPT_ARG}, {"ttl", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_approvals[] = {{"all", OPT_FLAG}, {"reason", OPT_ARG}, {NULL, 0}};
+static const struct optspec opts_audit[] = {
+    {"n", OPT_ARG},         {"limit", OPT_ARG}, {"follow", OPT_FLAG}, {"seconds", OPT_ARG},
+    {"principal", OPT_ARG}, {"key", OPT_ARG},   {"op", OPT_ARG},      {"since", OPT_ARG},
+    {"until", OPT_ARG},     {"denied", OPT_FLAG}, {"after", OPT_ARG}, {NULL, 0}};
+
+#define POLICY_OPTS "[--domain D] [--owner-group G] [--allow G:OP[,OP...]]... [--usage-limit N]"
 
 static const struct command commands[] = {
     {"create", cmd_create, opts_create, 0, 0,
-     "create --name N --alg A [--tag k=v]... [--pre-active] [--non-exportable]",
-     "Creates a key; prints its id."},
-    {"get", cmd_get, opts_get, 0, 1, "get ID|name:N|--name N", "Shows a key's attributes."},
+     "create --name N --alg A [--tag k=v]... [--pre-active] [--non-exportable]\n"
+     "      " POLICY_OPTS,
+     "Creates a key; prints its id. --domain: the domain it lives in (default: your first). "
+     "--owner-group: the group whose members use it (default: your first group); --allow "
+     "G:OPS (repeatable) gives group G exactly these operations (e.g. encrypt,decrypt); "
+     "--usage-limit: encryptions per version (an integer or 2^K; 0: unlimited)."},
+    {"get", cmd_get, opts_get, 0, 1, "get ID|name:N|--name N [--domain D]",
+     "Shows a key's attributes, its policy, and per version the encryptions counted."},
     {"list", cmd_list, opts_list, 0, 0,
-     "list [--alg A] [--state S] [--tag k=v] [--prefix P] [--limit N] [--after CURSOR]",
+     "list [--alg A] [--state S] [--tag k=v] [--prefix P] [--limit N] [--after CURSOR] "
+     "[--domain D]",
      "Lists keys, a page at a time; \"next: CURSOR\" names the next page."},
-    {"export", cmd_export, opts_export, 1, 1, "export ID [--version V]",
-     "Prints a key version's material (hex; base64 with --json)."},
+    {"export", cmd_export, opts_export, 1, 1, "export ID [--version V] [--domain D]",
+     "Prints a key version's material (hex; base64 with --json). May be held for quorum "
+     "approval (exit 3)."},
     {"import", cmd_import, opts_import, 0, 0,
-     "import --name N --alg A --file F [--tag k=v]... [--pre-active] [--non-exportable]",
-     "Imports a key: raw bytes for aes/hmac, a PEM or DER private key otherwise."},
-    {"activate", cmd_activate, opts_none, 1, 1, "activate ID", "Activates a pre-active key."},
-    {"deactivate", cmd_deactivate, opts_none, 1, 1, "deactivate ID",
+     "import --name N --alg A --file F [--tag k=v]... [--pre-active] [--non-exportable]\n"
+     "      " POLICY_OPTS,
+     "Imports a key: raw bytes for aes/hmac, a PEM or DER private key otherwise. Policy "
+     "options as for create."},
+    {"activate", cmd_activate, opts_keyref, 1, 1, "activate ID [--domain D]",
+     "Activates a pre-active key."},
+    {"deactivate", cmd_deactivate, opts_keyref, 1, 1, "deactivate ID [--domain D]",
      "Deactivates a key: it may still decrypt and verify."},
-    {"revoke", cmd_revoke, opts_revoke, 1, 1, "revoke ID --reason R [--message M]",
+    {"revoke", cmd_revoke, opts_revoke, 1, 1, "revoke ID --reason R [--message M] [--domain D]",
      "Revokes a key (reasons: unspecified, compromised, superseded, cessation, "
      "affiliation-changed, privilege-withdrawn)."},
-    {"destroy", cmd_destroy, opts_none, 1, 1, "destroy ID",
-     "Destroys a key's material; the attributes stay."},
-    {"rotate", cmd_rotate, opts_none, 1, 1, "rotate ID", "Makes a new version of a key."},
-    {"encrypt", cmd_encrypt, opts_aad, 1, 1, "encrypt ID [--aad S] <plaintext >ciphertext",
+    {"destroy", cmd_destroy, opts_keyref, 1, 1, "destroy ID [--domain D]",
+     "Destroys a key's material; the attributes stay. May be held for quorum approval "
+     "(exit 3)."},
+    {"rotate", cmd_rotate, opts_keyref, 1, 1, "rotate ID [--domain D]",
+     "Makes a new version of a key."},
+    {"encrypt", cmd_encrypt, opts_encrypt, 1, 1,
+     "encrypt ID [--aad S] [--domain D] <plaintext >ciphertext",
      "Encrypts stdin; raw ciphertext on stdout (base64 in JSON with --json)."},
-    {"decrypt", cmd_decrypt, opts_aad, 0, 0, "decrypt [--aad S] <ciphertext >plaintext",
+    {"decrypt", cmd_decrypt, opts_decrypt, 0, 0, "decrypt [--aad S] <ciphertext >plaintext",
      "Decrypts stdin; the ciphertext names its key."},
-    {"sign", cmd_sign, opts_none, 1, 1, "sign ID <message >signature",
+    {"sign", cmd_sign, opts_keyref, 1, 1, "sign ID [--domain D] <message >signature",
      "Signs stdin; raw signature on stdout."},
-    {"verify", cmd_verify, opts_verify, 1, 1, "verify ID --sig FILE <message",
+    {"verify", cmd_verify, opts_verify, 1, 1, "verify ID --sig FILE [--domain D] <message",
      "Prints valid or invalid; exit 0 when valid, 1 when not."},
-    {"mac", cmd_mac, opts_none, 1, 1, "mac ID <message >mac", "MACs stdin; raw MAC on stdout."},
-    {"verify-mac", cmd_verify_mac, opts_verify_mac, 1, 1, "verify-mac ID --mac FILE <message",
+    {"mac", cmd_mac, opts_keyref, 1, 1, "mac ID [--domain D] <message >mac",
+     "MACs stdin; raw MAC on stdout."},
+    {"verify-mac", cmd_verify_mac, opts_verify_mac, 1, 1,
+     "verify-mac ID --mac FILE [--domain D] <message",
      "Prints valid or invalid; exit 0 when valid, 1 when not."},
-    {"datakey", cmd_datakey, opts_datakey, 1, 1, "datakey ID [--bits 128|256] [--aad S]",
+    {"datakey", cmd_datakey, opts_datakey, 1, 1,
+     "datakey ID [--bits 128|256] [--aad S] [--domain D]",
      "Makes a data key: its plaintext and its encryption under ID (base64)."},
-    {"wrap", cmd_wrap, opts_none, 1, 1, "wrap ID <material >wrapped",
+    {"wrap", cmd_wrap, opts_keyref, 1, 1, "wrap ID [--domain D] <material >wrapped",
      "Wraps stdin under ID (AES-KWP)."},
-    {"unwrap", cmd_unwrap, opts_none, 1, 1, "unwrap ID <wrapped >material",
+    {"unwrap", cmd_unwrap, opts_keyref, 1, 1, "unwrap ID [--domain D] <wrapped >material",
      "Unwraps stdin under ID."},
     {"random", cmd_random, opts_random, 1, 1, "random N [--hex]",
      "N random bytes from the cluster, raw (or hex) on stdout."},
@@ -1407,12 +1673,54 @@ static const struct command commands[] = {
      "--join`: signs its certificate with the CA key, has the leader's HSM wrap the MWK for "
      "it, writes its join bundle. promote makes a voter, demote a standby (replicates and "
      "serves reads, no vote), transfer hands leadership over."},
+    {"principal", cli_cmd_principal, opts_principal, 1, 2,
+     "principal create NAME --roles R[,R] [--groups G[,G]] [--domains D[,D]]\n"
+     "                  --ca-key CA_KEY [--days N] --out DIR\n"
+     "  | principal list | principal revoke NAME [--serial HEX]",
+     "Principals (admin role). create issues a client key and certificate for CN=NAME with "
+     "the CA key (on this host; the CA is the global --ca, default the config's), "
+     "writes DIR/NAME.pem and DIR/NAME.key (0600), registers the principal, then writes "
+     "DIR/NAME.conf, a client config for it. Roles: admin, officer, user, auditor; admin "
+     "stands alone. --days defaults to 365. revoke revokes one certificate (--serial) or "
+     "all of them."},
+    {"domain", cli_cmd_domain, opts_none, 1, 2,
+     "domain create ID | domain destroy ID | domain list",
+     "Domains (admin role). destroy crypto-shreds the domain key: EVERY key in the domain "
+     "becomes unusable at once, for good. It may be held for quorum approval (exit 3)."},
+    {"policy", cli_cmd_policy, opts_policy, 2, 2,
+     "policy set KEY [--owner-group G] [--allow G:OP[,OP...]]... [--usage-limit N] "
+     "[--domain D]",
+     "Sets a key's policy. The policy given REPLACES the old one entirely: grants and a "
+     "usage limit not repeated here are dropped. May be held for quorum approval (exit 3)."},
+    {"quorum", cli_cmd_quorum, opts_quorum, 1, 3,
+     "quorum set OPERATION M [--approvers ROLE] [--ttl DURATION] | quorum list",
+     "M-of-N approval rules (admin role). OPERATION: export, destroy, domain_destroy, "
+     "policy_change, node_admission, principal_admin. M = 0 removes the rule. --approvers: "
+     "the role that may approve (default: officer for key operations, admin otherwise); "
+     "--ttl: how long a request waits, like 90s, 15m, 24h (default 24h)."},
+    {"approvals", cli_cmd_approvals, opts_approvals, 1, 2,
+     "approvals list [--all] | approvals show ID | approvals approve ID [--reason TEXT]\n"
+     "  | approvals deny ID [--reason TEXT]",
+     "Requests held for quorum approval. list shows pending ones (--all: every state). "
+     "Once approved, the requester runs the same command again with --approval ID."},
+    {"audit", cli_cmd_audit, opts_audit, 1, 1,
+     "audit tail [-n N] [--follow [--seconds S]]\n"
+     "  | audit query [--principal P] [--key ID] [--op OP] [--since TIME] [--until TIME]\n"
+     "                [--denied] [--limit N]\n"
+     "  | audit verify | audit export [--after SEQ]",
+     "The audit trail (auditor role). tail: the last N records (default 20); --follow polls "
+     "for new ones every second, for --seconds S (needed unless stdout is a terminal). "
+     "query: filtered records (TIME: unix ms, RFC 3339 like 2026-11-23T14:00:00Z, or "
+     "relative like -15m); --limit caps the records printed (default: all). verify: checks "
+     "the hash chain and checkpoint signatures; exit 1 when broken. export: JSON lines, one "
+     "record each. Here --key is the key filter: give the TLS --key before the command."},
 };
 
 #define N_COMMANDS (sizeof(commands) / sizeof(commands[0]))
 
 static const char global_usage[] =
     "usage: keyraft [--config FILE] [--endpoint HOST:PORT[,...]] [--json] COMMAND ...\n"
+    "exit: 0 ok, 1 failed, 2 usage, 3 held for quorum approval\n"
     "global options (also accepted after the command):\n"
     "  --config FILE        client config (default: $KEYRAFT_CONFIG,\n"
     "                       ~/.config/keyraft/client.conf, ./keyraft-data/client.conf)\n"
@@ -1421,14 +1729,21 @@ static const char global_usage[] =
     "  --timeout-ms N       per-request timeout\n"
     "  --linearizable       reads go to the leader, after a raft barrier\n"
     "  --json               JSON output\n"
+    "  --approval ID        run an operation a quorum approved (the approval's id)\n"
+    "  --wait SECONDS       when held for approval, wait for the decision (polls every\n"
+    "                       second) and, once approved, run it\n"
     "  --help               this text, or a command's with COMMAND --help\n"
     "commands:\n";
 
 static void print_global_usage(FILE *out)
 {
     fputs(global_usage, out);
-    for (size_t i = 0; i < N_COMMANDS; i++)
-        fprintf(out, "  %s\n", commands[i].usage);
+    for (size_t i = 0; i < N_COMMANDS; i++) {
+        fputs("  ", out);
+        for (const char *c = commands[i].usage; *c != '\0'; c++)
+            fputs(*c == '\n' ? "\n  " : (char[]){*c, '\0'}, out);
+        fputc('\n', out);
+    }
 }
 
 static const struct command *find_command(const char *name)
@@ -1451,7 +1766,7 @@ static const struct optspec *find_opt(const struct optspec *opts, const char *na
 static const struct optspec global_opts[] = {
     {"config", OPT_ARG}, {"endpoint", OPT_ARG},   {"ca", OPT_ARG},  {"cert", OPT_ARG},
     {"key", OPT_ARG},    {"timeout-ms", OPT_ARG}, {"json", OPT_FLAG}, {"help", OPT_FLAG},
-    {"linearizable", OPT_FLAG}, {NULL, 0}};
+    {"linearizable", OPT_FLAG}, {"approval", OPT_ARG}, {"wait", OPT_ARG}, {NULL, 0}};
 
 static void set_global(struct cli *cli, const char *name, const char *val, int *help)
 {
@@ -1471,12 +1786,16 @@ static void set_global(struct cli *cli, const char *name, const char *val, int *
         cli->json = 1;
     else if (strcmp(name, "linearizable") == 0)
         cli->linearizable = 1;
+    else if (strcmp(name, "approval") == 0)
+        cli->approval_id = val;
+    else if (strcmp(name, "wait") == 0)
+        cli->wait_arg = val;
     else
         *help = 1;
 }
 
 /* Splits argv into global options, the command, its options and its
- * positional arguments. Returns 0 or EXIT_USAGE (the error printed). */
+ * positional arguments. Returns 0 or CLI_EXIT_USAGE (the error printed). */
 static int parse_argv(struct cli *cli, int argc, char **argv, struct args *a, int *help)
 {
     int only_pos = 0;
@@ -1496,32 +1815,40 @@ static int parse_argv(struct cli *cli, int argc, char **argv, struct args *a, in
             const char *name = arg[1] == '-' ? arg + 2 : arg + 1;
             const char *eq = strchr(name, '=');
             size_t name_len = eq != NULL ? (size_t)(eq - name) : strlen(name);
-            const struct optspec *o = find_opt(global_opts, name, name_len);
-            int global = o != NULL;
+            const struct optspec *o = NULL;
+            int global = 0;
             const char *val = NULL;
 
-            if (arg[1] != '-')
-                return usage_error(cli, "unknown option %s (options start with --)", arg);
-            if (o == NULL && cli->cmd != NULL)
+            /* Single-dash options are one letter a command names (audit -n). */
+            if (arg[1] != '-' && (name_len != 1 || cli->cmd == NULL ||
+                                  find_opt(cli->cmd->opts, name, name_len) == NULL))
+                return cli_usage(cli, "unknown option %s (options start with --)", arg);
+            /* After the command its own options come first (audit query --key
+             * is a filter; the TLS --key goes before the command). */
+            if (cli->cmd != NULL)
                 o = find_opt(cli->cmd->opts, name, name_len);
+            if (o == NULL) {
+                o = find_opt(global_opts, name, name_len);
+                global = o != NULL;
+            }
             if (o == NULL)
-                return usage_error(cli, "unknown option --%.*s", (int)name_len, name);
+                return cli_usage(cli, "unknown option --%.*s", (int)name_len, name);
             if (o->kind & OPT_ARG) {
                 if (eq != NULL)
                     val = eq + 1;
                 else if (i + 1 < argc)
                     val = argv[++i];
                 else
-                    return usage_error(cli, "--%s needs a value", o->name);
+                    return cli_usage(cli, "--%s needs a value", o->name);
             } else if (eq != NULL) {
-                return usage_error(cli, "--%s takes no value", o->name);
+                return cli_usage(cli, "--%s takes no value", o->name);
             }
             if (global) {
                 set_global(cli, o->name, val, help);
                 continue;
             }
-            if (a->n_kv == MAX_ARGS)
-                return usage_error(cli, "too many options");
+            if (a->n_kv == CLI_MAX_ARGS)
+                return cli_usage(cli, "too many options");
             a->kv[a->n_kv].name = o->name;
             a->kv[a->n_kv].val = val;
             a->n_kv++;
@@ -1530,11 +1857,11 @@ static int parse_argv(struct cli *cli, int argc, char **argv, struct args *a, in
         if (cli->cmd == NULL) {
             cli->cmd = find_command(arg);
             if (cli->cmd == NULL)
-                return usage_error(cli, "unknown command \"%s\"", arg);
+                return cli_usage(cli, "unknown command \"%s\"", arg);
             continue;
         }
-        if (a->n_pos == cli->cmd->max_pos || a->n_pos == MAX_POS)
-            return usage_error(cli, "unexpected argument \"%s\"", arg);
+        if (a->n_pos == cli->cmd->max_pos || a->n_pos == CLI_MAX_POS)
+            return cli_usage(cli, "unexpected argument \"%s\"", arg);
         a->pos[a->n_pos++] = arg;
     }
     return 0;
@@ -1558,11 +1885,21 @@ int main(int argc, char **argv)
     }
     if (cli.cmd == NULL) {
         print_global_usage(stderr);
-        return EXIT_USAGE;
+        return CLI_EXIT_USAGE;
     }
     if (a.n_pos < cli.cmd->min_pos)
-        return usage_error(&cli, "missing argument");
+        return cli_usage(&cli, "missing argument");
+    if (cli.approval_id != NULL && cli.approval_id[0] == '\0')
+        return cli_usage(&cli, "--approval is empty");
+    if (cli.wait_arg != NULL) {
+        if (cli_parse_duration_ms(cli.wait_arg, &cli.wait_ms) != 0 || cli.wait_ms == 0)
+            return cli_usage(&cli, "bad --wait \"%s\": want seconds (or a duration like 10m)",
+                             cli.wait_arg);
+        cli.wait = 1;
+    }
     rc = cli.cmd->run(&cli, &a);
+    if (rc == CLI_RC_PRINTED)
+        rc = 0;
     rc = finish_output(&cli, rc);
     kr_client_free(cli.client);
     kr_client_file_free(cli.file);

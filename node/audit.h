@@ -37,7 +37,9 @@ struct hsm;
  * otherwise each record is appended at head+1 with its chain hash, usage
  * deltas are added to the counters, and the source's position and the head
  * move. Records over AUDIT_MAX_RECORD_BYTES are appended as a short record
- * saying so (never dropped). Returns 0, or KR_EIO / KR_ENOMEM (raft retries). */
+ * saying so (never dropped). Returns 0, KR_ESTATE for a boot_id older than
+ * the node's last (its clock went back: refused, not skipped unseen), or
+ * KR_EIO / KR_ENOMEM (raft retries). */
 int audit_fsm_apply(struct store *store, struct store_batch *b,
                     const Keyraft__AuditSubmitRequest *batch);
 

@@ -31,6 +31,12 @@ void config_defaults(struct config *config)
     config->max_frame = KR_MAX_FRAME;
     config->max_connections = 4096;
     config->list_max = 1000;
+    config->audit_enabled = 1;
+    config->audit_flush_ms = 20;
+    config->audit_max_pending = 100000;
+    config->audit_max_lag_ms = 3000;
+    config->audit_fail_open_reads = 0;
+    config->audit_checkpoint_ms = 10000;
 }
 
 struct load_ctx {
@@ -80,6 +86,23 @@ static int parse_bool(const char *value, int *out)
         return 0;
     }
     return -1;
+}
+
+/* What a numeric or boolean setting accepts, for the error message. */
+static const char *range_hint(const char *section, const char *name)
+{
+    static const char *const hints[][3] = {
+        {"audit", "enabled", " (true or false)"},
+        {"audit", "flush_ms", " (1 to 10000)"},
+        {"audit", "max_pending", " (1000 to 100000000)"},
+        {"audit", "max_lag_ms", " (100 to 3600000)"},
+        {"audit", "fail_open_reads", " (true or false)"},
+        {"audit", "checkpoint_ms", " (100 to 86400000)"},
+    };
+    for (size_t i = 0; i < sizeof(hints) / sizeof(hints[0]); i++)
+        if (strcmp(section, hints[i][0]) == 0 && strcmp(name, hints[i][1]) == 0)
+            return hints[i][2];
+    return "";
 }
 
 #define MATCH(s, n) (strcmp(section, s) == 0 && strcmp(name, n) == 0)
@@ -139,13 +162,30 @@ static int on_entry(void *user, const char *section, const char *name, const cha
     } else if (MATCH("limits", "list_max")) {
         rv = parse_u64(value, 1, 100000, &u);
         c->list_max = (uint32_t)u;
+    } else if (MATCH("audit", "enabled")) {
+        rv = parse_bool(value, &c->audit_enabled);
+    } else if (MATCH("audit", "flush_ms")) {
+        rv = parse_u64(value, 1, 10000, &u);
+        c->audit_flush_ms = (uint32_t)u;
+    } else if (MATCH("audit", "max_pending")) {
+        rv = parse_u64(value, 1000, 100000000, &u);
+        c->audit_max_pending = (uint32_t)u;
+    } else if (MATCH("audit", "max_lag_ms")) {
+        rv = parse_u64(value, 100, 3600000, &u);
+        c->audit_max_lag_ms = (uint32_t)u;
+    } else if (MATCH("audit", "fail_open_reads")) {
+        rv = parse_bool(value, &c->audit_fail_open_reads);
+    } else if (MATCH("audit", "checkpoint_ms")) {
+        rv = parse_u64(value, 100, 86400000, &u);
+        c->audit_checkpoint_ms = (uint32_t)u;
     } else {
         log_error("%s: unknown setting [%s] %s", ctx->path, section, name);
         ctx->failed = 1;
         return 1; /* keep parsing: report every problem at once */
     }
     if (rv != 0) {
-        log_error("%s: bad value for [%s] %s: '%s'", ctx->path, section, name, value);
+        log_error("%s: bad value for [%s] %s: '%s'%s", ctx->path, section, name, value,
+                  range_hint(section, name));
         ctx->failed = 1;
     }
     return 1;
@@ -280,6 +320,12 @@ int config_write(const struct config *c, const char *path)
         fprintf(f, "softhsm_conf = %s\n", c->hsm_softhsm_conf);
     fprintf(f, "\n[policy]\nallow_export = %s\n\n[limits]\nmax_frame = %u\nmax_connections = %u\nlist_max = %u\n",
             c->allow_export ? "true" : "false", c->max_frame, c->max_connections, c->list_max);
+    fprintf(f,
+            "\n[audit]\nenabled = %s\nflush_ms = %u\nmax_pending = %u\nmax_lag_ms = %u\n"
+            "fail_open_reads = %s\ncheckpoint_ms = %u\n",
+            c->audit_enabled ? "true" : "false", c->audit_flush_ms, c->audit_max_pending,
+            c->audit_max_lag_ms, c->audit_fail_open_reads ? "true" : "false",
+            c->audit_checkpoint_ms);
     int rv = (fflush(f) == 0 && fsync(fd) == 0) ? 0 : KR_EIO;
     fclose(f);
     return rv;

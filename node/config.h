@@ -35,6 +35,18 @@ struct config {
     uint32_t max_frame;                   /* [limits] max_frame (bytes) */
     uint32_t max_connections;             /* [limits] max_connections */
     uint32_t list_max;                    /* [limits] list_max: cap on one list page */
+    int audit_enabled;                    /* [audit] enabled (default true): false keeps no
+                                           * records (usage counts still ship) */
+    uint32_t audit_flush_ms;              /* [audit] flush_ms: ship records at least this
+                                           * often (1..10000, default 20) */
+    uint32_t audit_max_pending;           /* [audit] max_pending: unshipped records held
+                                           * before failing closed (>= 1000, default 100000) */
+    uint32_t audit_max_lag_ms;            /* [audit] max_lag_ms: age of the oldest unshipped
+                                           * record before failing closed (>= 100, default 3000) */
+    int audit_fail_open_reads;            /* [audit] fail_open_reads (default false): reads go
+                                           * on while the audit log cannot be written */
+    uint32_t audit_checkpoint_ms;         /* [audit] checkpoint_ms: how often the leader signs
+                                           * the chain head (>= 100, default 10000) */
 };
 
 /* Fills defaults. */

@@ -1,7 +1,7 @@
 /* fsm.c: the raft state machine. Each command of an entry commits in its own
  * RocksDB batch together with the fsm position (index, op number), so a crash
  * between two commands of one entry resumes exactly where it stopped. */
-#include "fsm.h"
+#include "fsm_internal.h"
 
 #define KR_LOG_MODULE "fsm"
 #include <stdio.h>
@@ -23,7 +23,7 @@ struct fsm {
 
 static const char FSM_POS_KEY[] = "\0fsm_pos";
 #define DEDUP_PREFIX "dedup\0"
-#define DOMAIN_PREFIX "domain\0"
+#define DOMAIN_PREFIX FSM_DOMAIN_PREFIX
 
 static void put_u64be(uint8_t *p, uint64_t v)
 {
@@ -72,6 +72,8 @@ void fsm_free(struct fsm *fsm)
     free(fsm->last_result);
     free(fsm);
 }
+
+struct store *fsm__store(struct fsm *fsm) { return fsm->store; }
 
 struct fsm_result *fsm_take_result(struct fsm *fsm, void *result)
 {
@@ -175,7 +177,7 @@ int fsm_find_name(struct store *store, const char *domain, const char *name,
     return 0;
 }
 
-static size_t domain_key(uint8_t *buf, size_t cap, const char *domain_id)
+size_t fsm__domain_key(uint8_t *buf, size_t cap, const char *domain_id)
 {
     size_t l = strlen(domain_id);
     if (sizeof(DOMAIN_PREFIX) - 1 + l > cap)
@@ -188,7 +190,7 @@ static size_t domain_key(uint8_t *buf, size_t cap, const char *domain_id)
 int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out)
 {
     uint8_t key[300];
-    size_t klen = domain_key(key, sizeof(key), domain_id);
+    size_t klen = fsm__domain_key(key, sizeof(key), domain_id);
     if (klen == 0)
         return KR_EINVAL;
     uint8_t *val = NULL;
@@ -274,7 +276,7 @@ static void index_put(struct store_batch *b, const Keyraft__KeyRecord *rec, int 
     }
 }
 
-static int put_record(struct store_batch *b, Keyraft__KeyRecord *rec, uint64_t index)
+int fsm__put_key_record(struct store_batch *b, Keyraft__KeyRecord *rec, uint64_t index)
 {
     rec->updated_index = index;
     size_t len = keyraft__key_record__get_packed_size(rec);
@@ -299,7 +301,10 @@ static int apply_put_key(struct fsm *fsm, struct store_batch *b, const Keyraft__
     int rv = fsm_get_domain(fsm->store, rec->domain, &dom);
     if (rv != 0)
         return rv == KR_ENOTFOUND ? KR_ENOTFOUND : rv;
+    int shredded = dom->destroyed;
     keyraft__domain_record__free_unpacked(dom, NULL);
+    if (shredded)
+        return KR_ESTATE;
     char existing[FSM_KEY_ID_LEN + 1];
     rv = fsm_find_name(fsm->store, rec->domain, rec->name, existing);
     if (rv == 0)
@@ -314,7 +319,7 @@ static int apply_put_key(struct fsm *fsm, struct store_batch *b, const Keyraft__
     }
     if (rv != KR_ENOTFOUND)
         return rv;
-    rv = put_record(b, rec, index);
+    rv = fsm__put_key_record(b, rec, index);
     if (rv == 0)
         index_put(b, rec, 1);
     return rv;
@@ -366,7 +371,7 @@ static int apply_set_state(struct fsm *fsm, struct store_batch *b,
             goto out;
         }
     }
-    rv = put_record(b, rec, index);
+    rv = fsm__put_key_record(b, rec, index);
     if (rv == 0)
         index_put(b, rec, 1);
 out:
@@ -408,7 +413,7 @@ static int apply_add_version(struct fsm *fsm, struct store_batch *b,
     /* Borrow the command's version for packing; detached before the free. */
     rec->versions[rec->n_versions++] = cmd->version;
     rec->current_version = cmd->version->version;
-    rv = put_record(b, rec, index);
+    rv = fsm__put_key_record(b, rec, index);
     rec->n_versions--;
 out:
     keyraft__key_record__free_unpacked(rec, NULL);
@@ -442,7 +447,7 @@ static int apply_destroy(struct fsm *fsm, struct store_batch *b,
         v->sealed.len = 0;
         v->destroyed = 1;
     }
-    rv = put_record(b, rec, index);
+    rv = fsm__put_key_record(b, rec, index);
     if (rv == 0)
         index_put(b, rec, 1);
 out:
@@ -465,7 +470,7 @@ static int apply_put_domain(struct fsm *fsm, struct store_batch *b,
     if (rv != KR_ENOTFOUND)
         return rv;
     uint8_t key[300];
-    size_t klen = domain_key(key, sizeof(key), dom->id);
+    size_t klen = fsm__domain_key(key, sizeof(key), dom->id);
     if (klen == 0)
         return KR_EINVAL;
     size_t len = keyraft__domain_record__get_packed_size(dom);
@@ -482,11 +487,20 @@ static int apply_put_domain(struct fsm *fsm, struct store_batch *b,
 
 #define NODE_PREFIX "node\0"
 #define NODE_KEY_LEN (sizeof(NODE_PREFIX) - 1 + 8)
+/* Removed nodes' last records: their audit keys still vouch for old checkpoints. */
+#define RETIRED_PREFIX "node_retired\0"
+#define RETIRED_KEY_LEN (sizeof(RETIRED_PREFIX) - 1 + 8)
 
 static void node_key(uint8_t out[NODE_KEY_LEN], uint64_t id)
 {
     memcpy(out, NODE_PREFIX, sizeof(NODE_PREFIX) - 1);
     put_u64be(out + sizeof(NODE_PREFIX) - 1, id);
+}
+
+static void retired_key(uint8_t out[RETIRED_KEY_LEN], uint64_t id)
+{
+    memcpy(out, RETIRED_PREFIX, sizeof(RETIRED_PREFIX) - 1);
+    put_u64be(out + sizeof(RETIRED_PREFIX) - 1, id);
 }
 
 int fsm_get_node(struct store *store, uint64_t id, Keyraft__NodeRecord **out)
@@ -503,15 +517,17 @@ int fsm_get_node(struct store *store, uint64_t id, Keyraft__NodeRecord **out)
     return *out != NULL ? 0 : KR_EIO;
 }
 
-int fsm_list_nodes(struct store *store, struct fsm_nodes *out)
+static int list_nodes_under(struct store *store, const char *prefix, size_t plen,
+                            struct fsm_nodes *out)
 {
     memset(out, 0, sizeof(*out));
-    uint8_t lower[NODE_KEY_LEN], upper[NODE_KEY_LEN];
-    node_key(lower, 0);
-    memcpy(upper, NODE_PREFIX, sizeof(NODE_PREFIX) - 1);
-    memset(upper + sizeof(NODE_PREFIX) - 1, 0xff, 8);
+    uint8_t lower[32], upper[32];
+    memcpy(lower, prefix, plen);
+    memset(lower + plen, 0, 8);
+    memcpy(upper, prefix, plen);
+    memset(upper + plen, 0xff, 8);
     struct store_iter *it = NULL;
-    int rv = store_iter_new(store, STORE_CF_META, lower, sizeof(lower), upper, sizeof(upper), &it);
+    int rv = store_iter_new(store, STORE_CF_META, lower, plen + 8, upper, plen + 8, &it);
     if (rv != 0)
         return rv;
     for (; store_iter_valid(it) && out->n < FSM_MAX_NODES; store_iter_next(it)) {
@@ -530,6 +546,16 @@ int fsm_list_nodes(struct store *store, struct fsm_nodes *out)
     if (rv != 0)
         fsm_nodes_free(out);
     return rv;
+}
+
+int fsm_list_nodes(struct store *store, struct fsm_nodes *out)
+{
+    return list_nodes_under(store, NODE_PREFIX, sizeof(NODE_PREFIX) - 1, out);
+}
+
+int fsm_list_retired_nodes(struct store *store, struct fsm_nodes *out)
+{
+    return list_nodes_under(store, RETIRED_PREFIX, sizeof(RETIRED_PREFIX) - 1, out);
 }
 
 void fsm_nodes_free(struct fsm_nodes *nodes)
@@ -589,7 +615,14 @@ static int apply_remove_node(struct fsm *fsm, struct store_batch *b,
     int rv = fsm_get_node(fsm->store, cmd->node_id, &old);
     if (rv != 0)
         return rv;
+    if (old->audit_public_key.len > 0) {
+        uint8_t rkey[RETIRED_KEY_LEN];
+        retired_key(rkey, cmd->node_id);
+        rv = fsm__meta_put(b, rkey, sizeof(rkey), &old->base);
+    }
     keyraft__node_record__free_unpacked(old, NULL);
+    if (rv != 0)
+        return rv;
     uint8_t key[NODE_KEY_LEN];
     node_key(key, cmd->node_id);
     store_batch_delete(b, STORE_CF_META, key, sizeof(key));
@@ -693,10 +726,38 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
     case KEYRAFT__COMMAND__OP_REMOVE_NODE:
         st = apply_remove_node(fsm, b, cmd->remove_node);
         break;
+    case KEYRAFT__COMMAND__OP_AUDIT_APPEND:
+        st = fsm__apply_audit(fsm, b, cmd->audit_append);
+        break;
+    case KEYRAFT__COMMAND__OP_PUT_PRINCIPAL:
+        st = fsm__apply_put_principal(fsm, b, cmd->put_principal);
+        break;
+    case KEYRAFT__COMMAND__OP_DESTROY_DOMAIN:
+        st = fsm__apply_destroy_domain(fsm, b, cmd->destroy_domain);
+        break;
+    case KEYRAFT__COMMAND__OP_SET_KEY_POLICY:
+        st = fsm__apply_set_key_policy(fsm, b, cmd->set_key_policy, index, res);
+        break;
+    case KEYRAFT__COMMAND__OP_PUT_GOVERNANCE:
+        st = fsm__apply_put_governance(fsm, b, cmd->put_governance);
+        break;
+    case KEYRAFT__COMMAND__OP_CREATE_APPROVAL:
+        st = fsm__apply_create_approval(fsm, b, cmd->create_approval);
+        break;
+    case KEYRAFT__COMMAND__OP_VOTE_APPROVAL:
+        st = fsm__apply_vote_approval(fsm, b, cmd->vote_approval);
+        break;
+    case KEYRAFT__COMMAND__OP_FINISH_APPROVAL:
+        st = fsm__apply_finish_approval(fsm, b, cmd->finish_approval);
+        break;
     default:
         st = KR_EPROTO;
         break;
     }
+    /* An approved op consumes its approval in the same batch, so it runs
+     * once; an approval that is not (or no longer) approved refuses it. */
+    if (st == 0 && cmd->approval_id[0] != '\0')
+        st = fsm__finish_approval(fsm, b, cmd->approval_id, 0, "");
     if (st == KR_EIO || st == KR_ENOMEM) {
         store_batch_free(b);
         return st; /* local failure: raft retries the entry */

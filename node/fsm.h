@@ -64,6 +64,8 @@ struct fsm_nodes {
 };
 int fsm_get_node(struct store *store, uint64_t id, Keyraft__NodeRecord **out);
 int fsm_list_nodes(struct store *store, struct fsm_nodes *out);
+/* The last records of removed nodes that had audit keys (for audit verify). */
+int fsm_list_retired_nodes(struct store *store, struct fsm_nodes *out);
 void fsm_nodes_free(struct fsm_nodes *nodes);
 
 /* Builds index keys (returns length; |buf| holds at least 4 + the parts). */
@@ -79,5 +81,31 @@ int fsm_key_id_valid(const char *id);
 
 /* Lifecycle: whether |from| may move to |to| (KMIP / SP 800-57). */
 int fsm_transition_allowed(Keyraft__KeyState from, Keyraft__KeyState to);
+
+/* --- governance (fsm_gov.c) ------------------------------------------------------ */
+
+/* Grows whenever principals, domains or quorum rules change on any FSM of
+ * this process, or a snapshot replaced the store: caches of them compare it. */
+unsigned long fsm_governance_epoch(void);
+void fsm_governance_bump(void);
+
+/* Messages read by a prefix scan; free with fsm_list_free. |more| is set
+ * when |max| cut the list short. */
+struct fsm_list {
+    void **items;
+    size_t n;
+    int more;
+};
+void fsm_list_free(struct fsm_list *list);
+
+/* Free with keyraft__principal_info__free_unpacked. */
+int fsm_get_principal(struct store *store, const char *name, Keyraft__PrincipalInfo **out);
+int fsm_list_principals(struct store *store, size_t max, struct fsm_list *out);
+/* DomainRecords, destroyed ones included. */
+int fsm_list_domains(struct store *store, size_t max, struct fsm_list *out);
+/* The quorum rules (an empty record when none were set). */
+int fsm_get_governance(struct store *store, Keyraft__GovernanceRecord **out);
+int fsm_get_approval(struct store *store, const char *id, Keyraft__ApprovalRecord **out);
+int fsm_list_approvals(struct store *store, size_t max, struct fsm_list *out);
 
 #endif

@@ -8,6 +8,7 @@
 #include <p11-kit/p11-kit.h>
 #include <openssl/bn.h>
 #include <openssl/core_names.h>
+#include <openssl/ec.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
@@ -30,12 +31,17 @@
 #define HSM_RSA_MAX_BITS 8192
 #define HSM_RSA_MAX_BYTES (HSM_RSA_MAX_BITS / 8) /* also the largest blob */
 #define HSM_SPKI_MAX 4096                         /* DER of an 8192-bit RSA key is ~1.1 KB */
+#define HSM_AUDIT_SUFFIX "-audit"
+#define HSM_P256_COORD 32
 
 struct hsm {
     CK_FUNCTION_LIST *module;
     CK_SESSION_HANDLE session;
     CK_OBJECT_HANDLE mwk; /* cached; CK_INVALID_HANDLE until looked up */
     char *mwk_label;
+    /* The audit signing key pair (mwk_label + "-audit"), cached like the MWK. */
+    CK_OBJECT_HANDLE audit_priv, audit_pub;
+    char *audit_label;
     int lock_ready;
     /* A PKCS#11 session runs one operation at a time; callers are worker threads. */
     pthread_mutex_t lock;
@@ -357,8 +363,11 @@ int hsm_open(const struct hsm_config *config, struct hsm **out)
         return KR_ENOMEM;
     hsm->session = CK_INVALID_HANDLE;
     hsm->mwk = CK_INVALID_HANDLE;
+    hsm->audit_priv = hsm->audit_pub = CK_INVALID_HANDLE;
     hsm->mwk_label = strdup(config->mwk_label);
-    if (hsm->mwk_label == NULL) {
+    if (hsm->mwk_label == NULL ||
+        asprintf(&hsm->audit_label, "%s%s", config->mwk_label, HSM_AUDIT_SUFFIX) < 0) {
+        hsm->audit_label = NULL;
         rc = KR_ENOMEM;
         goto out;
     }
@@ -412,6 +421,7 @@ void hsm_close(struct hsm *hsm)
     if (hsm->lock_ready)
         pthread_mutex_destroy(&hsm->lock);
     free(hsm->mwk_label);
+    free(hsm->audit_label);
     free(hsm);
 }
 
@@ -761,27 +771,18 @@ static int get_attribute(CK_FUNCTION_LIST *m, CK_SESSION_HANDLE session, CK_OBJE
     return 0;
 }
 
-/* DER SubjectPublicKeyInfo of the RSA key (n, e), malloc'd. */
-static int rsa_spki_encode(const uint8_t *n, size_t n_len, const uint8_t *e, size_t e_len,
-                           uint8_t **out, size_t *out_len)
+/* DER SubjectPublicKeyInfo (malloc'd) of the |type| ("RSA", "EC") public key
+ * that |params| describe; |what| names it in the log on failure. */
+static int spki_from_params(const char *type, const OSSL_PARAM *params, const char *what,
+                            uint8_t **out, size_t *out_len)
 {
-    BIGNUM *bn_n = BN_bin2bn(n, (int)n_len, NULL);
-    BIGNUM *bn_e = BN_bin2bn(e, (int)e_len, NULL);
-    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
-    OSSL_PARAM *params = NULL;
-    EVP_PKEY_CTX *ctx = NULL;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(NULL, type, NULL);
     EVP_PKEY *pkey = NULL;
     uint8_t *der = NULL;
     int rc = KR_ECRYPTO;
 
-    if (bn_n == NULL || bn_e == NULL || bld == NULL ||
-        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n) ||
-        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e) ||
-        (params = OSSL_PARAM_BLD_to_param(bld)) == NULL)
-        goto out;
-    ctx = EVP_PKEY_CTX_new_from_name(NULL, "RSA", NULL);
     if (ctx == NULL || EVP_PKEY_fromdata_init(ctx) <= 0 ||
-        EVP_PKEY_fromdata(ctx, &pkey, EVP_PKEY_PUBLIC_KEY, params) <= 0)
+        EVP_PKEY_fromdata(ctx, &pkey, EVP_PKEY_PUBLIC_KEY, (OSSL_PARAM *)params) <= 0)
         goto out;
     int len = i2d_PUBKEY(pkey, NULL);
     if (len <= 0)
@@ -800,13 +801,33 @@ static int rsa_spki_encode(const uint8_t *n, size_t n_len, const uint8_t *e, siz
     rc = 0;
 out:
     if (rc == KR_ECRYPTO) {
-        log_error("cannot encode the transport public key as SubjectPublicKeyInfo: %s",
+        log_error("cannot encode the %s public key as SubjectPublicKeyInfo: %s", what,
                   ERR_reason_error_string(ERR_peek_last_error()));
         ERR_clear_error();
     }
     free(der);
     EVP_PKEY_free(pkey);
     EVP_PKEY_CTX_free(ctx);
+    return rc;
+}
+
+/* DER SubjectPublicKeyInfo of the RSA key (n, e), malloc'd. */
+static int rsa_spki_encode(const uint8_t *n, size_t n_len, const uint8_t *e, size_t e_len,
+                           uint8_t **out, size_t *out_len)
+{
+    BIGNUM *bn_n = BN_bin2bn(n, (int)n_len, NULL);
+    BIGNUM *bn_e = BN_bin2bn(e, (int)e_len, NULL);
+    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM *params = NULL;
+    int rc = KR_ECRYPTO;
+
+    if (bn_n != NULL && bn_e != NULL && bld != NULL &&
+        OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn_n) &&
+        OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, bn_e) &&
+        (params = OSSL_PARAM_BLD_to_param(bld)) != NULL)
+        rc = spki_from_params("RSA", params, "transport", out, out_len);
+    else
+        ERR_clear_error();
     OSSL_PARAM_free(params);
     OSSL_PARAM_BLD_free(bld);
     BN_free(bn_n);
@@ -1268,6 +1289,7 @@ int hsm_admit_wrap_mwk(struct hsm *hsm, const char *module_path, const char *tok
         hsm->module->C_CloseSession(hsm->session);
     hsm->session = CK_INVALID_HANDLE;
     hsm->mwk = CK_INVALID_HANDLE;
+    hsm->audit_priv = hsm->audit_pub = CK_INVALID_HANDLE;
     int rc = hsm_wrap_mwk_for(module_path, token_label, so_pin, user_pin, hsm->mwk_label, spki,
                               spki_len, out_blob, out_len);
     CK_SLOT_ID slot = 0;
@@ -1300,5 +1322,283 @@ int hsm_admit_wrap_mwk(struct hsm *hsm, const char *module_path, const char *tok
         }
         return rc2;
     }
+    return rc;
+}
+
+/* --- The audit signing key ------------------------------------------------------
+ * An EC P-256 pair made inside the token: the private half signs checkpoints
+ * of the audit chain and never leaves (sensitive, never extractable); the
+ * public half is on the token too, so the SPKI can be rebuilt after a restart. */
+
+/* DER of the P-256 curve OID (1.2.840.10045.3.1.7): CKA_EC_PARAMS. */
+static const uint8_t p256_oid_der[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+
+/* The audit key half of class |cls| by label. Caller holds the lock. */
+static int audit_find_locked(struct hsm *hsm, CK_OBJECT_CLASS cls, CK_OBJECT_HANDLE *out)
+{
+    CK_KEY_TYPE type = CKK_EC;
+    CK_BBOOL yes = CK_TRUE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_LABEL, hsm->audit_label, strlen(hsm->audit_label)},
+    };
+    return find_one(hsm->module, hsm->session, tmpl, sizeof(tmpl) / sizeof(tmpl[0]),
+                    cls == CKO_PRIVATE_KEY ? "EC private key (audit)" : "EC public key (audit)",
+                    hsm->audit_label, out);
+}
+
+/* Both halves into the cache. KR_ENOTFOUND when neither is there; KR_EHSM
+ * when only one is (a signing key is never replaced behind the operator's
+ * back). Caller holds the lock. */
+static int audit_lookup_locked(struct hsm *hsm)
+{
+    CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE, pub = CK_INVALID_HANDLE;
+    int rc_priv = audit_find_locked(hsm, CKO_PRIVATE_KEY, &priv);
+    if (rc_priv != 0 && rc_priv != KR_ENOTFOUND)
+        return rc_priv;
+    int rc_pub = audit_find_locked(hsm, CKO_PUBLIC_KEY, &pub);
+    if (rc_pub != 0 && rc_pub != KR_ENOTFOUND)
+        return rc_pub;
+    if (rc_priv == KR_ENOTFOUND && rc_pub == KR_ENOTFOUND)
+        return KR_ENOTFOUND;
+    if (rc_priv != 0 || rc_pub != 0) {
+        log_error("the token holds only the %s half of the audit key \"%s\": restore or "
+                  "remove it by hand",
+                  rc_priv == 0 ? "private" : "public", hsm->audit_label);
+        return KR_EHSM;
+    }
+    hsm->audit_priv = priv;
+    hsm->audit_pub = pub;
+    return 0;
+}
+
+/* The cached pair, looked up on first use. Caller holds the lock. */
+static int audit_handles_locked(struct hsm *hsm)
+{
+    if (hsm->audit_priv != CK_INVALID_HANDLE && hsm->audit_pub != CK_INVALID_HANDLE)
+        return 0;
+    int rc = audit_lookup_locked(hsm);
+    if (rc == KR_ENOTFOUND)
+        log_error("no audit key labelled \"%s\" on the token", hsm->audit_label);
+    return rc;
+}
+
+int hsm_audit_key_ensure(struct hsm *hsm)
+{
+    if (hsm == NULL)
+        return KR_EINVAL;
+    CK_FUNCTION_LIST *m = hsm->module;
+    const char *label = hsm->audit_label;
+    CK_KEY_TYPE type = CKK_EC;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_ATTRIBUTE pub_tmpl[] = {
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &no, sizeof(no)},
+        {CKA_VERIFY, &yes, sizeof(yes)},
+        {CKA_ENCRYPT, &no, sizeof(no)},
+        {CKA_WRAP, &no, sizeof(no)},
+        {CKA_DERIVE, &no, sizeof(no)},
+        {CKA_EC_PARAMS, (void *)p256_oid_der, sizeof(p256_oid_der)},
+    };
+    /* Signs only; never readable or wrappable, not even under a trusted key. */
+    CK_ATTRIBUTE priv_tmpl[] = {
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+        {CKA_SENSITIVE, &yes, sizeof(yes)},
+        {CKA_EXTRACTABLE, &no, sizeof(no)},
+        {CKA_SIGN, &yes, sizeof(yes)},
+        {CKA_DECRYPT, &no, sizeof(no)},
+        {CKA_UNWRAP, &no, sizeof(no)},
+        {CKA_DERIVE, &no, sizeof(no)},
+    };
+    CK_MECHANISM mech = {CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+
+    pthread_mutex_lock(&hsm->lock);
+    /* Always ask the token, as hsm_find_mwk does. */
+    hsm->audit_priv = hsm->audit_pub = CK_INVALID_HANDLE;
+    int rc = audit_lookup_locked(hsm);
+    if (rc != KR_ENOTFOUND)
+        goto out;
+    CK_RV rv = m->C_GenerateKeyPair(hsm->session, &mech, pub_tmpl,
+                                    sizeof(pub_tmpl) / sizeof(pub_tmpl[0]), priv_tmpl,
+                                    sizeof(priv_tmpl) / sizeof(priv_tmpl[0]), &pub, &priv);
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_GenerateKeyPair", rv, label);
+        goto out;
+    }
+    hsm->audit_priv = priv;
+    hsm->audit_pub = pub;
+    log_info("generated EC P-256 audit signing key \"%s\" in the token", label);
+    rc = 0;
+out:
+    pthread_mutex_unlock(&hsm->lock);
+    return rc;
+}
+
+/* DER SubjectPublicKeyInfo of a P-256 point (uncompressed, 65 bytes), malloc'd. */
+static int ec_spki_encode(const uint8_t *point, size_t point_len, uint8_t **out, size_t *out_len)
+{
+    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM *params = NULL;
+    int rc = KR_ECRYPTO;
+
+    if (bld != NULL &&
+        OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, "prime256v1", 0) &&
+        OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY, point, point_len) &&
+        (params = OSSL_PARAM_BLD_to_param(bld)) != NULL)
+        rc = spki_from_params("EC", params, "audit", out, out_len);
+    else
+        ERR_clear_error();
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    return rc;
+}
+
+int hsm_audit_public_key(struct hsm *hsm, uint8_t **out_spki, size_t *out_len)
+{
+    if (hsm == NULL || out_spki == NULL || out_len == NULL)
+        return KR_EINVAL;
+    uint8_t *params = NULL, *point = NULL;
+    size_t params_len = 0, point_len = 0;
+    int rc;
+
+    pthread_mutex_lock(&hsm->lock);
+    rc = audit_handles_locked(hsm);
+    if (rc != 0)
+        goto out;
+    rc = get_attribute(hsm->module, hsm->session, hsm->audit_pub, CKA_EC_PARAMS,
+                       hsm->audit_label, &params, &params_len);
+    if (rc == KR_EHSM) {
+        /* Perhaps a stale cached handle: look the pair up once more. */
+        hsm->audit_priv = hsm->audit_pub = CK_INVALID_HANDLE;
+        if ((rc = audit_handles_locked(hsm)) == 0)
+            rc = get_attribute(hsm->module, hsm->session, hsm->audit_pub, CKA_EC_PARAMS,
+                               hsm->audit_label, &params, &params_len);
+    }
+    if (rc != 0)
+        goto out;
+    rc = get_attribute(hsm->module, hsm->session, hsm->audit_pub, CKA_EC_POINT, hsm->audit_label,
+                       &point, &point_len);
+out:
+    pthread_mutex_unlock(&hsm->lock);
+    if (rc == 0 && (params_len != sizeof(p256_oid_der) ||
+                    memcmp(params, p256_oid_der, sizeof(p256_oid_der)) != 0)) {
+        log_error("audit key \"%s\" is not on curve P-256", hsm->audit_label);
+        rc = KR_EHSM;
+    }
+    if (rc == 0) {
+        /* PKCS#11 wants CKA_EC_POINT as a DER OCTET STRING; some tokens give
+         * the bare point. Either way it is an uncompressed P-256 point. */
+        const uint8_t *pt = point;
+        size_t pt_len = point_len;
+        if (pt_len == 2 + 1 + 2 * HSM_P256_COORD && pt[0] == 0x04 &&
+            pt[1] == 1 + 2 * HSM_P256_COORD) {
+            pt += 2;
+            pt_len -= 2;
+        }
+        if (pt_len != 1 + 2 * HSM_P256_COORD || pt[0] != 0x04) {
+            log_error("audit key \"%s\": CKA_EC_POINT of %zu bytes is not an uncompressed "
+                      "P-256 point",
+                      hsm->audit_label, point_len);
+            rc = KR_EHSM;
+        } else {
+            rc = ec_spki_encode(pt, pt_len, out_spki, out_len);
+        }
+    }
+    free(params);
+    free(point);
+    return rc;
+}
+
+/* DER ECDSA-Sig-Value of a raw r | s signature, malloc'd. */
+static int ecdsa_raw_to_der(const uint8_t *raw, size_t raw_len, uint8_t **out, size_t *out_len)
+{
+    size_t half = raw_len / 2;
+    ECDSA_SIG *sig = ECDSA_SIG_new();
+    BIGNUM *r = BN_bin2bn(raw, (int)half, NULL);
+    BIGNUM *s = BN_bin2bn(raw + half, (int)half, NULL);
+    uint8_t *der = NULL;
+    int rc = KR_ECRYPTO;
+    if (sig == NULL || r == NULL || s == NULL || !ECDSA_SIG_set0(sig, r, s))
+        goto out;
+    r = s = NULL; /* owned by sig now */
+    int len = i2d_ECDSA_SIG(sig, NULL);
+    if (len <= 0)
+        goto out;
+    der = malloc((size_t)len);
+    if (der == NULL) {
+        rc = KR_ENOMEM;
+        goto out;
+    }
+    unsigned char *p = der;
+    if (i2d_ECDSA_SIG(sig, &p) != len)
+        goto out;
+    *out = der;
+    *out_len = (size_t)len;
+    der = NULL;
+    rc = 0;
+out:
+    if (rc == KR_ECRYPTO) {
+        log_error("cannot encode the audit signature as DER: %s",
+                  ERR_reason_error_string(ERR_peek_last_error()));
+        ERR_clear_error();
+    }
+    free(der);
+    BN_free(r);
+    BN_free(s);
+    ECDSA_SIG_free(sig);
+    return rc;
+}
+
+int hsm_audit_sign(struct hsm *hsm, const uint8_t digest[32], uint8_t **out_der_sig,
+                   size_t *out_len)
+{
+    if (hsm == NULL || digest == NULL || out_der_sig == NULL || out_len == NULL)
+        return KR_EINVAL;
+    CK_FUNCTION_LIST *m = hsm->module;
+    CK_MECHANISM mech = {CKM_ECDSA, NULL, 0};
+    uint8_t raw[2 * HSM_P256_COORD];
+    CK_ULONG raw_len = sizeof(raw);
+    CK_RV rv = CKR_OK;
+    int rc;
+
+    pthread_mutex_lock(&hsm->lock);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        rc = audit_handles_locked(hsm);
+        if (rc != 0)
+            goto out;
+        rv = m->C_SignInit(hsm->session, &mech, hsm->audit_priv);
+        if (rv != CKR_KEY_HANDLE_INVALID && rv != CKR_OBJECT_HANDLE_INVALID)
+            break;
+        hsm->audit_priv = hsm->audit_pub = CK_INVALID_HANDLE; /* stale: look again */
+    }
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_SignInit", rv, hsm->audit_label);
+        goto out;
+    }
+    /* The buffer fits a P-256 signature, so the operation ends here. */
+    rv = m->C_Sign(hsm->session, (CK_BYTE *)digest, 32, raw, &raw_len);
+    if (rv != CKR_OK) {
+        rc = ck_fail("C_Sign", rv, hsm->audit_label);
+        goto out;
+    }
+    if (raw_len != sizeof(raw)) {
+        log_error("C_Sign (%s): %lu signature bytes, a P-256 signature has %zu",
+                  hsm->audit_label, (unsigned long)raw_len, sizeof(raw));
+        rc = KR_EHSM;
+        goto out;
+    }
+    rc = 0;
+out:
+    pthread_mutex_unlock(&hsm->lock);
+    if (rc == 0)
+        rc = ecdsa_raw_to_der(raw, sizeof(raw), out_der_sig, out_len);
     return rc;
 }

@@ -102,6 +102,27 @@ int hsm_admit_wrap_mwk(struct hsm *hsm, const char *module_path, const char *tok
 int hsm_unwrap_mwk(struct hsm *hsm, const char *transport_label, const uint8_t *blob,
                    size_t len);
 
+/* --- The audit signing key -----------------------------------------------------
+ * An EC P-256 key pair in the token labelled mwk_label + "-audit": the
+ * private half (CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, never extractable,
+ * CKA_SIGN only) signs audit checkpoints; the public half is a token object
+ * too. Each node has its own: it is not copied with the MWK. */
+
+/* Finds the pair, or generates it when neither half is there. Idempotent.
+ * KR_EHSM when only one half is on the token (never replaced automatically). */
+int hsm_audit_key_ensure(struct hsm *hsm);
+
+/* The audit public key as DER SubjectPublicKeyInfo (malloc'd, not secret),
+ * built from the token's CKA_EC_PARAMS and CKA_EC_POINT. KR_ENOTFOUND
+ * without the key (hsm_audit_key_ensure first). */
+int hsm_audit_public_key(struct hsm *hsm, uint8_t **out_spki, size_t *out_len);
+
+/* ECDSA (CKM_ECDSA) over a SHA-256 |digest| with the audit key inside the
+ * token; *out_der_sig is a DER ECDSA-Sig-Value (malloc'd), as OpenSSL's
+ * EVP_DigestVerify / EVP_PKEY_verify expect it. */
+int hsm_audit_sign(struct hsm *hsm, const uint8_t digest[32], uint8_t **out_der_sig,
+                   size_t *out_len);
+
 #define HSM_GCM_IV_LEN 12
 #define HSM_GCM_TAG_LEN 16
 

@@ -53,6 +53,110 @@ static int write_text_file(const char *path, const char *text)
     return rv;
 }
 
+/* The first principals, one per duty (an admin holds no other role). */
+static const struct bootstrap_principal {
+    const char *name;
+    const char *roles;  /* as the certificate's OU shows them */
+    const char *role1, *role2; /* role2 NULL: one role */
+    const char *group;  /* NULL: none */
+    const char *domain; /* NULL: none */
+} BOOTSTRAP[] = {
+    {"admin", "admin", "admin", NULL, NULL, NULL},
+    {"app", "officer,user", "officer", "user", "apps", "default"},
+    {"auditor", "auditor", "auditor", NULL, NULL, NULL},
+};
+
+/* Issues DIR/tls/<name>.pem for each bootstrap principal, a client config for
+ * each (client.conf is app's), and DIR/bootstrap-principals: the registry
+ * entries the first start commits through raft. */
+static int make_principals(const char *dir, const char *ca, const char *ca_key,
+                           const char *listen)
+{
+    enum { N = sizeof(BOOTSTRAP) / sizeof(BOOTSTRAP[0]) };
+    Keyraft__PrincipalInfo infos[N];
+    Keyraft__PrincipalInfo *ptrs[N];
+    Keyraft__PrincipalCert certs[N];
+    Keyraft__PrincipalCert *cert_ptrs[N];
+    char serials[N][80];
+    char *roles[N][2];
+    char *groups[N][1];
+    char *domains[N][1];
+    char cert[PATH_MAX + 64], key[PATH_MAX + 64], conf[PATH_MAX + 64], text[2 * PATH_MAX];
+    int rv = 0;
+    for (size_t i = 0; i < N && rv == 0; i++) {
+        const struct bootstrap_principal *b = &BOOTSTRAP[i];
+        snprintf(cert, sizeof(cert), "%s/tls/%s.pem", dir, b->name);
+        snprintf(key, sizeof(key), "%s/tls/%s.key", dir, b->name);
+        if ((rv = pki_issue_client(ca, ca_key, b->name, b->roles, CERT_DAYS, cert, key)) != 0)
+            break;
+        char *pem = NULL;
+        FILE *f = fopen(cert, "r");
+        if (f != NULL) {
+            pem = calloc(1, 65536);
+            if (pem != NULL && fread(pem, 1, 65535, f) == 0) {
+                free(pem);
+                pem = NULL;
+            }
+            fclose(f);
+        }
+        uint64_t not_after = 0;
+        rv = pem ? pki_check_client_cert(ca, pem, b->name, serials[i], sizeof(serials[i]),
+                                          &not_after)
+                 : KR_EIO;
+        free(pem);
+        if (rv != 0)
+            break;
+        keyraft__principal_cert__init(&certs[i]);
+        certs[i].serial = serials[i];
+        certs[i].not_after = not_after;
+        cert_ptrs[i] = &certs[i];
+        keyraft__principal_info__init(&infos[i]);
+        infos[i].name = (char *)b->name;
+        roles[i][0] = (char *)b->role1;
+        roles[i][1] = (char *)b->role2;
+        infos[i].roles = roles[i];
+        infos[i].n_roles = b->role2 != NULL ? 2 : 1;
+        groups[i][0] = (char *)b->group;
+        infos[i].groups = groups[i];
+        infos[i].n_groups = b->group != NULL;
+        domains[i][0] = (char *)b->domain;
+        infos[i].domains = domains[i];
+        infos[i].n_domains = b->domain != NULL;
+        infos[i].certs = &cert_ptrs[i];
+        infos[i].n_certs = 1;
+        infos[i].created_by = (char *)"keyraftd init";
+        ptrs[i] = &infos[i];
+        snprintf(conf, sizeof(conf), "%s/%s.conf", dir,
+                 strcmp(b->name, "app") == 0 ? "client" : b->name);
+        snprintf(text, sizeof(text),
+                 "# keyraft CLI / libkeyraft client configuration (principal %s: %s)\n"
+                 "[client]\nendpoints = %s\nca = tls/ca.pem\ncert = tls/%s.pem\n"
+                 "key = tls/%s.key\ntimeout_ms = 30000\n",
+                 b->name, b->roles, listen, b->name, b->name);
+        rv = write_text_file(conf, text);
+    }
+    if (rv != 0)
+        return rv;
+    Keyraft__PrincipalListResponse list = KEYRAFT__PRINCIPAL_LIST_RESPONSE__INIT;
+    list.principals = ptrs;
+    list.n_principals = N;
+    size_t len = keyraft__principal_list_response__get_packed_size(&list);
+    uint8_t buf[8192];
+    if (len > sizeof(buf))
+        return KR_EINTERNAL;
+    keyraft__principal_list_response__pack(&list, buf);
+    snprintf(conf, sizeof(conf), "%s/bootstrap-principals", dir);
+    FILE *f = fopen(conf, "wb");
+    if (f == NULL) {
+        log_error("cannot create %s: %s", conf, strerror(errno));
+        return KR_EIO;
+    }
+    rv = fwrite(buf, 1, len, f) == len ? 0 : KR_EIO;
+    if (fclose(f) != 0)
+        rv = KR_EIO;
+    return rv;
+}
+
 static int dir_is_empty(const char *path)
 {
     DIR *d = opendir(path);
@@ -96,8 +200,8 @@ static int prepare_join(const struct node_init_options *o, struct config *c, con
                         struct hsm *hsm)
 {
     char p[PATH_MAX + 64];
-    uint8_t *spki = NULL;
-    size_t spki_len = 0;
+    uint8_t *spki = NULL, *audit_spki = NULL;
+    size_t spki_len = 0, audit_spki_len = 0;
     char *csr = NULL;
     uint8_t *packed = NULL;
     int rv = 0;
@@ -111,6 +215,14 @@ static int prepare_join(const struct node_init_options *o, struct config *c, con
     rv = hsm_make_transport_key(hsm, NODE_TRANSPORT_KEY_LABEL, &spki, &spki_len);
     if (rv != 0) {
         log_error("the token cannot make its transport key: %s", kr_strerror(rv));
+        goto out;
+    }
+    /* The admitting cluster trusts this node's audit checkpoints by this key. */
+    rv = hsm_audit_key_ensure(hsm);
+    if (rv == 0)
+        rv = hsm_audit_public_key(hsm, &audit_spki, &audit_spki_len);
+    if (rv != 0) {
+        log_error("the token cannot make its audit signing key: %s", kr_strerror(rv));
         goto out;
     }
     PATHF(p, "%s/tls", dir);
@@ -133,6 +245,8 @@ static int prepare_join(const struct node_init_options *o, struct config *c, con
     jr.transport_spki.len = spki_len;
     jr.csr_pem = csr;
     jr.join = c->join;
+    jr.audit_public_key.data = audit_spki;
+    jr.audit_public_key.len = audit_spki_len;
     size_t len = keyraft__join_request__get_packed_size(&jr);
     packed = malloc(len);
     if (packed == NULL) {
@@ -160,6 +274,7 @@ static int prepare_join(const struct node_init_options *o, struct config *c, con
              (unsigned long long)c->node_id, c->join, dir, NODE_JOIN_REQUEST);
 out:
     free(spki);
+    free(audit_spki);
     free(csr);
     free(packed);
     return rv;
@@ -293,10 +408,7 @@ int node_init(const struct node_init_options *o)
     PATHF(c.tls_ca, "%s", p);
     PATHF(c.tls_cert, "%s", p3);
     PATHF(c.tls_key, "%s", keypath);
-    PATHF(p3, "%s/tls/admin.pem", dir);
-    PATHF(keypath, "%s/tls/admin.key", dir);
-    if ((rv = pki_issue_client(p, p2, "admin", "admin,officer,user,auditor", CERT_DAYS, p3,
-                               keypath)) != 0)
+    if ((rv = make_principals(dir, p, p2, c.listen)) != 0)
         goto out;
 
     /* Configs. The node config gets its final name only once the first start
@@ -304,16 +416,6 @@ int node_init(const struct node_init_options *o)
     PATHF(p, "%s/keyraftd.conf.init", dir);
     if ((rv = config_write(&c, p)) != 0)
         goto out;
-    PATHF(p, "%s/client.conf", dir);
-    char text[4 * PATH_MAX];
-    PATHF(text,
-             "# keyraft CLI / libkeyraft client configuration (admin identity)\n"
-             "[client]\nendpoints = %s\nca = tls/ca.pem\ncert = tls/admin.pem\n"
-             "key = tls/admin.key\ntimeout_ms = 30000\n",
-             c.listen);
-    if ((rv = write_text_file(p, text)) != 0)
-        goto out;
-
     /* Raft: this node as the sole voter, then the first domain key through it. */
     char raft_dir[PATH_MAX + 16];
     PATHF(raft_dir, "%s/raft", dir);

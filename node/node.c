@@ -16,6 +16,7 @@
 #include <string.h>
 #include <uv.h>
 
+#include "audit.h"
 #include "cluster.h"
 #include "config.h"
 #include "hsm.h"
@@ -34,11 +35,15 @@
 #define SECURE_HEAP_SIZE (4u * 1024u * 1024u)
 #define TICK_MS 100
 #define HANDOFF_MAX_MS 3000 /* a stopping leader waits this long for a successor */
+#define AUDIT_STOP_MS 2000  /* the last audit batches get this long to be committed */
 
 struct node {
     uv_loop_t loop;
     struct config config;
     struct hsm *hsm;
+    uint8_t *audit_spki; /* this node's HSM audit key (DER SPKI) */
+    size_t audit_spki_len;
+    struct audit_log *audit;
     struct keyring *keyring;
     struct store *store;
     struct snapshot_registry *snapshots;
@@ -171,6 +176,43 @@ static int open_hsm(struct node *n)
         return rv;
     }
     return 0;
+}
+
+/* "own,member,member...": this node's client endpoint, then the other
+ * registered members' (malloc'd). */
+static char *audit_endpoint_list(struct node *n)
+{
+    struct fsm_nodes reg = {0};
+    size_t cap = strlen(n->config.listen) + 1;
+    if (fsm_list_nodes(n->store, &reg) != 0)
+        reg.n = 0; /* the own endpoint alone still works while this node serves */
+    for (size_t i = 0; i < reg.n; i++)
+        cap += strlen(reg.nodes[i]->client_address) + 1;
+    char *list = malloc(cap);
+    if (list != NULL) {
+        snprintf(list, cap, "%s", n->config.listen);
+        for (size_t i = 0; i < reg.n; i++)
+            if (reg.nodes[i]->id != n->config.node_id &&
+                reg.nodes[i]->client_address[0] != '\0') {
+                strcat(list, ",");
+                strcat(list, reg.nodes[i]->client_address);
+            }
+    }
+    fsm_nodes_free(&reg);
+    return list;
+}
+
+/* This node's audit signing key, made in the token on first start; its SPKI
+ * is what other nodes and auditors trust this node's checkpoints by. */
+static int open_audit_key(struct node *n)
+{
+    int rv = hsm_audit_key_ensure(n->hsm);
+    if (rv == 0)
+        rv = hsm_audit_public_key(n->hsm, &n->audit_spki, &n->audit_spki_len);
+    if (rv != 0)
+        log_error("the HSM token '%s' has no usable audit signing key: %s",
+                  n->config.hsm_token_label, kr_strerror(rv));
+    return rv;
 }
 
 static int write_file(const char *path, const void *data, size_t len, mode_t mode)
@@ -412,7 +454,9 @@ int node_run(const char *config_path, int until_ready)
         log_warn("could not disable core dumps");
     signal(SIGPIPE, SIG_IGN);
     if ((rv = open_hsm(n)) != 0)
-        goto out_free;
+        goto out_hsm;
+    if ((rv = open_audit_key(n)) != 0)
+        goto out_hsm;
     if ((rv = keyring_new(n->hsm, &n->keyring)) != 0)
         goto out_hsm;
     char path[CONFIG_PATH_MAX + 16];
@@ -432,6 +476,33 @@ int node_run(const char *config_path, int until_ready)
     if ((rv = tls_client_ctx_new(n->config.tls_ca, n->config.tls_cert, n->config.tls_key,
                                  &n->peer_client_tls)) != 0) {
         log_error("peer TLS setup failed: %s", kr_strerror(rv));
+        goto out_tls;
+    }
+    /* The recorder ships to this node's own endpoint first (a follower is
+     * pointed at the leader), then to the members it knows, so the last
+     * batches still find the leader once this node's server has stopped.
+     * It must run before the first request. */
+    char *audit_endpoints = audit_endpoint_list(n);
+    if (audit_endpoints == NULL) {
+        rv = KR_ENOMEM;
+        goto out_tls;
+    }
+    struct audit_config ac = {
+        .node_id = n->config.node_id,
+        .enabled = n->config.audit_enabled,
+        .flush_ms = n->config.audit_flush_ms,
+        .max_pending = n->config.audit_max_pending,
+        .max_lag_ms = n->config.audit_max_lag_ms,
+        .fail_open_reads = n->config.audit_fail_open_reads,
+        .endpoint = audit_endpoints,
+        .ca_file = n->config.tls_ca,
+        .cert_file = n->config.tls_cert,
+        .key_file = n->config.tls_key,
+    };
+    rv = audit_log_start(&ac, &n->audit);
+    free(audit_endpoints);
+    if (rv != 0) {
+        log_error("cannot start the audit recorder: %s", kr_strerror(rv));
         goto out_tls;
     }
     if (uv_loop_init(&n->loop) != 0) {
@@ -460,6 +531,9 @@ int node_run(const char *config_path, int until_ready)
         .hsm = n->hsm,
         .config = &n->config,
         .snapshots = n->snapshots,
+        .audit = n->audit,
+        .audit_spki = n->audit_spki,
+        .audit_spki_len = n->audit_spki_len,
     };
     if (rv == 0)
         rv = service_new(&deps, &n->service);
@@ -503,6 +577,10 @@ int node_run(const char *config_path, int until_ready)
         log_warn("event loop closed with handles still open");
     log_info("stopped");
 out_tls:
+    /* The server stopped accepting: nothing appends any more. What is
+     * still queued gets a bounded chance to reach the leader. */
+    audit_log_stop(n->audit, AUDIT_STOP_MS);
+    n->audit = NULL;
     tls_ctx_free(n->peer_client_tls);
     tls_ctx_free(n->tls);
 out_store:
@@ -511,6 +589,7 @@ out_store:
 out_keyring:
     keyring_free(n->keyring);
 out_hsm:
+    free(n->audit_spki);
     hsm_close(n->hsm);
 out_free:
     free(n);

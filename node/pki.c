@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/bio.h>
@@ -739,7 +740,11 @@ out:
     return rv;
 }
 
-int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const char *node_name)
+/* Verifies |cert_pem| against the CA for |purpose|; *out_cert on success.
+ * KR_EAUTH when it does not verify, KR_EINVAL when malformed. |what| names
+ * the certificate in logs. */
+static int verify_leaf(const char *ca_cert_path, const char *cert_pem, int purpose,
+                       const char *what, X509 **out_cert)
 {
     char *ca_buf = NULL;
     BIO *ca_bio = NULL, *in = NULL;
@@ -751,14 +756,14 @@ int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const ch
     if (rv != 0)
         return rv;
     rv = KR_EINVAL;
-    if (cert_pem == NULL || node_name == NULL || strlen(cert_pem) > PKI_FILE_MAX)
+    if (cert_pem == NULL || strlen(cert_pem) > PKI_FILE_MAX)
         goto out;
     ca = PEM_read_bio_X509(ca_bio, NULL, NULL, NULL);
     in = BIO_new_mem_buf(cert_pem, (int)strlen(cert_pem));
     cert = in ? PEM_read_bio_X509(in, NULL, NULL, NULL) : NULL;
     if (ca == NULL || cert == NULL) {
         ERR_clear_error();
-        log_error("%s", ca == NULL ? "cannot read the cluster CA" : "no PEM node certificate given");
+        log_error("%s", ca == NULL ? "cannot read the cluster CA" : "no PEM certificate given");
         goto out;
     }
     store = X509_STORE_new();
@@ -768,16 +773,16 @@ int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const ch
         rv = crypto_fail("setting up certificate verification");
         goto out;
     }
-    X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_SERVER);
+    X509_STORE_CTX_set_purpose(ctx, purpose);
     if (X509_verify_cert(ctx) != 1) {
-        log_error("the node certificate does not verify against the cluster CA: %s",
+        log_error("the %s does not verify against the cluster CA: %s", what,
                   X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)));
         ERR_clear_error();
         rv = KR_EAUTH;
         goto out;
     }
-    if (names_node(X509_get_subject_name(cert), node_name, "node certificate") != 0)
-        goto out;
+    *out_cert = cert;
+    cert = NULL;
     rv = 0;
 out:
     X509_STORE_CTX_free(ctx);
@@ -786,5 +791,64 @@ out:
     X509_free(ca);
     BIO_free(in);
     free_file_bio(ca_buf, ca_bio);
+    return rv;
+}
+
+int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const char *node_name)
+{
+    X509 *cert = NULL;
+    if (node_name == NULL)
+        return KR_EINVAL;
+    int rv = verify_leaf(ca_cert_path, cert_pem, X509_PURPOSE_SSL_SERVER, "node certificate",
+                         &cert);
+    if (rv == 0)
+        rv = names_node(X509_get_subject_name(cert), node_name, "node certificate");
+    X509_free(cert);
+    return rv;
+}
+
+int pki_serial_hex(const void *x509, char *out, size_t cap)
+{
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber((const X509 *)x509), NULL);
+    char *hex = bn ? BN_bn2hex(bn) : NULL;
+    BN_free(bn);
+    if (hex == NULL || strlen(hex) + 1 > cap) {
+        OPENSSL_free(hex);
+        ERR_clear_error();
+        return KR_EINVAL;
+    }
+    size_t n = strlen(hex);
+    for (size_t i = 0; i <= n; i++)
+        out[i] = (char)((hex[i] >= 'A' && hex[i] <= 'F') ? hex[i] - 'A' + 'a' : hex[i]);
+    OPENSSL_free(hex);
+    return 0;
+}
+
+int pki_check_client_cert(const char *ca_cert_path, const char *cert_pem, const char *principal,
+                          char *serial, size_t serial_cap, uint64_t *not_after_ms)
+{
+    X509 *cert = NULL;
+    if (principal == NULL)
+        return KR_EINVAL;
+    int rv = verify_leaf(ca_cert_path, cert_pem, X509_PURPOSE_SSL_CLIENT, "client certificate",
+                         &cert);
+    if (rv == 0 && X509_check_purpose(cert, X509_PURPOSE_SSL_SERVER, 0) == 1) {
+        log_error("a node certificate cannot name a principal");
+        rv = KR_EINVAL;
+    }
+    if (rv == 0)
+        rv = names_node(X509_get_subject_name(cert), principal, "client certificate");
+    if (rv == 0)
+        rv = pki_serial_hex(cert, serial, serial_cap);
+    if (rv == 0) {
+        struct tm tm;
+        if (ASN1_TIME_to_tm(X509_get0_notAfter(cert), &tm) != 1) {
+            ERR_clear_error();
+            rv = KR_EINVAL;
+        } else {
+            *not_after_ms = (uint64_t)timegm(&tm) * 1000u;
+        }
+    }
+    X509_free(cert);
     return rv;
 }

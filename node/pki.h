@@ -3,6 +3,9 @@
 #ifndef KR_PKI_H
 #define KR_PKI_H
 
+#include <stddef.h>
+#include <stdint.h>
+
 /* Makes a self-signed CA: |key_path| (mode 0600) and |cert_path|. */
 int pki_make_ca(const char *common_name, int days, const char *cert_path, const char *key_path);
 
@@ -31,5 +34,14 @@ int pki_sign_node_csr(const char *ca_cert_path, const char *ca_key_path, const c
 /* 0 when |cert_pem| chains to the CA, may serve TLS, and names |node_name|;
  * KR_EAUTH when it does not verify, KR_EINVAL when malformed or misnamed. */
 int pki_check_node_cert(const char *ca_cert_path, const char *cert_pem, const char *node_name);
+
+/* 0 when |cert_pem| chains to the CA as a client certificate (not a node's)
+ * naming |principal|; its serial (lowercase hex) and expiry are returned.
+ * KR_EAUTH when it does not verify, KR_EINVAL when malformed or misnamed. */
+int pki_check_client_cert(const char *ca_cert_path, const char *cert_pem, const char *principal,
+                          char *serial, size_t serial_cap, uint64_t *not_after_ms);
+
+/* The serial number of an X509 * as lowercase hex without leading zeros. */
+int pki_serial_hex(const void *x509, char *out, size_t cap);
 
 #endif

@@ -240,6 +240,7 @@ static void dispatch_frames(struct conn *c)
         struct service_caller caller = {
             .principal = tls_conn_peer_name(c->tls),
             .roles = tls_conn_peer_roles(c->tls),
+            .serial = tls_conn_peer_serial(c->tls),
             .address = c->address,
             .is_node = tls_conn_peer_is_node(c->tls),
         };

@@ -1,6 +1,6 @@
 /* service.c: the key operations. Runs on the node's loop thread; slow work
  * (key generation) goes to the worker pool. */
-#include "service.h"
+#include "service_internal.h"
 
 #define KR_LOG_MODULE "service"
 #include <openssl/crypto.h>
@@ -10,10 +10,12 @@
 #include <string.h>
 #include <sys/time.h>
 
+#include "audit.h"
 #include "crypto.h"
 #include "fsm.h"
 #include "hsm.h"
 #include "pki.h"
+#include "policy.h"
 #include "keyraft.h"
 #include "log.h"
 #include "node.h"
@@ -37,50 +39,7 @@ enum blob_kind { BLOB_CIPHERTEXT = 'c', BLOB_SIGNATURE = 's', BLOB_MAC = 'm', BL
 
 #define MIN_INDEX_WAIT_MS 5000 /* a read waits this long for its min_index */
 
-struct service {
-    struct service_deps deps;
-    struct call *waiting;      /* reads parked until applied >= their min_index */
-    uv_timer_t wake;           /* runs the waiting list outside raft's apply */
-    int wake_open;
-    unsigned pending;
-    int domain_in_progress;
-    int registry_in_progress;
-    int ready;
-    uint64_t started_ms;
-};
-
-/* --- per-call arena: every byte of a response; wiped when the call ends ---- */
-
-struct arena_block {
-    struct arena_block *next;
-    size_t len;
-    max_align_t data[];
-};
-
-struct call {
-    struct service *svc;
-    struct call *wait_next;
-    uint64_t wait_deadline_ms;
-    Keyraft__Request *req;
-    service_reply_cb cb;
-    void *ctx;
-    char principal[256];
-    char roles[256];
-    char address[64];
-    Keyraft__JoinBundle *bundle; /* cluster add: the reply, once the registry has the node */
-    int is_node;
-    struct arena_block *arena;
-    Keyraft__Response resp;
-    /* work in progress for writes */
-    uv_work_t work;
-    Keyraft__Algorithm alg;
-    secbuf material;
-    int work_status;
-    char key_id[FSM_KEY_ID_LEN + 1];
-    Keyraft__KeyRecord *rec; /* loaded record (rotate) */
-};
-
-static void *arena_alloc(struct call *call, size_t len)
+void *arena_alloc(struct call *call, size_t len)
 {
     struct arena_block *b = calloc(1, sizeof(*b) + len + 1);
     if (b == NULL)
@@ -91,7 +50,7 @@ static void *arena_alloc(struct call *call, size_t len)
     return b->data;
 }
 
-static char *arena_strdup(struct call *call, const char *s)
+char *arena_strdup(struct call *call, const char *s)
 {
     size_t n = strlen(s);
     char *p = arena_alloc(call, n + 1);
@@ -110,7 +69,7 @@ static void arena_free(struct call *call)
     }
 }
 
-static uint64_t now_ms(void)
+uint64_t now_ms(void)
 {
     struct timeval tv;
     gettimeofday(&tv, NULL);
@@ -119,10 +78,12 @@ static uint64_t now_ms(void)
 
 /* --- replies ------------------------------------------------------------------ */
 
-static void call_finish(struct call *call)
+void call_finish(struct call *call)
 {
     call->resp.id = call->req->id;
+    gov_audit_call(call);
     call->cb(call->ctx, &call->resp);
+    gov_release(call);
     arena_free(call);
     secbuf_free(&call->material);
     if (call->rec)
@@ -131,12 +92,9 @@ static void call_finish(struct call *call)
     free(call);
 }
 
-static void reply_error(struct call *call, int status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
 static void leader_hint(struct call *call);
 
-static void reply_error(struct call *call, int status, const char *fmt, ...)
+void reply_error(struct call *call, int status, const char *fmt, ...)
 {
     char msg[512];
     if (status == KR_ENOTLEADER)
@@ -155,15 +113,82 @@ static void reply_error(struct call *call, int status, const char *fmt, ...)
 
 /* --- keys: lookup and presentation ---------------------------------------------- */
 
-static const char *caller_domain(const struct call *call)
+static void *arena_pb_alloc(void *data, size_t size) { return arena_alloc(data, size); }
+static void arena_pb_free(void *data, void *ptr)
 {
-    (void)call;
-    return FSM_DEFAULT_DOMAIN;
+    (void)data;
+    (void)ptr; /* the arena frees everything at the end of the call */
+}
+
+void *arena_copy_message(struct call *call, const ProtobufCMessage *m)
+{
+    size_t len = protobuf_c_message_get_packed_size(m);
+    uint8_t *buf = arena_alloc(call, len ? len : 1);
+    if (buf == NULL)
+        return NULL;
+    protobuf_c_message_pack(m, buf);
+    ProtobufCAllocator a = {arena_pb_alloc, arena_pb_free, call};
+    return protobuf_c_message_unpack(m->descriptor, &a, len, buf);
+}
+
+int caller_in_domain(const struct call *call, const char *domain)
+{
+    if (call->who == NULL)
+        return 0;
+    for (size_t i = 0; i < call->who->info->n_domains; i++)
+        if (strcmp(call->who->info->domains[i], domain) == 0)
+            return 1;
+    return 0;
+}
+
+const char *caller_domain_or(const struct call *call, const char *requested)
+{
+    if (requested != NULL && requested[0] != '\0')
+        return requested;
+    if (call->who != NULL && call->who->info->n_domains > 0)
+        return call->who->info->domains[0];
+    return "";
+}
+
+/* Whether the caller may run its operation on |rec|: officers manage keys of
+ * their domains; users need a grant of their groups; admins only set
+ * policies. Answers the call when not. */
+static int key_access(struct call *call, const Keyraft__KeyRecord *rec)
+{
+    snprintf(call->audit_key, sizeof(call->audit_key), "%s", rec->id);
+    snprintf(call->audit_domain, sizeof(call->audit_domain), "%s", rec->domain);
+    Keyraft__Request__OpCase op = call->req->op_case;
+    if (op == KEYRAFT__REQUEST__OP_SET_POLICY && (call->role_bits & POLICY_ADMIN))
+        return 0;
+    if (!caller_in_domain(call, rec->domain)) {
+        /* The same answer as for a key that does not exist: no oracle. */
+        reply_error(call, KR_ENOTFOUND, "no key with id %s", rec->id);
+        return -1;
+    }
+    Keyraft__DomainRecord *dom = NULL;
+    if (fsm_get_domain(call->svc->deps.store, rec->domain, &dom) == 0) {
+        int shredded = dom->destroyed;
+        keyraft__domain_record__free_unpacked(dom, NULL);
+        if (shredded) {
+            reply_error(call, KR_ESTATE, "key %s belonged to domain %s, which was destroyed: "
+                        "its material is gone", rec->id, rec->domain);
+            return -1;
+        }
+    }
+    const char *grant = policy_grant_name(op);
+    if (grant == NULL || ((call->role_bits & POLICY_OFFICER) && !policy_is_key_use(op)))
+        return 0;
+    const Keyraft__PrincipalInfo *p = call->who->info;
+    if (policy_key_allows(rec->policy, p->groups, p->n_groups, grant))
+        return 0;
+    reply_error(call, KR_EPERM, "%s may not %s key %s: its policy grants that to none of the "
+                "caller's groups", call->principal, grant, rec->id);
+    return -1;
 }
 
 /* Loads the key a KeyRef names, in the caller's domain. On failure the call
  * has been answered and NULL is returned. */
-static Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
+Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
 {
     struct store *store = call->svc->deps.store;
     char id[FSM_KEY_ID_LEN + 1];
@@ -180,7 +205,7 @@ static Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *re
         }
         snprintf(id, sizeof(id), "%s", ref->id);
     } else {
-        rv = fsm_find_name(store, caller_domain(call), ref->name, id);
+        rv = fsm_find_name(store, caller_domain_or(call, ref->domain), ref->name, id);
         if (rv == KR_ENOTFOUND) {
             reply_error(call, rv, "no key named '%.256s'", ref->name);
             return NULL;
@@ -192,14 +217,16 @@ static Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *re
     }
     Keyraft__KeyRecord *rec = NULL;
     rv = fsm_get_key(store, id, &rec);
-    if (rv == KR_ENOTFOUND || (rv == 0 && strcmp(rec->domain, caller_domain(call)) != 0)) {
-        if (rec)
-            keyraft__key_record__free_unpacked(rec, NULL);
+    if (rv == KR_ENOTFOUND) {
         reply_error(call, KR_ENOTFOUND, "no key with id %s", id);
         return NULL;
     }
     if (rv != 0) {
         reply_error(call, rv, "reading key %s: %s", id, kr_strerror(rv));
+        return NULL;
+    }
+    if (key_access(call, rec) != 0) {
+        keyraft__key_record__free_unpacked(rec, NULL);
         return NULL;
     }
     return rec;
@@ -228,6 +255,8 @@ static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__K
     a->revoke_reason = rec->revoke_reason;
     a->exportable = rec->exportable;
     a->commit_index = rec->updated_index;
+    if (rec->policy != NULL && (a->policy = arena_copy_message(call, &rec->policy->base)) == NULL)
+        return NULL;
     a->n_versions = rec->n_versions;
     a->versions = arena_alloc(call, rec->n_versions * sizeof(*a->versions));
     if (a->versions == NULL)
@@ -241,6 +270,8 @@ static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__K
         vi->version = v->version;
         vi->created_at = v->created_at;
         vi->destroyed = v->destroyed;
+        if (audit_usage_get(call->svc->deps.store, rec->id, v->version, &vi->encryptions) != 0)
+            vi->encryptions = 0;
         vi->kcv = arena_strdup(call, v->kcv);
         if (vi->kcv == NULL)
             return NULL;
@@ -293,14 +324,19 @@ static const Keyraft__KeyVersionRecord *find_version(const Keyraft__KeyRecord *r
 }
 
 /* The domain key must be loaded before sealing or unsealing. */
-static int ensure_domain(struct service *svc, const char *domain)
+int ensure_domain(struct service *svc, const char *domain)
 {
+    gov_forget_destroyed_domains(svc);
     if (keyring_has_domain(svc->deps.keyring, domain))
         return 0;
     Keyraft__DomainRecord *dom = NULL;
     int rv = fsm_get_domain(svc->deps.store, domain, &dom);
     if (rv != 0)
         return rv;
+    if (dom->destroyed) {
+        keyraft__domain_record__free_unpacked(dom, NULL);
+        return KR_ESTATE;
+    }
     rv = keyring_load_domain(svc->deps.keyring, domain, dom->wrapped_key.data,
                              dom->wrapped_key.len);
     keyraft__domain_record__free_unpacked(dom, NULL);
@@ -442,7 +478,7 @@ static int validate_new_key(struct call *call, const char *name, Keyraft__Algori
         }
     }
     char id[FSM_KEY_ID_LEN + 1];
-    int rv = fsm_find_name(call->svc->deps.store, caller_domain(call), name, id);
+    int rv = fsm_find_name(call->svc->deps.store, call->domain, name, id);
     if (rv == 0) {
         reply_error(call, KR_EEXIST, "a key named '%s' already exists (%s)", name, id);
         return -1;
@@ -465,7 +501,7 @@ static void leader_hint(struct call *call)
     keyraft__node_record__free_unpacked(node, NULL);
 }
 
-static int require_leader(struct call *call)
+int require_leader(struct call *call)
 {
     if (cluster_is_leader(call->svc->deps.cluster))
         return 0;
@@ -477,7 +513,7 @@ static int require_leader(struct call *call)
     return -1;
 }
 
-static void write_done(void *arg, const struct fsm_op_result *res)
+void write_done(void *arg, const struct fsm_op_result *res)
 {
     struct call *call = arg;
     call->svc->pending--;
@@ -511,7 +547,7 @@ static void scoped_request_id(const struct call *call, char *out, size_t cap)
 /* A retried write whose first attempt applied gets that attempt's outcome,
  * before any check that the first attempt itself would now fail (the name is
  * taken, the state moved). Returns 1 when it answered. */
-static int reply_if_retry(struct call *call)
+int reply_if_retry_then(struct call *call, cluster_done_cb done)
 {
     char request_id[REQUEST_ID_MAX + 260];
     scoped_request_id(call, request_id, sizeof(request_id));
@@ -520,17 +556,20 @@ static int reply_if_retry(struct call *call)
     struct fsm_op_result res;
     if (fsm_find_dedup(call->svc->deps.store, request_id, &res) != 0)
         return 0;
-    call->svc->pending++; /* write_done takes it back */
-    write_done(call, &res);
+    call->svc->pending++; /* |done| takes it back */
+    done(call, &res);
     return 1;
 }
 
+int reply_if_retry(struct call *call) { return reply_if_retry_then(call, write_done); }
+
 /* Proposes |cmd| under the call's scoped request id; |done| answers it. */
-static void propose_then(struct call *call, Keyraft__Command *cmd, cluster_done_cb done)
+void propose_then(struct call *call, Keyraft__Command *cmd, cluster_done_cb done)
 {
     char request_id[REQUEST_ID_MAX + 260];
     scoped_request_id(call, request_id, sizeof(request_id));
     cmd->request_id = request_id;
+    cmd->approval_id = call->approval_id;
     int rv = cluster_propose(call->svc->deps.cluster, cmd, done, call);
     if (rv != 0) {
         reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
@@ -576,7 +615,8 @@ static void generate_work(uv_work_t *work)
 }
 
 static void put_key_with_material(struct call *call, const char *name, Keyraft__Tag **tags,
-                                  size_t n_tags, int pre_active, int non_exportable)
+                                  size_t n_tags, int pre_active, int non_exportable,
+                                  const Keyraft__KeyPolicy *req_policy)
 {
     uint8_t rnd[14];
     int rv = crypto_random(rnd, sizeof(rnd));
@@ -589,7 +629,7 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     uint8_t *pub = NULL, *sealed = NULL;
     size_t pub_len = 0, sealed_len = 0;
     Keyraft__KeyVersionRecord v = KEYRAFT__KEY_VERSION_RECORD__INIT;
-    rv = seal_version(call, caller_domain(call), 1, &v, kcv, &pub, &pub_len, &sealed, &sealed_len);
+    rv = seal_version(call, call->domain, 1, &v, kcv, &pub, &pub_len, &sealed, &sealed_len);
     secbuf_free(&call->material);
     if (rv != 0) {
         free(pub);
@@ -612,7 +652,29 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     Keyraft__KeyRecord rec = KEYRAFT__KEY_RECORD__INIT;
     rec.id = call->key_id;
     rec.name = (char *)name;
-    rec.domain = (char *)caller_domain(call);
+    rec.domain = call->domain;
+    /* Rebuilt from its fields, like the tags: no unknown fields in the entry. */
+    Keyraft__KeyPolicy policy = KEYRAFT__KEY_POLICY__INIT;
+    Keyraft__GroupGrant grant_store[32];
+    Keyraft__GroupGrant *grant_ptrs[32];
+    if (req_policy != NULL) {
+        policy.owner_group = req_policy->owner_group;
+        policy.usage_limit = req_policy->usage_limit;
+        policy.n_grants = req_policy->n_grants < 32 ? req_policy->n_grants : 32;
+        policy.grants = grant_ptrs;
+        for (size_t i = 0; i < policy.n_grants; i++) {
+            keyraft__group_grant__init(&grant_store[i]);
+            grant_store[i].group = req_policy->grants[i]->group;
+            grant_store[i].n_ops = req_policy->grants[i]->n_ops;
+            grant_store[i].ops = req_policy->grants[i]->ops;
+            grant_ptrs[i] = &grant_store[i];
+        }
+    }
+    if (policy.owner_group[0] == '\0' && policy.n_grants == 0 && call->who != NULL &&
+        call->who->info->n_groups > 0)
+        policy.owner_group = call->who->info->groups[0];
+    rec.policy = &policy;
+
     rec.algorithm = call->alg;
     uint64_t now = now_ms();
     rec.state = pre_active ? KEYRAFT__KEY_STATE__PRE_ACTIVE : KEYRAFT__KEY_STATE__ACTIVE;
@@ -634,6 +696,43 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     free(sealed);
 }
 
+/* Where a new key goes and who may use it: a live domain the caller belongs
+ * to, and a well-formed policy with an owner (the caller's first group by
+ * default). Sets call->domain. 0, or -1 when it answered. */
+static int placement_check(struct call *call, const char *domain,
+                           const Keyraft__KeyPolicy *policy)
+{
+    const char *d = caller_domain_or(call, domain);
+    if (d[0] == '\0' || !caller_in_domain(call, d)) {
+        reply_error(call, KR_EPERM, "%s may not create keys in domain \"%.64s\"", call->principal,
+                    d[0] ? d : "(none: the principal has no domain)");
+        return -1;
+    }
+    snprintf(call->domain, sizeof(call->domain), "%s", d);
+    snprintf(call->audit_domain, sizeof(call->audit_domain), "%s", d);
+    int rv = ensure_domain(call->svc, d);
+    if (rv != 0) {
+        reply_error(call, rv, "domain %s %s", d,
+                    rv == KR_ESTATE      ? "was destroyed"
+                    : rv == KR_ENOTFOUND ? "does not exist"
+                                         : "cannot be loaded on this node");
+        return -1;
+    }
+    char why[256];
+    if (policy != NULL && policy_key_policy_check(policy, why, sizeof(why)) != 0) {
+        reply_error(call, KR_EINVAL, "key policy: %s", why);
+        return -1;
+    }
+    int has_owner = (policy != NULL && (policy->owner_group[0] != '\0' || policy->n_grants > 0)) ||
+                    (call->who != NULL && call->who->info->n_groups > 0);
+    if (!has_owner) {
+        reply_error(call, KR_EINVAL, "the key needs an owner group: %s is in no group, so name "
+                    "one (--owner-group)", call->principal);
+        return -1;
+    }
+    return 0;
+}
+
 static void create_after_work(uv_work_t *work, int status)
 {
     struct call *call = work->data;
@@ -646,13 +745,15 @@ static void create_after_work(uv_work_t *work, int status)
     if (require_leader(call) != 0)
         return;
     const Keyraft__CreateKeyRequest *r = call->req->create;
-    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable);
+    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable,
+                          r->policy);
 }
 
 static void op_create(struct call *call)
 {
     const Keyraft__CreateKeyRequest *r = call->req->create;
     if (require_leader(call) != 0 || reply_if_retry(call) ||
+        placement_check(call, r->domain, r->policy) != 0 ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     call->alg = r->algorithm;
@@ -669,6 +770,7 @@ static void op_import(struct call *call)
 {
     const Keyraft__ImportKeyRequest *r = call->req->import;
     if (require_leader(call) != 0 || reply_if_retry(call) ||
+        placement_check(call, r->domain, r->policy) != 0 ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     int rv = crypto_check_material(r->algorithm, r->material.data, r->material.len);
@@ -685,7 +787,8 @@ static void op_import(struct call *call)
         reply_error(call, rv, "out of secure memory");
         return;
     }
-    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable);
+    put_key_with_material(call, r->name, r->tags, r->n_tags, r->pre_active, r->non_exportable,
+                          r->policy);
 }
 
 static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__KeyState to,
@@ -706,6 +809,10 @@ static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__Ke
     if (!ok) {
         reply_error(call, KR_ESTATE, "key %s is %s: cannot %s it%s", rec->id,
                     kr_state_name(rec->state), op, hint);
+        keyraft__key_record__free_unpacked(rec, NULL);
+        return;
+    }
+    if (gov_quorum_gate(call, rec->id) != 0) {
         keyraft__key_record__free_unpacked(rec, NULL);
         return;
     }
@@ -848,6 +955,9 @@ static void op_export(struct call *call)
         reply_error(call, KR_ENOTFOUND, "key %s has no version %u", rec->id, version);
         goto out;
     }
+    call->audit_version = version;
+    if (gov_quorum_gate(call, rec->id) != 0)
+        goto out;
     if (unseal_version(call, rec, v, &mat) != 0)
         goto out;
     Keyraft__ExportKeyResponse *er = arena_alloc(call, sizeof(*er));
@@ -900,7 +1010,14 @@ static void op_list(struct call *call)
 {
     const Keyraft__ListKeysRequest *r = call->req->list;
     const struct config *cfg = call->svc->deps.config;
-    const char *domain = caller_domain(call);
+    const char *domain = caller_domain_or(call, r->domain);
+    if (!caller_in_domain(call, domain)) {
+        reply_error(call, KR_EPERM, "%s may not list domain \"%.64s\"", call->principal,
+                    domain[0] ? domain : "(none: the principal has no domain)");
+        return;
+    }
+    /* A user without the officer role sees only keys its groups may use. */
+    int by_grant = !(call->role_bits & POLICY_OFFICER);
     struct list_plan plan = {0};
     char num[16];
     uint32_t limit = r->limit ? r->limit : LIST_DEFAULT;
@@ -1023,6 +1140,9 @@ static void op_list(struct call *call)
             match = 0;
         if (r->prefix[0] && strncmp(rec->name, r->prefix, strlen(r->prefix)) != 0)
             match = 0;
+        if (by_grant && !policy_key_allows(rec->policy, call->who->info->groups,
+                                           call->who->info->n_groups, "get"))
+            match = 0;
         if (match) {
             Keyraft__KeyAttributes *a = attributes_of(call, rec);
             if (a == NULL) {
@@ -1088,7 +1208,14 @@ static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const ui
         return -1;
     const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
     secbuf key = {0};
-    if (v == NULL || unseal_version(call, rec, v, &key) != 0)
+    if (v == NULL) {
+        reply_error(call, KR_EINTERNAL, "key %s lacks its current version %u", rec->id,
+                    rec->current_version);
+        return -1;
+    }
+    call->audit_version = v->version;
+    /* Every AES-GCM encryption counts toward the version's usage limit. */
+    if (gov_usage_check(call, rec, v->version) != 0 || unseal_version(call, rec, v, &key) != 0)
         return -1;
     size_t hdr_len = 0;
     uint8_t *buf = with_header(call, BLOB_CIPHERTEXT, rec->id, v->version,
@@ -1108,6 +1235,7 @@ static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const ui
     out->data = buf;
     out->len = hdr_len + body;
     *out_version = v->version;
+    gov_usage_count(call, rec->id, v->version);
     return 0;
 }
 
@@ -1513,30 +1641,13 @@ static void op_status(struct call *call)
 
 /* --- cluster membership (admin role) ------------------------------------------------ */
 
-static int has_role(const struct call *call, const char *role)
-{
-    size_t rl = strlen(role);
-    for (const char *p = call->roles; *p != '\0';) {
-        size_t n = strcspn(p, ",");
-        while (n > 0 && *p == ' ') {
-            p++;
-            n--;
-        }
-        if (n == rl && memcmp(p, role, rl) == 0)
-            return 1;
-        p += n;
-        if (*p == ',')
-            p++;
-    }
-    return 0;
-}
-
+/* Roles were checked by gov_authorize; this guards the handlers against a
+ * dispatch that skipped it. */
 static int require_admin(struct call *call)
 {
-    if (has_role(call, "admin"))
+    if (call->role_bits & POLICY_ADMIN)
         return 0;
-    reply_error(call, KR_EPERM, "cluster membership needs the admin role; %s has \"%s\"",
-                call->principal, call->roles);
+    reply_error(call, KR_EPERM, "cluster membership needs the admin role");
     return -1;
 }
 
@@ -1616,10 +1727,6 @@ static void reply_cluster_view(struct call *call, uint64_t commit_index)
 
 static void op_cluster_list(struct call *call)
 {
-    if (!has_role(call, "admin") && !has_role(call, "auditor")) {
-        reply_error(call, KR_EPERM, "listing the cluster needs the admin or auditor role");
-        return;
-    }
     reply_cluster_view(call, 0);
 }
 
@@ -1736,6 +1843,11 @@ static void op_cluster_add(struct call *call)
                     "configured ([hsm] so_pin_file or so_pin_env)");
         return;
     }
+    if (gov_quorum_gate(call, NULL) != 0) {
+        OPENSSL_cleanse(pin, sizeof(pin));
+        OPENSSL_cleanse(so_pin, sizeof(so_pin));
+        return;
+    }
     uint8_t *blob = NULL, *check = NULL;
     size_t blob_len = 0, check_len = 0;
     rv = hsm_admit_wrap_mwk(svc->deps.hsm, cfg->hsm_module, cfg->hsm_token_label, so_pin, pin,
@@ -1780,6 +1892,7 @@ static void op_cluster_add(struct call *call)
     rec.client_address = r->client_address;
     rec.role = r->standby ? KEYRAFT__NODE_ROLE__NODE_STANDBY : KEYRAFT__NODE_ROLE__NODE_VOTER;
     rec.added_at = now_ms();
+    rec.audit_public_key = r->audit_public_key;
     log_info("admitting node %llu (%s, raft %s) as %s, asked by %s",
              (unsigned long long)r->node_id, r->client_address, r->raft_address,
              r->standby ? "standby" : "voter", call->principal);
@@ -1861,16 +1974,22 @@ static void tick_membership(struct service *svc)
     struct fsm_nodes reg;
     if (svc->registry_in_progress || fsm_list_nodes(svc->deps.store, &reg) != 0)
         return;
-    int self = 0;
+    const Keyraft__NodeRecord *self = NULL;
     for (size_t i = 0; i < reg.n; i++)
-        self |= reg.nodes[i]->id == cfg->node_id;
-    if (!self) {
+        if (reg.nodes[i]->id == cfg->node_id)
+            self = reg.nodes[i];
+    /* Registered, or registered before it had an audit key: (re)register. */
+    if (self == NULL || (self->audit_public_key.len == 0 && svc->deps.audit_spki_len > 0)) {
         Keyraft__NodeRecord rec = KEYRAFT__NODE_RECORD__INIT;
+        if (self != NULL)
+            rec = *self;
         rec.id = cfg->node_id;
-        rec.raft_address = (char *)cfg->raft_address;
-        rec.client_address = (char *)cfg->listen;
-        rec.role = KEYRAFT__NODE_ROLE__NODE_VOTER;
-        rec.added_at = now_ms();
+        rec.raft_address = self ? self->raft_address : (char *)cfg->raft_address;
+        rec.client_address = self ? self->client_address : (char *)cfg->listen;
+        rec.role = self ? self->role : KEYRAFT__NODE_ROLE__NODE_VOTER;
+        rec.added_at = self ? self->added_at : now_ms();
+        rec.audit_public_key.data = (uint8_t *)svc->deps.audit_spki;
+        rec.audit_public_key.len = svc->deps.audit_spki_len;
         Keyraft__PutNodeCommand put = KEYRAFT__PUT_NODE_COMMAND__INIT;
         put.node = &rec;
         Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
@@ -2043,10 +2162,16 @@ static int uses_key_state(Keyraft__Request__OpCase op)
     case KEYRAFT__REQUEST__OP_SNAPSHOT_OPEN:
     case KEYRAFT__REQUEST__OP_SNAPSHOT_READ:
     case KEYRAFT__REQUEST__OP_SNAPSHOT_CLOSE:
+    case KEYRAFT__REQUEST__OP_AUDIT_SUBMIT:
         return 0;
     default:
         return 1;
     }
+}
+
+static int audit_exempt(Keyraft__Request__OpCase op)
+{
+    return op == KEYRAFT__REQUEST__OP_STATUS || policy_op_roles(op) == POLICY_NODE;
 }
 
 static void barrier_passed(void *arg, int status)
@@ -2082,7 +2207,9 @@ void service_handle(struct service *svc, const struct service_caller *caller,
              caller->principal ? caller->principal : "");
     snprintf(call->address, sizeof(call->address), "%s", caller->address ? caller->address : "");
     snprintf(call->roles, sizeof(call->roles), "%s", caller->roles ? caller->roles : "");
+    snprintf(call->serial, sizeof(call->serial), "%s", caller->serial ? caller->serial : "");
     call->is_node = caller->is_node;
+    call->internal = caller->internal;
     /* A node behind (or new) serves status, membership and snapshots before it
      * is ready. */
     if (uses_key_state(req->op_case) && !service_ready(svc)) {
@@ -2096,6 +2223,15 @@ void service_handle(struct service *svc, const struct service_caller *caller,
     }
     if (strlen(req->request_id) > REQUEST_ID_MAX) {
         reply_error(call, KR_EINVAL, "request_id longer than %d characters", REQUEST_ID_MAX);
+        return;
+    }
+    /* Fail closed: nothing runs unrecorded. Node traffic and status are
+     * exempt (the shipper itself must get through), reads only if configured. */
+    if (svc->deps.audit != NULL && !audit_exempt(req->op_case) &&
+        !audit_log_healthy(svc->deps.audit, why, sizeof(why)) &&
+        (kr_op_is_write(req->op_case) || !audit_log_fail_open_reads(svc->deps.audit))) {
+        reply_error(call, KR_EUNAVAIL, "audit records cannot be written (%s): refusing until "
+                    "they can", why);
         return;
     }
     if (req->linearizable && !kr_op_is_write(req->op_case) && uses_key_state(req->op_case)) {
@@ -2122,6 +2258,13 @@ void service_handle(struct service *svc, const struct service_caller *caller,
 }
 
 static void dispatch(struct call *call)
+{
+    if (gov_authorize(call) != 0)
+        return;
+    dispatch_op(call);
+}
+
+void dispatch_op(struct call *call)
 {
     Keyraft__Request *req = call->req;
     switch (req->op_case) {
@@ -2168,6 +2311,22 @@ static void dispatch(struct call *call)
     case KEYRAFT__REQUEST__OP_SNAPSHOT_OPEN: op_snapshot_open(call); break;
     case KEYRAFT__REQUEST__OP_SNAPSHOT_READ: op_snapshot_read(call); break;
     case KEYRAFT__REQUEST__OP_SNAPSHOT_CLOSE: op_snapshot_close(call); break;
+    case KEYRAFT__REQUEST__OP_PRINCIPAL_CREATE: op_principal_create(call); break;
+    case KEYRAFT__REQUEST__OP_PRINCIPAL_REVOKE: op_principal_revoke(call); break;
+    case KEYRAFT__REQUEST__OP_PRINCIPAL_LIST: op_principal_list(call); break;
+    case KEYRAFT__REQUEST__OP_DOMAIN_CREATE: op_domain_create(call); break;
+    case KEYRAFT__REQUEST__OP_DOMAIN_DESTROY: op_domain_destroy(call); break;
+    case KEYRAFT__REQUEST__OP_DOMAIN_LIST: op_domain_list(call); break;
+    case KEYRAFT__REQUEST__OP_SET_POLICY: op_set_policy(call); break;
+    case KEYRAFT__REQUEST__OP_QUORUM_SET: op_quorum_set(call); break;
+    case KEYRAFT__REQUEST__OP_QUORUM_LIST: op_quorum_list(call); break;
+    case KEYRAFT__REQUEST__OP_APPROVAL_LIST: op_approval_list(call); break;
+    case KEYRAFT__REQUEST__OP_APPROVAL_SHOW: op_approval_show(call); break;
+    case KEYRAFT__REQUEST__OP_APPROVAL_APPROVE: op_approval_vote(call, 1); break;
+    case KEYRAFT__REQUEST__OP_APPROVAL_DENY: op_approval_vote(call, 0); break;
+    case KEYRAFT__REQUEST__OP_AUDIT_READ: op_audit_read(call); break;
+    case KEYRAFT__REQUEST__OP_AUDIT_VERIFY: op_audit_verify(call); break;
+    case KEYRAFT__REQUEST__OP_AUDIT_SUBMIT: op_audit_submit(call); break;
     default:
         reply_error(call, KR_EINVAL, "the request names no operation this node knows");
         break;
@@ -2200,7 +2359,13 @@ void service_stop(struct service *svc)
     }
 }
 
-void service_free(struct service *svc) { free(svc); }
+void service_free(struct service *svc)
+{
+    if (svc == NULL)
+        return;
+    gov_free(svc);
+    free(svc);
+}
 
 unsigned service_pending(const struct service *svc) { return svc->pending; }
 
@@ -2213,8 +2378,36 @@ int service_ready(struct service *svc)
     if (fsm_get_domain(svc->deps.store, FSM_DEFAULT_DOMAIN, &dom) != 0)
         return 0;
     keyraft__domain_record__free_unpacked(dom, NULL);
+    if (gov_bootstrap_pending(svc))
+        return 0; /* the first principals are not committed yet */
     svc->ready = ensure_domain(svc, FSM_DEFAULT_DOMAIN) == 0;
     return svc->ready;
+}
+
+int domain_command_new(struct service *svc, const char *id, struct domain_command *dc)
+{
+    memset(dc, 0, sizeof(*dc));
+    int rv = keyring_create_domain(svc->deps.keyring, id, &dc->wrapped, &dc->wrapped_len);
+    if (rv != 0)
+        return rv;
+    keyraft__domain_record__init(&dc->rec);
+    dc->rec.id = (char *)id;
+    dc->rec.wrapped_key.data = dc->wrapped;
+    dc->rec.wrapped_key.len = dc->wrapped_len;
+    dc->rec.created_at = now_ms();
+    dc->rec.mwk_label = (char *)svc->deps.config->hsm_mwk_label;
+    keyraft__put_domain_command__init(&dc->put);
+    dc->put.domain = &dc->rec;
+    keyraft__command__init(&dc->cmd);
+    dc->cmd.op_case = KEYRAFT__COMMAND__OP_PUT_DOMAIN;
+    dc->cmd.put_domain = &dc->put;
+    return 0;
+}
+
+void domain_command_free(struct domain_command *dc)
+{
+    free(dc->wrapped);
+    dc->wrapped = NULL;
 }
 
 static void domain_done(void *arg, const struct fsm_op_result *res)
@@ -2239,6 +2432,7 @@ void service_tick(struct service *svc)
     if (!cluster_is_leader(svc->deps.cluster))
         return;
     tick_membership(svc);
+    gov_tick(svc);
     if (svc->domain_in_progress)
         return;
     Keyraft__DomainRecord *dom = NULL;
@@ -2249,26 +2443,14 @@ void service_tick(struct service *svc)
     }
     if (rv != KR_ENOTFOUND)
         return;
-    uint8_t *wrapped = NULL;
-    size_t wrapped_len = 0;
-    rv = keyring_create_domain(svc->deps.keyring, FSM_DEFAULT_DOMAIN, &wrapped, &wrapped_len);
+    struct domain_command dc;
+    rv = domain_command_new(svc, FSM_DEFAULT_DOMAIN, &dc);
     if (rv != 0) {
         log_error("cannot make the default domain key: %s", kr_strerror(rv));
         return;
     }
-    Keyraft__DomainRecord rec = KEYRAFT__DOMAIN_RECORD__INIT;
-    rec.id = (char *)FSM_DEFAULT_DOMAIN;
-    rec.wrapped_key.data = wrapped;
-    rec.wrapped_key.len = wrapped_len;
-    rec.created_at = now_ms();
-    rec.mwk_label = (char *)svc->deps.config->hsm_mwk_label;
-    Keyraft__PutDomainCommand pd = KEYRAFT__PUT_DOMAIN_COMMAND__INIT;
-    pd.domain = &rec;
-    Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
-    cmd.op_case = KEYRAFT__COMMAND__OP_PUT_DOMAIN;
-    cmd.put_domain = &pd;
-    rv = cluster_propose(svc->deps.cluster, &cmd, domain_done, svc);
-    free(wrapped);
+    rv = cluster_propose(svc->deps.cluster, &dc.cmd, domain_done, svc);
+    domain_command_free(&dc);
     if (rv == 0)
         svc->domain_in_progress = 1;
     else

@@ -42,6 +42,7 @@ struct service_caller {
     const char *address;
     const char *serial; /* the certificate's serial number, hex */
     int is_node; /* the certificate is a node's (tls_conn_peer_is_node) */
+    int internal; /* the node runs it for an approval: the principal is trusted */
 };
 
 /* Called exactly once per request. |resp| and everything it points to is

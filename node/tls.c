@@ -20,6 +20,7 @@
 
 #include "keyraft.h"
 #include "log.h"
+#include "pki.h"
 
 #define TLS_KEY_FILE_MAX (64 * 1024) /* a PEM private key is a few KB */
 #define TLS_ERROR_MAX 512
@@ -36,6 +37,7 @@ struct tls_conn {
     int failed;
     char *peer_name;  /* verified peer CN, set when the handshake completes */
     char *peer_roles; /* its OU entries, comma-joined */
+    char peer_serial[80]; /* its serial number, lowercase hex */
     int peer_is_node; /* the peer's certificate may serve (serverAuth): a node */
     char error[TLS_ERROR_MAX];
 };
@@ -342,6 +344,10 @@ static int capture_peer(struct tls_conn *conn)
         memcpy(roles + have, role, add + 1);
         free(role);
     }
+    if (pki_serial_hex(peer, conn->peer_serial, sizeof(conn->peer_serial)) != 0) {
+        snprintf(conn->error, sizeof(conn->error), "handshake: peer certificate serial unreadable");
+        goto out;
+    }
     conn->peer_name = name;
     conn->peer_roles = roles;
     conn->peer_is_node = X509_check_purpose(peer, X509_PURPOSE_SSL_SERVER, 0) == 1;
@@ -523,6 +529,11 @@ const char *tls_conn_peer_name(const struct tls_conn *conn)
 int tls_conn_peer_is_node(const struct tls_conn *conn)
 {
     return conn->peer_name != NULL && conn->peer_is_node;
+}
+
+const char *tls_conn_peer_serial(const struct tls_conn *conn)
+{
+    return conn->peer_name != NULL ? conn->peer_serial : "";
 }
 
 const char *tls_conn_peer_roles(const struct tls_conn *conn)

@@ -43,6 +43,8 @@ int tls_conn_handshake_done(const struct tls_conn *conn);
 const char *tls_conn_peer_name(const struct tls_conn *conn);
 /* The peer certificate's OU entries, comma-joined ("" if none). */
 const char *tls_conn_peer_roles(const struct tls_conn *conn);
+/* The peer certificate's serial number, lowercase hex ("" before the handshake). */
+const char *tls_conn_peer_serial(const struct tls_conn *conn);
 /* 1 when the verified peer certificate is a node's (it carries serverAuth,
  * which the CA gives node certificates only): peers must be nodes. */
 int tls_conn_peer_is_node(const struct tls_conn *conn);

@@ -70,7 +70,7 @@ wait_up() {
 wait_member() {
   local i="$1" row
   for _ in $(seq 1 600); do
-    row=$("$bin/keyraft" --config "$dir/client.conf" cluster list 2>/dev/null |
+    row=$("$bin/keyraft" --config "$dir/admin.conf" cluster list 2>/dev/null |
           awk -v i="$i" '$1 == i {print $4, $5}')
     set -- $row
     if [ -n "${1:-}" ] && [ "${1:-}" = "${2:-}" ]; then return 0; fi
@@ -95,15 +95,21 @@ cmd_start() {
       --listen "127.0.0.1:$(client_port 1)" --raft-address "127.0.0.1:$(raft_port 1)" \
       >>"$dir/node1.log" 2>&1
   fi
-  # One client config for the whole cluster: the admin identity node 1 made.
-  cat >"$dir/client.conf" <<CONF
+  # Client configs for the whole cluster, one per identity node 1's init
+  # made: client.conf is "app" (officer and user), admin.conf and auditor.conf.
+  local who conf
+  for who in app admin auditor; do
+    conf="$dir/$who.conf"
+    [ "$who" = app ] && conf="$dir/client.conf"
+    cat >"$conf" <<CONF
 [client]
 endpoints = $(endpoints "$n")
 ca = node1/tls/ca.pem
-cert = node1/tls/admin.pem
-key = node1/tls/admin.key
+cert = node1/tls/$who.pem
+key = node1/tls/$who.key
 timeout_ms = 30000
 CONF
+  done
   for i in $(seq 1 "$n"); do
     if [ -f "$dir/node$i.pid" ] && alive "$(cat "$dir/node$i.pid")"; then
       continue
@@ -114,7 +120,7 @@ CONF
         --join "127.0.0.1:$(client_port 1)" >>"$dir/node$i.log" 2>&1
       local role=""
       case "$standby" in *" $i "*) role="--standby" ;; esac
-      "$bin/keyraft" --config "$dir/client.conf" cluster add "$dir/node$i/join-request" \
+      "$bin/keyraft" --config "$dir/admin.conf" cluster add "$dir/node$i/join-request" \
         $role >/dev/null
     fi
     start_node "$i"
@@ -122,7 +128,8 @@ CONF
     [ "$i" -gt 1 ] && wait_member "$i"
   done
   echo "keyraft cluster of $n nodes up in $dir"
-  echo "  KEYRAFT_CONFIG=$dir/client.conf $bin/keyraft cluster list"
+  echo "  KEYRAFT_CONFIG=$dir/admin.conf $bin/keyraft cluster list"
+  echo "  KEYRAFT_CONFIG=$dir/client.conf $bin/keyraft create --name demo --alg aes-256"
 }
 
 cmd_stop() {
@@ -150,7 +157,7 @@ cmd_status() {
     if alive "$(cat "$f")"; then echo "node $i: running (pid $(cat "$f"))"
     else echo "node $i: not running"; fi
   done
-  "$bin/keyraft" --config "$dir/client.conf" cluster list
+  "$bin/keyraft" --config "$dir/admin.conf" cluster list
 }
 
 case "$cmd" in

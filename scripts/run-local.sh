@@ -19,6 +19,8 @@ In another shell:
   keyraft status
   id=\$(keyraft create --name demo --alg aes-256)
   echo hello | keyraft encrypt \$id | keyraft decrypt
+  keyraft --config $data/auditor.conf audit tail     # the audit trail (auditor)
+  keyraft --config $data/admin.conf principal list   # who may do what (admin)
 
 TXT
 exec build/keyraftd --data "$data"

@@ -483,6 +483,21 @@ int kc_client(const struct kc_cluster *c, int timeout_ms, kr_client **out)
     return kr_client_new(&cfg, out);
 }
 
+int kc_client_as(const struct kc_cluster *c, const char *principal, int timeout_ms,
+                 kr_client **out)
+{
+    char cert[KR_PATH_MAX + 32], key[KR_PATH_MAX + 32];
+    kr_client_config cfg = c->nodes[0].n.ccfg;
+
+    snprintf(cert, sizeof(cert), "%s/tls/%s.pem", c->nodes[0].n.dir, principal);
+    snprintf(key, sizeof(key), "%s/tls/%s.key", c->nodes[0].n.dir, principal);
+    cfg.cert_file = cert;
+    cfg.key_file = key;
+    cfg.endpoints = c->endpoints;
+    cfg.timeout_ms = timeout_ms;
+    return kr_client_new(&cfg, out);
+}
+
 int kc_cluster_list(const struct kc_cluster *c, Keyraft__Response **out)
 {
     Keyraft__Request req = KEYRAFT__REQUEST__INIT;
@@ -493,7 +508,7 @@ int kc_cluster_list(const struct kc_cluster *c, Keyraft__Response **out)
 
     if (leader < 0)
         return KR_EUNAVAIL;
-    rc = kr_node_client(&c->nodes[leader].n, 5000, &cl);
+    rc = kr_node_client_as(&c->nodes[leader].n, "admin", 5000, &cl);
     if (rc != 0)
         return rc;
     req.op_case = KEYRAFT__REQUEST__OP_CLUSTER_LIST;

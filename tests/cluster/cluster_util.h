@@ -70,6 +70,9 @@ int kc_leader(const struct kc_cluster *c, unsigned mask, unsigned timeout_ms);
 
 /* A client over every node's endpoint. */
 int kc_client(const struct kc_cluster *c, int timeout_ms, kr_client **out);
+/* The same as another principal node 1's init made (admin, app, auditor). */
+int kc_client_as(const struct kc_cluster *c, const char *principal, int timeout_ms,
+                 kr_client **out);
 
 /* The cluster list through the leader (library call): 0 and *out (free with
  * kr_response_free; (*out)->cluster set), or a KR_E* code. */

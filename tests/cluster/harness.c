@@ -457,17 +457,65 @@ void kr_out_free(struct kr_out *out)
     memset(out, 0, sizeof(*out));
 }
 
+int kr_conf_of(const char *client_conf, const char *principal, char *out, size_t cap)
+{
+    const char *slash = strrchr(client_conf, '/');
+    int dir_len = slash ? (int)(slash - client_conf) : 1;
+    const char *dir = slash ? client_conf : ".";
+    int n = snprintf(out, cap, "%.*s/%s.conf", dir_len, dir,
+                     strcmp(principal, "app") == 0 ? "client" : principal);
+    return n > 0 && (size_t)n < cap ? 0 : -1;
+}
+
+/* The identity `keyraftd init` made for a command's duty: admin for the
+ * cluster and governance, auditor for the audit trail, app otherwise. */
+static const char *principal_for(const char *verb)
+{
+    static const char *const admin_verbs[] = {"cluster", "principal", "domain", "policy",
+                                              "quorum"};
+    for (size_t i = 0; verb && i < sizeof(admin_verbs) / sizeof(admin_verbs[0]); i++)
+        if (strcmp(verb, admin_verbs[i]) == 0)
+            return "admin";
+    return verb && strcmp(verb, "audit") == 0 ? "auditor" : "app";
+}
+
+/* The command word of a CLI argument list: past global options and their values. */
+static const char *verb_of(const char *const *argv)
+{
+    static const char *const with_value[] = {"--endpoint", "--cert", "--key", "--ca",
+                                             "--timeout", "--approval", "--wait", "--config"};
+    for (size_t i = 0; argv[i] != NULL; i++) {
+        if (strncmp(argv[i], "--", 2) != 0)
+            return argv[i];
+        for (size_t j = 0; j < sizeof(with_value) / sizeof(with_value[0]); j++)
+            if (strcmp(argv[i], with_value[j]) == 0 && argv[i + 1] != NULL) {
+                i++;
+                break;
+            }
+    }
+    return NULL;
+}
+
 int kr_cli_argv(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
                 struct kr_out *out, const char *const *argv)
 {
+    return kr_cli_as_argv(node, principal_for(verb_of(argv)), stdin_data, stdin_len, out, argv);
+}
+
+int kr_cli_as_argv(const struct kr_node *node, const char *principal, const void *stdin_data,
+                   size_t stdin_len, struct kr_out *out, const char *const *argv)
+{
     const char *full[MAX_CLI_ARGS + 4];
     char bin[KR_PATH_MAX];
+    char conf[KR_PATH_MAX + 32];
     int n = 0;
 
+    if (kr_conf_of(node->client_conf, principal, conf, sizeof(conf)) != 0)
+        return -1;
     bin_path("keyraft", bin, sizeof(bin));
     full[n++] = bin;
     full[n++] = "--config";
-    full[n++] = node->client_conf;
+    full[n++] = conf;
     for (int i = 0; argv[i] != NULL && i < MAX_CLI_ARGS; i++)
         full[n++] = argv[i];
     full[n] = NULL;
@@ -627,6 +675,25 @@ int kr_node_client(const struct kr_node *node, int timeout_ms, kr_client **out_c
         return rc;
     *out_client = c;
     return 0;
+}
+
+int kr_node_client_as(const struct kr_node *node, const char *principal, int timeout_ms,
+                      kr_client **out_client)
+{
+    char cert[KR_PATH_MAX + 32], key[KR_PATH_MAX + 32];
+    kr_client_config cfg = node->ccfg;
+    const char *slash = strrchr(node->client_conf, '/');
+    int dir_len = slash ? (int)(slash - node->client_conf) : 1;
+
+    if (node->cfile == NULL)
+        return KR_ECONFIG;
+    snprintf(cert, sizeof(cert), "%.*s/tls/%s.pem", dir_len, node->client_conf, principal);
+    snprintf(key, sizeof(key), "%.*s/tls/%s.key", dir_len, node->client_conf, principal);
+    cfg.cert_file = cert;
+    cfg.key_file = key;
+    if (timeout_ms > 0)
+        cfg.timeout_ms = timeout_ms;
+    return kr_client_new(&cfg, out_client);
 }
 
 void kr_node_client_free(kr_client *client)
@@ -872,12 +939,12 @@ out:
     return rc;
 }
 
-int kr_tls_open_admin(const struct kr_node *node, struct kr_tls *t)
+int kr_tls_open_app(const struct kr_node *node, struct kr_tls *t)
 {
     char cert[KR_PATH_MAX + 16], key[KR_PATH_MAX + 16];
 
-    snprintf(cert, sizeof(cert), "%s/tls/admin.pem", node->dir);
-    snprintf(key, sizeof(key), "%s/tls/admin.key", node->dir);
+    snprintf(cert, sizeof(cert), "%s/tls/app.pem", node->dir);
+    snprintf(key, sizeof(key), "%s/tls/app.key", node->dir);
     return kr_tls_open(node, cert, key, 0, t);
 }
 

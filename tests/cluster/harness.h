@@ -87,6 +87,14 @@ void kr_node_dump_log(const struct kr_node *node, size_t max);
  * Returns out->status. Free |out| with kr_out_free. */
 int kr_cli(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
            struct kr_out *out, const char *arg, ...) __attribute__((sentinel));
+/* kr_cli picks the identity `keyraftd init` made for the command's duty:
+ * admin.conf for cluster, principal, domain, policy and quorum commands,
+ * auditor.conf for audit, client.conf (principal "app": officer and user in
+ * group "apps") otherwise. kr_cli_as names the principal itself. */
+int kr_cli_as_argv(const struct kr_node *node, const char *principal, const void *stdin_data,
+                   size_t stdin_len, struct kr_out *out, const char *const *argv);
+/* The client config `keyraftd init` wrote for |principal| next to |client_conf|. */
+int kr_conf_of(const char *client_conf, const char *principal, char *out, size_t cap);
 int kr_cli_argv(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
                 struct kr_out *out, const char *const *argv);
 void kr_out_free(struct kr_out *out);
@@ -102,6 +110,9 @@ int kr_free_port_pair(int *a, int *b);
  * Free with kr_node_client_free. */
 int kr_node_client(const struct kr_node *node, int timeout_ms, kr_client **out_client);
 void kr_node_client_free(kr_client *client);
+/* The same with another principal `keyraftd init` made (admin, app, auditor). */
+int kr_node_client_as(const struct kr_node *node, const char *principal, int timeout_ms,
+                      kr_client **out_client);
 
 /* One status request; 0 and the role copied into |role| when it answered. */
 int kr_node_status_role(const struct kr_node *node, char *role, size_t role_len);
@@ -127,7 +138,7 @@ struct kr_tls {
 int kr_tls_open(const struct kr_node *node, const char *cert, const char *key, int max_version,
                 struct kr_tls *t);
 /* The same with the admin identity made by `keyraftd init`. */
-int kr_tls_open_admin(const struct kr_node *node, struct kr_tls *t);
+int kr_tls_open_app(const struct kr_node *node, struct kr_tls *t);
 void kr_tls_close(struct kr_tls *t);
 /* Writes / reads exactly |len| bytes: 0, or -1 (EOF, error, timeout). */
 int kr_tls_write(struct kr_tls *t, const void *data, size_t len);

@@ -55,8 +55,8 @@ static int group_setup(void **state)
         free(f);
         return -1;
     }
-    snprintf(f->cert, sizeof(f->cert), "%s/tls/admin.pem", f->node.dir);
-    snprintf(f->key, sizeof(f->key), "%s/tls/admin.key", f->node.dir);
+    snprintf(f->cert, sizeof(f->cert), "%s/tls/app.pem", f->node.dir);
+    snprintf(f->key, sizeof(f->key), "%s/tls/app.key", f->node.dir);
     *state = f;
     return 0;
 }
@@ -125,7 +125,7 @@ static void assert_serves_others(struct fixture *f)
     }
     assert_int_equal(kr_node_alive(&f->node), 1);
     assert_int_equal(kill(f->node.pid, 0), 0);
-    if (kr_tls_open_admin(&f->node, &t) != 0 || !status_ok_on(&t, 4242)) {
+    if (kr_tls_open_app(&f->node, &t) != 0 || !status_ok_on(&t, 4242)) {
         kr_tls_close(&t);
         print_error("a well-behaved client is not served\n");
         fail();
@@ -141,7 +141,7 @@ static long wait_served(struct fixture *f, long max_ms)
 
     while ((long)(now_ms() - t0) < max_ms) {
         struct kr_tls t;
-        int ok = kr_tls_open_admin(&f->node, &t) == 0 && status_ok_on(&t, 4343);
+        int ok = kr_tls_open_app(&f->node, &t) == 0 && status_ok_on(&t, 4343);
         kr_tls_close(&t);
         if (ok)
             return (long)(now_ms() - t0);
@@ -166,7 +166,7 @@ static void test_oversized_frame(void **state)
                           1, 2, 3, 4};
         size_t flen = 0;
 
-        assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+        assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
         assert_int_equal(kr_tls_write(&t, hdr, sizeof(hdr)), 0);
         Keyraft__Response *resp = kr_tls_read_response(&t, &flen);
         if (resp == NULL) {
@@ -235,7 +235,7 @@ static void test_frame_at_limit(void **state)
     kr_buf_free(&rnd);
     kr_client_free(c);
 
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     assert_int_equal(kr_tls_send_request(&t, &req), 0);
     Keyraft__Response *resp = kr_tls_read_response(&t, &flen);
     free(er.plaintext.data);
@@ -264,7 +264,7 @@ static void test_truncated_frame(void **state)
     struct kr_tls t;
     uint8_t frame[14] = {0, 0, 0, 100, 0x08, 0x01, 0x12, 0x03, 'a', 'b', 'c', 0, 0, 0};
 
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     assert_int_equal(kr_tls_write(&t, frame, sizeof(frame)), 0);
     /* while it is half-sent, others are served */
     assert_serves_others(f);
@@ -272,7 +272,7 @@ static void test_truncated_frame(void **state)
     assert_serves_others(f);
 
     /* the same, closing the TCP socket without a TLS close_notify */
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     assert_int_equal(kr_tls_write(&t, frame, 6), 0);
     close(t.fd);
     t.fd = -1;
@@ -293,7 +293,7 @@ static void test_truncated_frame(void **state)
     buf[2] = (uint8_t)(n >> 8);
     buf[3] = (uint8_t)n;
     keyraft__request__pack(&req, buf + 4);
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     for (size_t i = 0; i < n + 4; i++)
         assert_int_equal(kr_tls_write(&t, buf + i, 1), 0);
     Keyraft__Response *resp = kr_tls_read_response(&t, NULL);
@@ -359,7 +359,7 @@ static void test_not_a_request(void **state)
     size_t lens[] = {sizeof(ff), sizeof(truncated_msg), sizeof(bad_varint)};
 
     memset(ff, 0xff, sizeof(ff));
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     for (size_t i = 0; i < 3; i++) {
         assert_int_equal(kr_tls_send_frame(&t, bodies[i], lens[i]), 0);
         Keyraft__Response *resp = kr_tls_read_response(&t, NULL);
@@ -588,7 +588,7 @@ static void test_idle_connections(void **state)
     for (int i = 0; i < N_TCP; i++)
         fds[i] = kr_tcp_connect(f->node.port, IO_TIMEOUT_S);
     for (int i = 0; i < N_TLS; i++)
-        assert_int_equal(kr_tls_open_admin(&f->node, &tls[i]), 0);
+        assert_int_equal(kr_tls_open_app(&f->node, &tls[i]), 0);
 
     assert_int_equal(kr_node_client(&f->node, 5000, &c), 0);
     Keyraft__Request req;
@@ -662,7 +662,7 @@ static void test_slow_reader(void **state)
 
     long base = kr_rss_kib(f->node.pid), peak = base;
     assert_true(base > 0);
-    assert_int_equal(kr_tls_open_admin(&f->node, &t), 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
     setsockopt(t.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     while (sent < N && kr_tls_write(&t, burst, BURST * flen) == 0) {
         sent += BURST;

@@ -126,7 +126,15 @@ static const char FULL[] = "# test node\n"
                            "[limits]\n"
                            "max_frame = 1048576\n"
                            "max_connections = 250\n"
-                           "list_max = 500\n";
+                           "list_max = 500\n"
+                           "\n"
+                           "[audit]\n"
+                           "enabled = false\n"
+                           "flush_ms = 50\n"
+                           "max_pending = 5000\n"
+                           "max_lag_ms = 700\n"
+                           "fail_open_reads = yes\n"
+                           "checkpoint_ms = 2500\n";
 
 /* The least a node needs. */
 static const char MINIMAL[] = "[node]\n"
@@ -181,6 +189,12 @@ static void check_full(const struct fx *f, const struct config *c)
     assert_int_equal(c->max_frame, 1048576);
     assert_int_equal(c->max_connections, 250);
     assert_int_equal(c->list_max, 500);
+    assert_int_equal(c->audit_enabled, 0);
+    assert_int_equal(c->audit_flush_ms, 50);
+    assert_int_equal(c->audit_max_pending, 5000);
+    assert_int_equal(c->audit_max_lag_ms, 700);
+    assert_int_equal(c->audit_fail_open_reads, 1);
+    assert_int_equal(c->audit_checkpoint_ms, 2500);
 }
 
 static void test_load_full_file(void **state)
@@ -233,6 +247,12 @@ static void test_defaults(void **state)
     assert_int_equal(c.max_frame, KR_MAX_FRAME);
     assert_int_equal(c.max_connections, 4096);
     assert_int_equal(c.list_max, 1000);
+    assert_int_equal(c.audit_enabled, 1);
+    assert_int_equal(c.audit_flush_ms, 20);
+    assert_int_equal(c.audit_max_pending, 100000);
+    assert_int_equal(c.audit_max_lag_ms, 3000);
+    assert_int_equal(c.audit_fail_open_reads, 0);
+    assert_int_equal(c.audit_checkpoint_ms, 10000);
 
     struct config d;
     config_defaults(&d);
@@ -275,6 +295,16 @@ static void test_bad_values_refused(void **state)
         {"policy", "allow_export = maybe"},
         {"hsm", "token_label = a-token-label-of-33-characters-xx"},
         {"hsm", "token_label ="},
+        {"audit", "enabled = sometimes"},
+        {"audit", "flush_ms = 0"},
+        {"audit", "flush_ms = 10001"},
+        {"audit", "max_pending = 999"},
+        {"audit", "max_lag_ms = 99"},
+        {"audit", "max_lag_ms = -5"},
+        {"audit", "fail_open_reads = 2"},
+        {"audit", "checkpoint_ms = 99"},
+        {"audit", "checkpoint_ms = 10s"},
+        {"audit", "flush = 20"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         if (load_with(f, bad[i][0], bad[i][1]) != KR_ECONFIG)
@@ -288,6 +318,13 @@ static void test_bad_values_refused(void **state)
         {"hsm", "token_label = a-token-label-of-32-characters-x"},
         {"node", "listen = localhost:65535"},
         {"policy", "allow_export = true"},
+        {"audit", "flush_ms = 1"},
+        {"audit", "flush_ms = 10000"},
+        {"audit", "max_pending = 1000"},
+        {"audit", "max_lag_ms = 100"},
+        {"audit", "checkpoint_ms = 100"},
+        {"audit", "enabled = no"},
+        {"audit", "fail_open_reads = false"},
     };
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
         if (load_with(f, good[i][0], good[i][1]) != 0)
@@ -359,6 +396,12 @@ static void assert_same_config(const struct config *a, const struct config *b)
     assert_int_equal(a->max_frame, b->max_frame);
     assert_int_equal(a->max_connections, b->max_connections);
     assert_int_equal(a->list_max, b->list_max);
+    assert_int_equal(a->audit_enabled, b->audit_enabled);
+    assert_int_equal(a->audit_flush_ms, b->audit_flush_ms);
+    assert_int_equal(a->audit_max_pending, b->audit_max_pending);
+    assert_int_equal(a->audit_max_lag_ms, b->audit_max_lag_ms);
+    assert_int_equal(a->audit_fail_open_reads, b->audit_fail_open_reads);
+    assert_int_equal(a->audit_checkpoint_ms, b->audit_checkpoint_ms);
 }
 
 static void test_write_then_load_round_trip(void **state)
@@ -384,6 +427,8 @@ static void test_write_then_load_round_trip(void **state)
     assert_int_equal(config_load(out, &b), 0);
     assert_same_config(&a, &b);
     assert_int_equal(b.allow_export, 1);
+    assert_int_equal(b.audit_enabled, 1);
+    assert_int_equal(b.audit_fail_open_reads, 0);
 
     /* A directory that does not exist. */
     snprintf(out, sizeof(out), "%s/no/such/dir.conf", f->dir);

@@ -1053,6 +1053,160 @@ static void test_unwrap_refusals(void **state)
     free(blob);
 }
 
+/* --- the audit signing key ------------------------------------------------------ */
+
+static EVP_PKEY *spki_to_pkey(const uint8_t *spki, size_t len)
+{
+    const unsigned char *p = spki;
+    EVP_PKEY *pkey = d2i_PUBKEY(NULL, &p, (long)len);
+    assert_non_null(pkey);
+    assert_ptr_equal(p, spki + len);
+    return pkey;
+}
+
+/* 1 when |sig| is a valid ECDSA signature of |digest| under |spki|. */
+static int ecdsa_verifies(const uint8_t *spki, size_t spki_len, const uint8_t digest[32],
+                          const uint8_t *sig, size_t sig_len)
+{
+    EVP_PKEY *pkey = spki_to_pkey(spki, spki_len);
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(pkey, NULL);
+    assert_non_null(ctx);
+    assert_int_equal(EVP_PKEY_verify_init(ctx), 1);
+    int ok = EVP_PKEY_verify(ctx, sig, sig_len, digest, 32) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    EVP_PKEY_free(pkey);
+    return ok;
+}
+
+static void test_audit_key(void **state)
+{
+    (void)state;
+    struct hsm *hsm = open_hsm("mwk-audit-t");
+    uint8_t *spki = NULL, *spki2 = NULL, *sig = NULL;
+    size_t spki_len = 0, spki2_len = 0, sig_len = 0;
+    uint8_t digest[32];
+    for (size_t i = 0; i < sizeof(digest); i++)
+        digest[i] = (uint8_t)(i * 7 + 1);
+
+    /* Nothing to use before it is made. */
+    assert_int_equal(hsm_audit_public_key(hsm, &spki, &spki_len), KR_ENOTFOUND);
+    assert_int_equal(hsm_audit_sign(hsm, digest, &sig, &sig_len), KR_ENOTFOUND);
+
+    assert_int_equal(hsm_audit_key_ensure(hsm), 0);
+    assert_int_equal(hsm_audit_public_key(hsm, &spki, &spki_len), 0);
+    EVP_PKEY *pkey = spki_to_pkey(spki, spki_len);
+    assert_true(EVP_PKEY_is_a(pkey, "EC"));
+    char group[64];
+    size_t group_len = 0;
+    assert_int_equal(EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                                    sizeof(group), &group_len),
+                     1);
+    assert_string_equal(group, "prime256v1");
+    EVP_PKEY_free(pkey);
+
+    /* Idempotent: the same key, from this handle and from a fresh one. */
+    assert_int_equal(hsm_audit_key_ensure(hsm), 0);
+    assert_int_equal(hsm_audit_public_key(hsm, &spki2, &spki2_len), 0);
+    assert_int_equal(spki2_len, spki_len);
+    assert_memory_equal(spki2, spki, spki_len);
+    free(spki2);
+    spki2 = NULL;
+    hsm_close(hsm);
+    hsm = open_hsm("mwk-audit-t");
+    assert_int_equal(hsm_audit_key_ensure(hsm), 0);
+    assert_int_equal(hsm_audit_public_key(hsm, &spki2, &spki2_len), 0);
+    assert_int_equal(spki2_len, spki_len);
+    assert_memory_equal(spki2, spki, spki_len);
+    free(spki2);
+
+    /* Another MWK label is another audit key. */
+    struct hsm *other = open_hsm("mwk-audit-u");
+    assert_int_equal(hsm_audit_key_ensure(other), 0);
+    assert_int_equal(hsm_audit_public_key(other, &spki2, &spki2_len), 0);
+    assert_false(spki2_len == spki_len && memcmp(spki2, spki, spki_len) == 0);
+    free(spki2);
+    hsm_close(other);
+
+    /* Signatures verify with OpenSSL against the SPKI, and only for their digest. */
+    assert_int_equal(hsm_audit_sign(hsm, digest, &sig, &sig_len), 0);
+    assert_true(sig_len >= 8 && sig_len <= 72);
+    assert_int_equal(sig[0], 0x30); /* DER SEQUENCE, not raw r|s */
+    assert_true(ecdsa_verifies(spki, spki_len, digest, sig, sig_len));
+    digest[5] ^= 0x01;
+    assert_false(ecdsa_verifies(spki, spki_len, digest, sig, sig_len));
+    digest[5] ^= 0x01;
+    sig[sig_len - 1] ^= 0x01;
+    assert_false(ecdsa_verifies(spki, spki_len, digest, sig, sig_len));
+    free(sig);
+    hsm_close(hsm);
+    free(spki);
+}
+
+/* The private half: signs only, never readable or extractable. */
+static void test_audit_key_attributes(void **state)
+{
+    (void)state;
+    struct hsm *hsm = open_hsm("mwk-audit-a");
+    assert_int_equal(hsm_audit_key_ensure(hsm), 0);
+    hsm_close(hsm);
+
+    CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+    CK_FUNCTION_LIST *m = raw_open(&s);
+    assert_int_equal(m->C_Login(s, CKU_USER, (CK_UTF8CHAR *)PIN, strlen(PIN)), CKR_OK);
+    const char *label = "mwk-audit-a-audit";
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_LABEL, (void *)label, strlen(label)},
+    };
+    CK_OBJECT_HANDLE found[2];
+    CK_ULONG n = 0;
+    assert_int_equal(m->C_FindObjectsInit(s, tmpl, 2), CKR_OK);
+    assert_int_equal(m->C_FindObjects(s, found, 2, &n), CKR_OK);
+    assert_int_equal(m->C_FindObjectsFinal(s), CKR_OK);
+    assert_int_equal(n, 1);
+
+    uint8_t value[128];
+    CK_ATTRIBUTE get_value = {CKA_VALUE, value, sizeof(value)};
+    assert_int_equal(m->C_GetAttributeValue(s, found[0], &get_value, 1), CKR_ATTRIBUTE_SENSITIVE);
+
+    CK_BBOOL sensitive = 0, extractable = 1, never_extractable = 0, token = 0, priv = 0;
+    CK_BBOOL sign = 0, decrypt = 1, unwrap = 1, derive = 1;
+    CK_KEY_TYPE type = 0;
+    CK_ATTRIBUTE attrs[] = {
+        {CKA_SENSITIVE, &sensitive, 1},
+        {CKA_EXTRACTABLE, &extractable, 1},
+        {CKA_NEVER_EXTRACTABLE, &never_extractable, 1},
+        {CKA_TOKEN, &token, 1},
+        {CKA_PRIVATE, &priv, 1},
+        {CKA_SIGN, &sign, 1},
+        {CKA_DECRYPT, &decrypt, 1},
+        {CKA_UNWRAP, &unwrap, 1},
+        {CKA_DERIVE, &derive, 1},
+        {CKA_KEY_TYPE, &type, sizeof(type)},
+    };
+    assert_int_equal(m->C_GetAttributeValue(s, found[0], attrs, sizeof(attrs) / sizeof(attrs[0])),
+                     CKR_OK);
+    assert_true(sensitive);
+    assert_false(extractable);
+    assert_true(never_extractable);
+    assert_true(token);
+    assert_true(priv);
+    assert_true(sign);
+    assert_false(decrypt);
+    assert_false(unwrap);
+    assert_false(derive);
+    assert_int_equal(type, CKK_EC);
+
+    /* Exactly one public half, on the token. */
+    cls = CKO_PUBLIC_KEY;
+    assert_int_equal(m->C_FindObjectsInit(s, tmpl, 2), CKR_OK);
+    assert_int_equal(m->C_FindObjects(s, found, 2, &n), CKR_OK);
+    assert_int_equal(m->C_FindObjectsFinal(s), CKR_OK);
+    assert_int_equal(n, 1);
+    raw_close(m, s);
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[1], "--hold-login") == 0)
@@ -1083,6 +1237,8 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_wrap_while_other_process_holds_login),
         cmocka_unit_test(test_admit_wrap_with_open_handle),
         cmocka_unit_test(test_unwrap_refusals),
+        cmocka_unit_test(test_audit_key),
+        cmocka_unit_test(test_audit_key_attributes),
     };
     return cmocka_run_group_tests(tests, setup_token_dir, remove_token_dir);
 }
