@@ -23,6 +23,7 @@
 #include <openssl/rsa.h>
 #include <openssl/x509.h>
 
+#include "cluster_util.h"
 #include "harness.h"
 
 #define ID_LEN 32
@@ -2759,6 +2760,103 @@ static void test_revoke_message(void **state)
     free(id2);
 }
 
+/* ---- audit: fail closed ---------------------------------------------------------------- */
+
+/* Replaces the [audit] section (the last one `keyraftd init` writes) of the
+ * node's config with |section|. */
+static void set_audit_config(const struct kr_node *n, const char *section)
+{
+    char path[KR_PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/keyraftd.conf", n->dir);
+    FILE *fp = fopen(path, "r+");
+    assert_non_null(fp);
+    static char text[65536];
+    size_t len = fread(text, 1, sizeof(text) - 1, fp);
+    text[len] = '\0';
+    char *at = strstr(text, "[audit]");
+    assert_non_null(at);
+    *at = '\0';
+    assert_int_equal(fseek(fp, 0, SEEK_SET), 0);
+    assert_true(fputs(text, fp) >= 0 && fputs(section, fp) >= 0);
+    assert_int_equal(ftruncate(fileno(fp), ftell(fp)), 0);
+    assert_int_equal(fclose(fp), 0);
+}
+
+static int encrypt_status(struct fixture *f, const char *id)
+{
+    kr_buf ct = {0};
+    int rc = kr_encrypt(f->c, id, (const uint8_t *)"x", 1, NULL, 0, &ct);
+    kr_buf_free(&ct);
+    return rc;
+}
+
+/* Records that cannot be shipped stop the node: with the recorder made to
+ * ship only every 1.5 s but to fail closed once a record waits 100 ms,
+ * a request between the two is refused and says why, reads too unless
+ * fail_open_reads; once the batch is committed, requests run again. */
+static void test_audit_fail_closed(void **state)
+{
+    struct fixture *f = fx(state);
+    struct kr_node *n = &f->node;
+    char *id = create_cli(n, "fc-1", "aes-256", NULL, NULL);
+
+    for (int open_reads = 1; open_reads >= 0; open_reads--) {
+        char section[256];
+        snprintf(section, sizeof(section),
+                 "[audit]\nenabled = true\nflush_ms = 1500\nmax_pending = 100000\n"
+                 "max_lag_ms = 100\nfail_open_reads = %s\ncheckpoint_ms = 10000\n",
+                 open_reads ? "true" : "false");
+        kr_client_free(f->c);
+        f->c = NULL;
+        assert_int_equal(kr_node_stop(n), 0);
+        set_audit_config(n, section);
+        assert_int_equal(kr_node_start(n), 0);
+        assert_int_equal(kr_node_client(n, 2000, &f->c), 0);
+
+        /* Wait for a shipped batch (healthy), then queue one record. */
+        uint64_t deadline = kc_now_ms() + 10000;
+        while (encrypt_status(f, id) != 0 && kc_now_ms() < deadline)
+            kc_sleep_ms(50);
+        assert_int_equal(encrypt_status(f, id), 0);
+        kc_sleep_ms(300); /* the record is older than max_lag_ms, not yet shipped */
+
+        Keyraft__KeyAttributes *a = NULL;
+        int rc = kr_create_key(f->c, "fc-refused", KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a);
+        kr_key_attributes_free(a);
+        assert_int_equal(rc, KR_EUNAVAIL);
+        assert_non_null(strstr(kr_client_last_error(f->c), "audit records cannot be written"));
+        rc = encrypt_status(f, id);
+        if (open_reads) {
+            assert_int_equal(rc, 0);
+        } else {
+            assert_int_equal(rc, KR_EUNAVAIL);
+            assert_non_null(strstr(kr_client_last_error(f->c), "audit records cannot be written"));
+        }
+        /* status still answers: an operator can see the node */
+        char role[32];
+        assert_int_equal(kr_node_status_role(n, role, sizeof(role)), 0);
+
+        /* The batch ships; the node serves again, and the refusal is on record. */
+        deadline = kc_now_ms() + 10000;
+        do {
+            kc_sleep_ms(100);
+            rc = kr_create_key(f->c, open_reads ? "fc-later-1" : "fc-later-0",
+                               KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a);
+            kr_key_attributes_free(a);
+            a = NULL;
+        } while (rc == KR_EUNAVAIL && kc_now_ms() < deadline);
+        assert_int_equal(rc, 0);
+    }
+    struct kr_out o;
+    const char *q[] = {"audit", "query", "--op", "create", "--denied", NULL};
+    kr_cli_argv(n, NULL, 0, &o, q);
+    assert_int_equal(o.status, 0);
+    assert_non_null(strstr((const char *)o.out, "KR_EUNAVAIL"));
+    assert_non_null(strstr((const char *)o.out, "audit records cannot be written"));
+    kr_out_free(&o);
+    free(id);
+}
+
 int main(void)
 {
     const struct CMUnitTest ops[] = {
@@ -2790,6 +2888,9 @@ int main(void)
     const struct CMUnitTest revoke[] = {
         cmocka_unit_test(test_revoke_message),
     };
+    const struct CMUnitTest audit[] = {
+        cmocka_unit_test(test_audit_fail_closed),
+    };
     int failed = 0;
 
     if (getenv("KR_TEST_FILTER") != NULL) /* e.g. KR_TEST_FILTER=test_rotate */
@@ -2797,6 +2898,7 @@ int main(void)
     failed += cmocka_run_group_tests_name("node_ops", ops, group_setup, group_teardown);
     failed += cmocka_run_group_tests_name("node_revoke_message", revoke, group_setup,
                                           group_teardown);
+    failed += cmocka_run_group_tests_name("node_audit", audit, group_setup, group_teardown);
     failed += cmocka_run_group_tests_name("node_durability", durability, group_setup,
                                           group_teardown);
     return failed;
