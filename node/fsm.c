@@ -480,6 +480,7 @@ static int apply_put_domain(struct fsm *fsm, struct store_batch *b,
     keyraft__domain_record__pack(dom, buf);
     store_batch_put(b, STORE_CF_META, key, klen, buf, len);
     free(buf);
+    fsm_governance_bump();
     return 0;
 }
 

@@ -191,7 +191,8 @@ int fsm__apply_put_principal(struct fsm *fsm, struct store_batch *b,
         keyraft__principal_info__free_unpacked(old, NULL);
         return KR_ENOMEM;
     }
-    memcpy(certs, old->certs, n * sizeof(*certs));
+    if (n > 0) /* old->certs may be NULL when there are none */
+        memcpy(certs, old->certs, n * sizeof(*certs));
     for (size_t i = 0; i < p->n_certs; i++) {
         Keyraft__PrincipalCert *c = p->certs[i];
         size_t j = 0;
@@ -413,7 +414,8 @@ int fsm__apply_vote_approval(struct fsm *fsm, struct store_batch *b,
         keyraft__approval_record__free_unpacked(a, NULL);
         return KR_ENOMEM;
     }
-    memcpy(votes, info->votes, info->n_votes * sizeof(*votes));
+    if (info->n_votes > 0) /* info->votes is NULL before the first vote */
+        memcpy(votes, info->votes, info->n_votes * sizeof(*votes));
     votes[info->n_votes] = (Keyraft__ApprovalVote *)v;
     size_t approvals = 0;
     for (size_t i = 0; i <= info->n_votes; i++)

@@ -3,6 +3,7 @@
 
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "keyraft.h"
 
@@ -57,10 +58,11 @@ void policy_roles_text(unsigned roles, char *out, size_t cap)
     for (size_t i = 0; i < sizeof(ROLES) / sizeof(ROLES[0]); i++) {
         if (!(roles & ROLES[i].bit))
             continue;
-        int w = snprintf(out + used, cap - used, "%s%s", used ? "," : "", ROLES[i].name);
-        if (w < 0 || (size_t)w >= cap - used)
-            return;
-        used += (size_t)w;
+        size_t need = strlen(ROLES[i].name) + (used ? 1 : 0);
+        if (need >= cap - used)
+            return; /* whole names only */
+        snprintf(out + used, cap - used, "%s%s", used ? "," : "", ROLES[i].name);
+        used += need;
     }
     if (roles & POLICY_NODE)
         snprintf(out + used, cap - used, "%snode", used ? "," : "");
@@ -244,7 +246,7 @@ int policy_principal_check(const Keyraft__PrincipalInfo *p, char *why, size_t wh
                                "characters)", p->name, NAME_MAX_CHARS);
         return KR_EINVAL;
     }
-    if (strncmp(p->name, "node-", 5) == 0) {
+    if (strncasecmp(p->name, "node-", 5) == 0) {
         snprintf(why, why_len, "names starting with \"node-\" belong to cluster nodes");
         return KR_EINVAL;
     }
@@ -297,13 +299,20 @@ int policy_key_policy_check(const Keyraft__KeyPolicy *p, char *why, size_t why_l
             snprintf(why, why_len, "grant for \"%s\" lists too many operations", g->group);
             return KR_EINVAL;
         }
-        for (size_t j = 0; j < g->n_ops; j++)
+        for (size_t j = 0; j < g->n_ops; j++) {
+            for (size_t k = 0; k < j; k++)
+                if (strcmp(g->ops[j], g->ops[k]) == 0) {
+                    snprintf(why, why_len, "grant for \"%s\" lists %.32s twice", g->group,
+                             g->ops[j]);
+                    return KR_EINVAL;
+                }
             if (!policy_grant_known(g->ops[j])) {
                 snprintf(why, why_len, "grant for \"%s\": unknown operation \"%.32s\" (get, "
                                        "encrypt, decrypt, sign, verify, mac, verify_mac, "
                                        "data_key, wrap, unwrap, export)", g->group, g->ops[j]);
                 return KR_EINVAL;
             }
+        }
     }
     return 0;
 }

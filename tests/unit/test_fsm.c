@@ -51,6 +51,37 @@ struct op {
     char msg[64];
     uint8_t sealed[24];
     uint8_t wrapped[16];
+    /* governance commands */
+    Keyraft__PutPrincipalCommand put_principal;
+    Keyraft__PrincipalInfo principal;
+    Keyraft__PrincipalCert certs[4];
+    Keyraft__PrincipalCert *certp[4];
+    char serials[4][24];
+    char revokers[4][32];
+    char *roles[4];
+    char *groups[4];
+    char words[8][32];
+    size_t n_words;
+    Keyraft__DestroyDomainCommand destroy_domain;
+    Keyraft__SetKeyPolicyCommand set_policy;
+    Keyraft__KeyPolicy policy;
+    Keyraft__GroupGrant grant;
+    Keyraft__GroupGrant *grants[1];
+    char *grant_ops[4];
+    Keyraft__PutGovernanceCommand put_gov;
+    Keyraft__GovernanceRecord gov;
+    Keyraft__QuorumRule rules[2];
+    Keyraft__QuorumRule *rulep[2];
+    char rule_words[2][2][32];
+    Keyraft__CreateApprovalCommand create_approval;
+    Keyraft__ApprovalRecord approval;
+    Keyraft__ApprovalInfo ainfo;
+    Keyraft__VoteApprovalCommand vote_cmd;
+    Keyraft__ApprovalVote vote;
+    Keyraft__FinishApprovalCommand finish;
+    char who[64];
+    char approval_id[64];     /* the approval a governance command concerns */
+    char cmd_approval_id[64]; /* Command.approval_id */
 };
 
 #define ENTRY_MAX 8
@@ -203,6 +234,199 @@ static void e_destroy(struct entry *e, const char *req, const char *id, uint64_t
     o->destroy.at = at;
     o->cmd.op_case = KEYRAFT__COMMAND__OP_DESTROY_KEY;
     o->cmd.destroy_key = &o->destroy;
+}
+
+/* ---- governance builders ----------------------------------------------------- */
+
+/* Splits comma-separated |csv| into |out| (at most |max|), storage in |o|. */
+static size_t split_words(struct op *o, const char *csv, char **out, size_t max)
+{
+    size_t n = 0;
+    const char *s = csv != NULL ? csv : "";
+    while (*s != '\0' && n < max) {
+        size_t l = strcspn(s, ",");
+        assert_true(o->n_words < 8);
+        char *w = o->words[o->n_words++];
+        snprintf(w, sizeof(o->words[0]), "%.*s", (int)l, s);
+        out[n++] = w;
+        s += l;
+        if (*s == ',')
+            s++;
+    }
+    return n;
+}
+
+/* Runs the command only under approval |id| (Command.approval_id). */
+static void with_approval(struct op *o, const char *id)
+{
+    snprintf(o->cmd_approval_id, sizeof(o->cmd_approval_id), "%s", id);
+    o->cmd.approval_id = o->cmd_approval_id;
+}
+
+static struct op *e_principal(struct entry *e, const char *req, const char *name,
+                              const char *roles, const char *groups)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->name, sizeof(o->name), "%s", name);
+    keyraft__principal_info__init(&o->principal);
+    o->principal.name = o->name;
+    o->principal.roles = o->roles;
+    o->principal.n_roles = split_words(o, roles, o->roles, 4);
+    o->principal.groups = o->groups;
+    o->principal.n_groups = split_words(o, groups, o->groups, 4);
+    o->principal.certs = o->certp;
+    o->principal.created_at = 1000;
+    o->principal.created_by = "root-admin";
+    keyraft__put_principal_command__init(&o->put_principal);
+    o->put_principal.principal = &o->principal;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_PUT_PRINCIPAL;
+    o->cmd.put_principal = &o->put_principal;
+    return o;
+}
+
+/* Adds a certificate to a pending e_principal; |revoked_by| NULL: not revoked. */
+static void p_cert(struct op *o, const char *serial, const char *revoked_by, uint64_t revoked_at)
+{
+    size_t i = o->principal.n_certs++;
+    assert_true(i < 4);
+    Keyraft__PrincipalCert *c = &o->certs[i];
+    keyraft__principal_cert__init(c);
+    snprintf(o->serials[i], sizeof(o->serials[i]), "%s", serial);
+    c->serial = o->serials[i];
+    c->not_after = 9000000;
+    if (revoked_by != NULL) {
+        snprintf(o->revokers[i], sizeof(o->revokers[i]), "%s", revoked_by);
+        c->revoked = 1;
+        c->revoked_at = revoked_at;
+        c->revoked_by = o->revokers[i];
+    }
+    o->certp[i] = c;
+}
+
+static void e_destroy_domain(struct entry *e, const char *req, const char *domain_id, uint64_t at)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->dom, sizeof(o->dom), "%s", domain_id);
+    keyraft__destroy_domain_command__init(&o->destroy_domain);
+    o->destroy_domain.domain_id = o->dom;
+    o->destroy_domain.at = at;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_DESTROY_DOMAIN;
+    o->cmd.destroy_domain = &o->destroy_domain;
+}
+
+/* A policy owned by |owner|, with one grant of |ops| (csv) to |group| when
+ * |group| is not NULL. */
+static void e_set_policy(struct entry *e, const char *req, const char *id, const char *owner,
+                         const char *group, const char *ops)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->id, sizeof(o->id), "%.32s", id);
+    snprintf(o->dom, sizeof(o->dom), "%s", owner);
+    keyraft__key_policy__init(&o->policy);
+    o->policy.owner_group = o->dom;
+    o->policy.usage_limit = 77;
+    if (group != NULL) {
+        keyraft__group_grant__init(&o->grant);
+        snprintf(o->name, sizeof(o->name), "%s", group);
+        o->grant.group = o->name;
+        o->grant.ops = o->grant_ops;
+        o->grant.n_ops = split_words(o, ops, o->grant_ops, 4);
+        o->grants[0] = &o->grant;
+        o->policy.grants = o->grants;
+        o->policy.n_grants = 1;
+    }
+    keyraft__set_key_policy_command__init(&o->set_policy);
+    o->set_policy.key_id = o->id;
+    o->set_policy.policy = &o->policy;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_SET_KEY_POLICY;
+    o->cmd.set_key_policy = &o->set_policy;
+}
+
+static struct op *e_governance(struct entry *e, const char *req)
+{
+    struct op *o = op_begin(e, req);
+    keyraft__governance_record__init(&o->gov);
+    o->gov.rules = o->rulep;
+    keyraft__put_governance_command__init(&o->put_gov);
+    o->put_gov.governance = &o->gov;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_PUT_GOVERNANCE;
+    o->cmd.put_governance = &o->put_gov;
+    return o;
+}
+
+static void g_rule(struct op *o, const char *operation, uint32_t required, const char *role)
+{
+    size_t i = o->gov.n_rules++;
+    assert_true(i < 2);
+    Keyraft__QuorumRule *r = &o->rules[i];
+    keyraft__quorum_rule__init(r);
+    snprintf(o->rule_words[i][0], sizeof(o->rule_words[i][0]), "%s", operation);
+    snprintf(o->rule_words[i][1], sizeof(o->rule_words[i][1]), "%s", role);
+    r->operation = o->rule_words[i][0];
+    r->approver_role = o->rule_words[i][1];
+    r->required = required;
+    r->ttl_ms = 60000;
+    o->rulep[i] = r;
+}
+
+static struct op *e_create_approval(struct entry *e, const char *req, const char *id,
+                                    const char *requester, uint32_t required,
+                                    uint64_t expires_at)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->approval_id, sizeof(o->approval_id), "%s", id);
+    snprintf(o->who, sizeof(o->who), "%s", requester);
+    keyraft__approval_info__init(&o->ainfo);
+    o->ainfo.id = o->approval_id;
+    o->ainfo.operation = "destroy";
+    o->ainfo.summary = "destroy a key";
+    o->ainfo.requester = o->who;
+    o->ainfo.state = KEYRAFT__APPROVAL_STATE__APPROVAL_PENDING;
+    o->ainfo.required = required;
+    o->ainfo.approver_role = "officer";
+    o->ainfo.created_at = 1000;
+    o->ainfo.expires_at = expires_at;
+    keyraft__approval_record__init(&o->approval);
+    o->approval.info = &o->ainfo;
+    keyraft__create_approval_command__init(&o->create_approval);
+    o->create_approval.approval = &o->approval;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_CREATE_APPROVAL;
+    o->cmd.create_approval = &o->create_approval;
+    return o;
+}
+
+static void e_vote(struct entry *e, const char *req, const char *id, const char *voter,
+                   int approve, uint64_t at)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->approval_id, sizeof(o->approval_id), "%s", id);
+    snprintf(o->who, sizeof(o->who), "%s", voter);
+    keyraft__approval_vote__init(&o->vote);
+    o->vote.principal = o->who;
+    o->vote.approve = approve;
+    o->vote.at = at;
+    o->vote.reason = "checked";
+    keyraft__vote_approval_command__init(&o->vote_cmd);
+    o->vote_cmd.approval_id = o->approval_id;
+    o->vote_cmd.vote = &o->vote;
+    o->vote_cmd.at = at;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_VOTE_APPROVAL;
+    o->cmd.vote_approval = &o->vote_cmd;
+}
+
+static void e_finish(struct entry *e, const char *req, const char *id, int status,
+                     const char *msg)
+{
+    struct op *o = op_begin(e, req);
+    snprintf(o->approval_id, sizeof(o->approval_id), "%s", id);
+    snprintf(o->msg, sizeof(o->msg), "%s", msg);
+    keyraft__finish_approval_command__init(&o->finish);
+    o->finish.approval_id = o->approval_id;
+    o->finish.status = status;
+    o->finish.message = o->msg;
+    o->finish.at = 4242;
+    o->cmd.op_case = KEYRAFT__COMMAND__OP_FINISH_APPROVAL;
+    o->cmd.finish_approval = &o->finish;
 }
 
 /* ---- fixture --------------------------------------------------------------- */
@@ -1347,6 +1571,605 @@ static void test_node_registry(void **state)
     fsm_nodes_free(&all);
 }
 
+/* ---- governance ------------------------------------------------------------- */
+
+static Keyraft__PrincipalInfo *get_principal(struct fx *f, const char *name)
+{
+    Keyraft__PrincipalInfo *p = NULL;
+    assert_int_equal(fsm_get_principal(f->store, name, &p), 0);
+    assert_non_null(p);
+    return p;
+}
+
+static const Keyraft__PrincipalCert *cert_of(const Keyraft__PrincipalInfo *p, const char *serial)
+{
+    for (size_t i = 0; i < p->n_certs; i++)
+        if (strcmp(p->certs[i]->serial, serial) == 0)
+            return p->certs[i];
+    fail_msg("principal %s has no certificate %s", p->name, serial);
+    return NULL;
+}
+
+static Keyraft__ApprovalRecord *get_approval(struct fx *f, const char *id)
+{
+    Keyraft__ApprovalRecord *a = NULL;
+    assert_int_equal(fsm_get_approval(f->store, id, &a), 0);
+    assert_non_null(a);
+    assert_non_null(a->info);
+    return a;
+}
+
+static Keyraft__ApprovalState approval_state(struct fx *f, const char *id)
+{
+    Keyraft__ApprovalRecord *a = get_approval(f, id);
+    Keyraft__ApprovalState s = a->info->state;
+    keyraft__approval_record__free_unpacked(a, NULL);
+    return s;
+}
+
+#define AP_PENDING KEYRAFT__APPROVAL_STATE__APPROVAL_PENDING
+#define AP_APPROVED KEYRAFT__APPROVAL_STATE__APPROVAL_APPROVED
+#define AP_DONE KEYRAFT__APPROVAL_STATE__APPROVAL_DONE
+#define AP_DENIED KEYRAFT__APPROVAL_STATE__APPROVAL_DENIED
+
+static void test_principal_create_and_merge(void **state)
+{
+    struct fx *f = *state;
+    unsigned long epoch = fsm_governance_epoch();
+    struct op *o = e_principal(f->e, "req-p1", "alice", "officer,user", "payments,hr");
+    p_cert(o, "0a01", NULL, 0);
+    assert_int_equal(apply1(f, 1), 0);
+    assert_true(fsm_governance_epoch() > epoch);
+
+    Keyraft__PrincipalInfo *p = get_principal(f, "alice");
+    assert_string_equal(p->name, "alice");
+    assert_int_equal(p->n_roles, 2);
+    assert_string_equal(p->roles[0], "officer");
+    assert_string_equal(p->roles[1], "user");
+    assert_int_equal(p->n_groups, 2);
+    assert_int_equal(p->n_certs, 1);
+    assert_string_equal(p->certs[0]->serial, "0a01");
+    assert_false(p->certs[0]->revoked);
+    assert_string_equal(p->created_by, "root-admin");
+    keyraft__principal_info__free_unpacked(p, NULL);
+
+    /* A second certificate, roles listed in another order: merged. */
+    epoch = fsm_governance_epoch();
+    o = e_principal(f->e, NULL, "alice", "user,officer", "hr,payments");
+    p_cert(o, "0a02", NULL, 0);
+    assert_int_equal(apply1(f, 2), 0);
+    assert_true(fsm_governance_epoch() > epoch);
+    p = get_principal(f, "alice");
+    assert_int_equal(p->n_certs, 2);
+    assert_false(cert_of(p, "0a01")->revoked);
+    assert_false(cert_of(p, "0a02")->revoked);
+    keyraft__principal_info__free_unpacked(p, NULL);
+
+    /* Revoking the first one. */
+    o = e_principal(f->e, NULL, "alice", "officer,user", "payments,hr");
+    p_cert(o, "0a01", "root-admin", 5000);
+    assert_int_equal(apply1(f, 3), 0);
+    p = get_principal(f, "alice");
+    assert_int_equal(p->n_certs, 2);
+    assert_true(cert_of(p, "0a01")->revoked);
+    assert_int_equal(cert_of(p, "0a01")->revoked_at, 5000);
+    assert_string_equal(cert_of(p, "0a01")->revoked_by, "root-admin");
+    assert_false(cert_of(p, "0a02")->revoked);
+    keyraft__principal_info__free_unpacked(p, NULL);
+
+    /* A later put listing it unrevoked (a stale leader's view) does not
+     * bring it back, nor does a second revocation rewrite who revoked it. */
+    o = e_principal(f->e, NULL, "alice", "officer,user", "payments,hr");
+    p_cert(o, "0a01", NULL, 0);
+    p_cert(o, "0a03", NULL, 0);
+    assert_int_equal(apply1(f, 4), 0);
+    p = get_principal(f, "alice");
+    assert_int_equal(p->n_certs, 3);
+    assert_true(cert_of(p, "0a01")->revoked);
+    keyraft__principal_info__free_unpacked(p, NULL);
+    o = e_principal(f->e, NULL, "alice", "officer,user", "payments,hr");
+    p_cert(o, "0a01", "someone-else", 6000);
+    assert_int_equal(apply1(f, 5), 0);
+    p = get_principal(f, "alice");
+    assert_int_equal(p->n_certs, 3);
+    assert_true(cert_of(p, "0a01")->revoked);
+    assert_int_equal(cert_of(p, "0a01")->revoked_at, 5000);
+    assert_string_equal(cert_of(p, "0a01")->revoked_by, "root-admin");
+    assert_false(cert_of(p, "0a03")->revoked);
+    keyraft__principal_info__free_unpacked(p, NULL);
+
+    /* Another shape under the same name is a different principal: refused,
+     * nothing changes. */
+    o = e_principal(f->e, NULL, "alice", "officer", "payments,hr");
+    p_cert(o, "0a04", NULL, 0);
+    assert_int_equal(apply1(f, 6), KR_EEXIST);
+    o = e_principal(f->e, NULL, "alice", "officer,user", "payments");
+    p_cert(o, "0a04", NULL, 0);
+    assert_int_equal(apply1(f, 7), KR_EEXIST);
+    o = e_principal(f->e, NULL, "alice", "auditor", "payments,hr");
+    p_cert(o, "0a01", NULL, 0);
+    assert_int_equal(apply1(f, 8), KR_EEXIST);
+    p = get_principal(f, "alice");
+    assert_int_equal(p->n_roles, 2);
+    assert_int_equal(p->n_groups, 2);
+    assert_int_equal(p->n_certs, 3);
+    assert_true(cert_of(p, "0a01")->revoked);
+    keyraft__principal_info__free_unpacked(p, NULL);
+
+    /* Invalid shapes never land. */
+    o = e_principal(f->e, NULL, "bob", "admin,user", NULL);
+    p_cert(o, "0b01", NULL, 0);
+    assert_int_equal(apply1(f, 9), KR_EINVAL);
+    o = e_principal(f->e, NULL, "node-7", "auditor", NULL);
+    p_cert(o, "0b02", NULL, 0);
+    assert_int_equal(apply1(f, 10), KR_EINVAL);
+    o = e_principal(f->e, NULL, "carol", "", NULL);
+    assert_int_equal(apply1(f, 11), KR_EINVAL);
+    Keyraft__PrincipalInfo *none = NULL;
+    assert_int_equal(fsm_get_principal(f->store, "bob", &none), KR_ENOTFOUND);
+    assert_int_equal(fsm_get_principal(f->store, "node-7", &none), KR_ENOTFOUND);
+    assert_int_equal(fsm_get_principal(f->store, "carol", &none), KR_ENOTFOUND);
+    assert_int_equal(fsm_get_principal(f->store, "", &none), KR_ENOTFOUND);
+    assert_null(none);
+
+    /* The registry lists by name. */
+    o = e_principal(f->e, NULL, "admin1", "admin", NULL);
+    p_cert(o, "0c01", NULL, 0);
+    assert_int_equal(apply1(f, 12), 0);
+    /* A principal registered without a certificate gets its first by merge. */
+    e_principal(f->e, NULL, "dave", "auditor", NULL);
+    assert_int_equal(apply1(f, 13), 0);
+    p = get_principal(f, "dave");
+    assert_int_equal(p->n_certs, 0);
+    keyraft__principal_info__free_unpacked(p, NULL);
+    o = e_principal(f->e, NULL, "dave", "auditor", NULL);
+    p_cert(o, "0d01", NULL, 0);
+    assert_int_equal(apply1(f, 14), 0);
+    p = get_principal(f, "dave");
+    assert_int_equal(p->n_certs, 1);
+    assert_string_equal(p->certs[0]->serial, "0d01");
+    keyraft__principal_info__free_unpacked(p, NULL);
+    struct fsm_list l;
+    assert_int_equal(fsm_list_principals(f->store, 10, &l), 0);
+    assert_int_equal(l.n, 3);
+    assert_false(l.more);
+    assert_string_equal(((Keyraft__PrincipalInfo *)l.items[0])->name, "admin1");
+    assert_string_equal(((Keyraft__PrincipalInfo *)l.items[1])->name, "alice");
+    assert_string_equal(((Keyraft__PrincipalInfo *)l.items[2])->name, "dave");
+    fsm_list_free(&l);
+    assert_int_equal(fsm_list_principals(f->store, 1, &l), 0);
+    assert_int_equal(l.n, 1);
+    assert_true(l.more);
+    fsm_list_free(&l);
+    assert_int_equal(l.n, 0);
+}
+
+static void test_governance_rules(void **state)
+{
+    struct fx *f = *state;
+    Keyraft__GovernanceRecord *g = NULL;
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 0);
+    keyraft__governance_record__free_unpacked(g, NULL);
+
+    unsigned long epoch = fsm_governance_epoch();
+    struct op *o = e_governance(f->e, NULL);
+    g_rule(o, "export", 2, "officer");
+    assert_int_equal(apply1(f, 1), 0);
+    assert_true(fsm_governance_epoch() > epoch);
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 1);
+    assert_string_equal(g->rules[0]->operation, "export");
+    assert_int_equal(g->rules[0]->required, 2);
+    assert_string_equal(g->rules[0]->approver_role, "officer");
+    assert_int_equal(g->rules[0]->ttl_ms, 60000);
+    keyraft__governance_record__free_unpacked(g, NULL);
+
+    /* Upsert by operation: export replaced, destroy added. */
+    o = e_governance(f->e, NULL);
+    g_rule(o, "destroy", 3, "officer");
+    g_rule(o, "export", 3, "admin");
+    assert_int_equal(apply1(f, 2), 0);
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 2);
+    int seen_export = 0, seen_destroy = 0;
+    for (size_t i = 0; i < g->n_rules; i++) {
+        if (strcmp(g->rules[i]->operation, "export") == 0) {
+            seen_export++;
+            assert_int_equal(g->rules[i]->required, 3);
+            assert_string_equal(g->rules[i]->approver_role, "admin");
+        } else if (strcmp(g->rules[i]->operation, "destroy") == 0) {
+            seen_destroy++;
+            assert_int_equal(g->rules[i]->required, 3);
+        }
+    }
+    assert_int_equal(seen_export, 1);
+    assert_int_equal(seen_destroy, 1);
+    keyraft__governance_record__free_unpacked(g, NULL);
+
+    /* required 0 removes the rule. */
+    epoch = fsm_governance_epoch();
+    o = e_governance(f->e, NULL);
+    g_rule(o, "export", 0, "officer");
+    assert_int_equal(apply1(f, 3), 0);
+    assert_true(fsm_governance_epoch() > epoch);
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 1);
+    assert_string_equal(g->rules[0]->operation, "destroy");
+    keyraft__governance_record__free_unpacked(g, NULL);
+
+    /* Malformed rules change nothing. */
+    o = e_governance(f->e, NULL);
+    g_rule(o, "encrypt", 2, "officer");
+    assert_int_equal(apply1(f, 4), KR_EINVAL);
+    o = e_governance(f->e, NULL);
+    g_rule(o, "export", 2, "root");
+    assert_int_equal(apply1(f, 5), KR_EINVAL);
+    o = e_governance(f->e, NULL);
+    g_rule(o, "export", 17, "officer");
+    assert_int_equal(apply1(f, 6), KR_EINVAL);
+    o = e_governance(f->e, NULL);
+    g_rule(o, "export", 2, "officer");
+    g_rule(o, "destroy", 0, "nobody"); /* one bad rule spoils the command */
+    assert_int_equal(apply1(f, 7), KR_EINVAL);
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 1);
+    assert_string_equal(g->rules[0]->operation, "destroy");
+    assert_int_equal(g->rules[0]->required, 3);
+    keyraft__governance_record__free_unpacked(g, NULL);
+
+    /* Removing the last rule leaves an empty record. */
+    o = e_governance(f->e, NULL);
+    g_rule(o, "destroy", 0, "officer");
+    assert_int_equal(apply1(f, 8), 0);
+    assert_int_equal(fsm_get_governance(f->store, &g), 0);
+    assert_int_equal(g->n_rules, 0);
+    keyraft__governance_record__free_unpacked(g, NULL);
+}
+
+static void test_approval_votes(void **state)
+{
+    struct fx *f = *state;
+    e_create_approval(f->e, NULL, "ap1", "alice", 2, 10000);
+    assert_int_equal(apply1(f, 1), 0);
+    Keyraft__ApprovalRecord *a = get_approval(f, "ap1");
+    assert_int_equal(a->info->state, AP_PENDING);
+    assert_string_equal(a->info->requester, "alice");
+    assert_int_equal(a->info->required, 2);
+    assert_int_equal(a->info->n_votes, 0);
+    keyraft__approval_record__free_unpacked(a, NULL);
+
+    /* Created once; only pending, with a quorum and a valid id. */
+    e_create_approval(f->e, NULL, "ap1", "mallory", 1, 10000);
+    assert_int_equal(apply1(f, 2), KR_EEXIST);
+    struct op *o = e_create_approval(f->e, NULL, "ap-x", "mallory", 1, 10000);
+    o->ainfo.state = AP_APPROVED;
+    assert_int_equal(apply1(f, 3), KR_EINVAL);
+    e_create_approval(f->e, NULL, "ap-y", "mallory", 0, 10000);
+    assert_int_equal(apply1(f, 4), KR_EINVAL);
+    e_create_approval(f->e, NULL, "ap z", "mallory", 1, 10000);
+    assert_int_equal(apply1(f, 5), KR_EINVAL);
+    Keyraft__ApprovalRecord *none = NULL;
+    assert_int_equal(fsm_get_approval(f->store, "ap-x", &none), KR_ENOTFOUND);
+    assert_int_equal(fsm_get_approval(f->store, "ap-y", &none), KR_ENOTFOUND);
+    a = get_approval(f, "ap1");
+    assert_string_equal(a->info->requester, "alice");
+    keyraft__approval_record__free_unpacked(a, NULL);
+
+    /* Nobody approves their own request, nor denies it. */
+    e_vote(f->e, NULL, "ap1", "alice", 1, 2000);
+    assert_int_equal(apply1(f, 6), KR_EPERM);
+    e_vote(f->e, NULL, "ap1", "alice", 0, 2000);
+    assert_int_equal(apply1(f, 7), KR_EPERM);
+    e_vote(f->e, NULL, "ap1", "", 1, 2000);
+    assert_int_equal(apply1(f, 8), KR_EINVAL);
+    e_vote(f->e, NULL, "no-such", "bob", 1, 2000);
+    assert_int_equal(apply1(f, 9), KR_ENOTFOUND);
+
+    e_vote(f->e, NULL, "ap1", "bob", 1, 3000);
+    assert_int_equal(apply1(f, 10), 0);
+    a = get_approval(f, "ap1");
+    assert_int_equal(a->info->state, AP_PENDING);
+    assert_int_equal(a->info->n_votes, 1);
+    assert_string_equal(a->info->votes[0]->principal, "bob");
+    assert_true(a->info->votes[0]->approve);
+    assert_int_equal(a->info->votes[0]->at, 3000);
+    keyraft__approval_record__free_unpacked(a, NULL);
+
+    /* One vote per principal, even a change of mind. */
+    e_vote(f->e, NULL, "ap1", "bob", 1, 3100);
+    assert_int_equal(apply1(f, 11), KR_EEXIST);
+    e_vote(f->e, NULL, "ap1", "bob", 0, 3200);
+    assert_int_equal(apply1(f, 12), KR_EEXIST);
+
+    /* Past expires_at (the command's time): too late. At it: in time. */
+    e_vote(f->e, NULL, "ap1", "carol", 1, 10001);
+    assert_int_equal(apply1(f, 13), KR_ETIMEDOUT);
+    assert_int_equal(approval_state(f, "ap1"), AP_PENDING);
+    e_vote(f->e, NULL, "ap1", "carol", 1, 10000);
+    assert_int_equal(apply1(f, 14), 0);
+    a = get_approval(f, "ap1");
+    assert_int_equal(a->info->state, AP_APPROVED);
+    assert_int_equal(a->info->n_votes, 2);
+    assert_string_equal(a->info->votes[1]->principal, "carol");
+    keyraft__approval_record__free_unpacked(a, NULL);
+
+    /* Decided: no more votes. */
+    e_vote(f->e, NULL, "ap1", "dave", 1, 5000);
+    assert_int_equal(apply1(f, 15), KR_ESTATE);
+    e_vote(f->e, NULL, "ap1", "erin", 0, 5000);
+    assert_int_equal(apply1(f, 16), KR_ESTATE);
+    assert_int_equal(approval_state(f, "ap1"), AP_APPROVED);
+
+    /* One denial decides, whatever approvals came before. */
+    e_create_approval(f->e, NULL, "ap2", "alice", 3, 10000);
+    assert_int_equal(apply1(f, 17), 0);
+    e_vote(f->e, NULL, "ap2", "bob", 1, 4000);
+    assert_int_equal(apply1(f, 18), 0);
+    e_vote(f->e, NULL, "ap2", "carol", 0, 4001);
+    assert_int_equal(apply1(f, 19), 0);
+    a = get_approval(f, "ap2");
+    assert_int_equal(a->info->state, AP_DENIED);
+    assert_int_equal(a->info->n_votes, 2);
+    assert_false(a->info->votes[1]->approve);
+    keyraft__approval_record__free_unpacked(a, NULL);
+    e_vote(f->e, NULL, "ap2", "dave", 1, 4002);
+    assert_int_equal(apply1(f, 20), KR_ESTATE);
+    assert_int_equal(approval_state(f, "ap2"), AP_DENIED);
+
+    struct fsm_list l;
+    assert_int_equal(fsm_list_approvals(f->store, 10, &l), 0);
+    assert_int_equal(l.n, 2);
+    assert_false(l.more);
+    assert_string_equal(((Keyraft__ApprovalRecord *)l.items[0])->info->id, "ap1");
+    assert_string_equal(((Keyraft__ApprovalRecord *)l.items[1])->info->id, "ap2");
+    fsm_list_free(&l);
+}
+
+/* Votes |voters| (csv) in favour of |id|, from entry |index| on; returns the
+ * next free index. */
+static uint64_t approve_by(struct fx *f, const char *id, const char *voters, uint64_t index)
+{
+    char buf[128];
+    snprintf(buf, sizeof(buf), "%s", voters);
+    for (char *save = NULL, *v = strtok_r(buf, ",", &save); v != NULL;
+         v = strtok_r(NULL, ",", &save)) {
+        e_vote(f->e, NULL, id, v, 1, 2000);
+        assert_int_equal(apply1(f, index++), 0);
+    }
+    return index;
+}
+
+static void test_approval_gates_command(void **state)
+{
+    struct fx *f = *state;
+    char k1[FSM_KEY_ID_LEN + 1], k2[FSM_KEY_ID_LEN + 1], ghost[FSM_KEY_ID_LEN + 1];
+    make_id(60, k1);
+    make_id(61, k2);
+    make_id(62, ghost);
+    seed_key(f, k1, "held", S_PRE);
+    e_put_key(f->e, NULL, k2, "other", FSM_DEFAULT_DOMAIN, S_PRE);
+    assert_int_equal(apply1(f, 3), 0);
+    e_create_approval(f->e, NULL, "ap-d", "alice", 2, 10000);
+    assert_int_equal(apply1(f, 4), 0);
+
+    /* Pending: the held destroy is refused and changes nothing. */
+    e_destroy(f->e, "req-d1", k1, 500);
+    with_approval(&f->e->ops[0], "ap-d");
+    assert_int_equal(apply1(f, 5), KR_EPERM);
+    assert_int_equal(key_state(f, k1), S_PRE);
+    assert_int_equal(approval_state(f, "ap-d"), AP_PENDING);
+    uint64_t next = approve_by(f, "ap-d", "bob", 6);
+    e_destroy(f->e, NULL, k1, 500);
+    with_approval(&f->e->ops[0], "ap-d");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+    assert_int_equal(key_state(f, k1), S_PRE);
+
+    /* Finishing by hand needs an approved request too. */
+    e_finish(f->e, NULL, "ap-d", 0, "ran");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+    assert_int_equal(approval_state(f, "ap-d"), AP_PENDING);
+    e_finish(f->e, NULL, "no-such", 0, "ran");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+
+    next = approve_by(f, "ap-d", "carol", next);
+    assert_int_equal(approval_state(f, "ap-d"), AP_APPROVED);
+
+    /* An op that fails keeps the approval for a later try. */
+    e_destroy(f->e, NULL, ghost, 500);
+    with_approval(&f->e->ops[0], "ap-d");
+    assert_int_equal(apply1(f, next++), KR_ENOTFOUND);
+    assert_int_equal(approval_state(f, "ap-d"), AP_APPROVED);
+
+    /* Approved: it runs, and the same batch uses the approval up. */
+    e_destroy(f->e, "req-d2", k1, 600);
+    with_approval(&f->e->ops[0], "ap-d");
+    uint64_t used_at = next++;
+    assert_int_equal(apply1(f, used_at), 0);
+    Keyraft__KeyRecord *rec = get_key(f, k1);
+    assert_int_equal(rec->state, S_DES);
+    assert_int_equal(rec->destroyed_at, 600);
+    assert_int_equal(rec->versions[0]->sealed.len, 0);
+    keyraft__key_record__free_unpacked(rec, NULL);
+    Keyraft__ApprovalRecord *a = get_approval(f, "ap-d");
+    assert_int_equal(a->info->state, AP_DONE);
+    assert_int_equal(a->info->result_status, 0);
+    keyraft__approval_record__free_unpacked(a, NULL);
+
+    /* Used once: a second use is refused and changes nothing. */
+    e_destroy(f->e, "req-d3", k2, 700);
+    with_approval(&f->e->ops[0], "ap-d");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+    rec = get_key(f, k2);
+    assert_int_equal(rec->state, S_PRE);
+    assert_int_equal(rec->versions[0]->sealed.len, 24);
+    keyraft__key_record__free_unpacked(rec, NULL);
+    assert_int_equal(approval_state(f, "ap-d"), AP_DONE);
+    e_finish(f->e, NULL, "ap-d", 0, "again");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+
+    /* A retry of the request that used it gets its first outcome. */
+    e_destroy(f->e, "req-d2", k1, 600);
+    with_approval(&f->e->ops[0], "ap-d");
+    struct fsm_result *r = apply_entry(f, next++);
+    assert_non_null(r);
+    assert_int_equal(r->ops[0].status, 0);
+    assert_int_equal(r->ops[0].index, used_at);
+
+    /* FinishApprovalCommand marks an approved request done with its outcome. */
+    e_create_approval(f->e, NULL, "ap-e", "alice", 1, 10000);
+    assert_int_equal(apply1(f, next++), 0);
+    next = approve_by(f, "ap-e", "bob", next);
+    assert_int_equal(approval_state(f, "ap-e"), AP_APPROVED);
+    e_finish(f->e, NULL, "ap-e", KR_ESTATE, "key not exportable");
+    assert_int_equal(apply1(f, next++), 0);
+    a = get_approval(f, "ap-e");
+    assert_int_equal(a->info->state, AP_DONE);
+    assert_int_equal(a->info->result_status, KR_ESTATE);
+    assert_string_equal(a->info->result_message, "key not exportable");
+    keyraft__approval_record__free_unpacked(a, NULL);
+    e_finish(f->e, NULL, "ap-e", 0, "twice");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+
+    /* A denied approval cannot be used either. */
+    e_create_approval(f->e, NULL, "ap-n", "alice", 1, 10000);
+    assert_int_equal(apply1(f, next++), 0);
+    e_vote(f->e, NULL, "ap-n", "bob", 0, 2000);
+    assert_int_equal(apply1(f, next++), 0);
+    e_destroy(f->e, NULL, k2, 800);
+    with_approval(&f->e->ops[0], "ap-n");
+    assert_int_equal(apply1(f, next++), KR_EPERM);
+    assert_int_equal(key_state(f, k2), S_PRE);
+}
+
+static void test_destroy_domain(void **state)
+{
+    struct fx *f = *state;
+    char id[FSM_KEY_ID_LEN + 1], id2[FSM_KEY_ID_LEN + 1];
+    make_id(70, id);
+    make_id(71, id2);
+    e_domain(f->e, NULL, FSM_DEFAULT_DOMAIN);
+    assert_int_equal(apply1(f, 1), 0);
+    e_domain(f->e, NULL, "tenant");
+    assert_int_equal(apply1(f, 2), 0);
+    e_put_key(f->e, NULL, id, "t-key", "tenant", S_ACT);
+    assert_int_equal(apply1(f, 3), 0);
+
+    unsigned long epoch = fsm_governance_epoch();
+    e_destroy_domain(f->e, "req-dd", "tenant", 7000);
+    assert_int_equal(apply1(f, 4), 0);
+    assert_true(fsm_governance_epoch() > epoch);
+    Keyraft__DomainRecord *dom = NULL;
+    assert_int_equal(fsm_get_domain(f->store, "tenant", &dom), 0);
+    assert_true(dom->destroyed);
+    assert_int_equal(dom->destroyed_at, 7000);
+    assert_int_equal(dom->wrapped_key.len, 0);
+    assert_int_equal(dom->created_at, 1000);
+    keyraft__domain_record__free_unpacked(dom, NULL);
+
+    /* Listed, destroyed included; the default is untouched. */
+    struct fsm_list l;
+    assert_int_equal(fsm_list_domains(f->store, 10, &l), 0);
+    assert_int_equal(l.n, 2);
+    for (size_t i = 0; i < l.n; i++) {
+        const Keyraft__DomainRecord *d = l.items[i];
+        int tenant = strcmp(d->id, "tenant") == 0;
+        assert_true(tenant || strcmp(d->id, FSM_DEFAULT_DOMAIN) == 0);
+        assert_int_equal(d->destroyed, tenant);
+        assert_int_equal(d->wrapped_key.len, tenant ? 0 : 16);
+    }
+    fsm_list_free(&l);
+
+    /* Once only; never the default; never an unknown one. */
+    e_destroy_domain(f->e, NULL, "tenant", 7100);
+    assert_int_equal(apply1(f, 5), KR_ESTATE);
+    e_destroy_domain(f->e, NULL, FSM_DEFAULT_DOMAIN, 7100);
+    assert_int_equal(apply1(f, 6), KR_EPERM);
+    e_destroy_domain(f->e, NULL, "nowhere", 7100);
+    assert_int_equal(apply1(f, 7), KR_ENOTFOUND);
+    assert_int_equal(fsm_get_domain(f->store, FSM_DEFAULT_DOMAIN, &dom), 0);
+    assert_false(dom->destroyed);
+    assert_int_equal(dom->wrapped_key.len, 16);
+    keyraft__domain_record__free_unpacked(dom, NULL);
+    assert_int_equal(fsm_get_domain(f->store, "tenant", &dom), 0);
+    assert_int_equal(dom->destroyed_at, 7000);
+    keyraft__domain_record__free_unpacked(dom, NULL);
+
+    /* Shredded: no new keys, and the domain cannot be made again. */
+    e_put_key(f->e, NULL, id2, "t-key-2", "tenant", S_ACT);
+    assert_int_equal(apply1(f, 8), KR_ESTATE);
+    Keyraft__KeyRecord *rec = NULL;
+    assert_int_equal(fsm_get_key(f->store, id2, &rec), KR_ENOTFOUND);
+    e_domain(f->e, NULL, "tenant");
+    assert_int_equal(apply1(f, 9), KR_EEXIST);
+    assert_int_equal(fsm_get_domain(f->store, "tenant", &dom), 0);
+    assert_true(dom->destroyed);
+    assert_int_equal(dom->wrapped_key.len, 0);
+    keyraft__domain_record__free_unpacked(dom, NULL);
+}
+
+static void test_set_key_policy(void **state)
+{
+    struct fx *f = *state;
+    char id[FSM_KEY_ID_LEN + 1], ghost[FSM_KEY_ID_LEN + 1];
+    make_id(80, id);
+    make_id(81, ghost);
+    seed_key(f, id, "guarded", S_PRE);
+
+    e_set_policy(f->e, "req-pol", id, "payments", "readers", "decrypt,verify");
+    struct fsm_result *r = apply_entry(f, 3);
+    assert_non_null(r);
+    assert_int_equal(r->ops[0].status, 0);
+    assert_string_equal(r->ops[0].key_id, id);
+    Keyraft__KeyRecord *rec = get_key(f, id);
+    assert_non_null(rec->policy);
+    assert_string_equal(rec->policy->owner_group, "payments");
+    assert_int_equal(rec->policy->usage_limit, 77);
+    assert_int_equal(rec->policy->n_grants, 1);
+    assert_string_equal(rec->policy->grants[0]->group, "readers");
+    assert_int_equal(rec->policy->grants[0]->n_ops, 2);
+    assert_string_equal(rec->policy->grants[0]->ops[1], "verify");
+    assert_int_equal(rec->updated_index, 3);
+    /* The rest of the record is untouched. */
+    assert_string_equal(rec->name, "guarded");
+    assert_int_equal(rec->state, S_PRE);
+    assert_int_equal(rec->versions[0]->sealed.len, 24);
+    keyraft__key_record__free_unpacked(rec, NULL);
+
+    /* A new policy replaces the old one whole. */
+    e_set_policy(f->e, NULL, id, "ops", NULL, NULL);
+    assert_int_equal(apply1(f, 4), 0);
+    rec = get_key(f, id);
+    assert_string_equal(rec->policy->owner_group, "ops");
+    assert_int_equal(rec->policy->n_grants, 0);
+    keyraft__key_record__free_unpacked(rec, NULL);
+
+    /* Malformed policies change nothing. */
+    e_set_policy(f->e, NULL, id, "payments", "readers", "decrypt,delete");
+    assert_int_equal(apply1(f, 5), KR_EINVAL);
+    e_set_policy(f->e, NULL, id, "bad owner", NULL, NULL);
+    assert_int_equal(apply1(f, 6), KR_EINVAL);
+    e_set_policy(f->e, NULL, id, "payments", "bad/group", "decrypt");
+    assert_int_equal(apply1(f, 7), KR_EINVAL);
+    rec = get_key(f, id);
+    assert_string_equal(rec->policy->owner_group, "ops");
+    assert_int_equal(rec->updated_index, 4);
+    keyraft__key_record__free_unpacked(rec, NULL);
+
+    e_set_policy(f->e, NULL, ghost, "payments", NULL, NULL);
+    assert_int_equal(apply1(f, 8), KR_ENOTFOUND);
+
+    /* A destroyed key keeps the policy it died with. */
+    e_destroy(f->e, NULL, id, 900);
+    assert_int_equal(apply1(f, 9), 0);
+    e_set_policy(f->e, NULL, id, "payments", NULL, NULL);
+    assert_int_equal(apply1(f, 10), KR_ESTATE);
+    rec = get_key(f, id);
+    assert_int_equal(rec->state, S_DES);
+    assert_string_equal(rec->policy->owner_group, "ops");
+    keyraft__key_record__free_unpacked(rec, NULL);
+}
+
 int main(void)
 {
     /* Skipped entries and store failures are logged as errors on purpose. */
@@ -1377,6 +2200,12 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_retry_without_restart_resumes_too, setup, teardown),
         cmocka_unit_test_setup_teardown(test_node_registry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_principal_create_and_merge, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_governance_rules, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_approval_votes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_approval_gates_command, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_destroy_domain, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_set_key_policy, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
