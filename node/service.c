@@ -205,6 +205,11 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
         }
         snprintf(id, sizeof(id), "%s", ref->id);
     } else {
+        if (strlen(ref->name) > NAME_MAX_LEN) {
+            reply_error(call, KR_ENOTFOUND, "no key named '%.64s...' (names are at most %d "
+                        "characters)", ref->name, NAME_MAX_LEN);
+            return NULL;
+        }
         rv = fsm_find_name(store, caller_domain_or(call, ref->domain), ref->name, id);
         if (rv == KR_ENOTFOUND) {
             reply_error(call, rv, "no key named '%.256s'", ref->name);

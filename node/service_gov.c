@@ -31,7 +31,9 @@
 #define REASON_MAX 1024
 #define QUORUM_MAX 16
 #define BOOTSTRAP_FILE "bootstrap-principals"
-#define AUDIT_RECORD_STACK 2048
+#define AUDIT_RECORD_STACK 4096
+#define AUDIT_FIELD_MAX 256   /* key reference, approval id, request id in a record */
+#define AUDIT_MESSAGE_MAX 600 /* a reply's message (reply_error makes at most 511) */
 
 /* --- the principal cache ------------------------------------------------------------ */
 
@@ -222,32 +224,48 @@ void gov_audit_call(struct call *call)
         const Keyraft__KeyRef *ref = request_key_ref(req);
         key = ref == NULL ? "" : ref->id[0] ? ref->id : ref->name;
     }
-    r.key_id = (char *)key;
+    /* Fields a client chose are cut to a bound: a record always fits. */
+    char key_b[AUDIT_FIELD_MAX + 1], approval_b[AUDIT_FIELD_MAX + 1];
+    char request_b[AUDIT_FIELD_MAX + 1], message_b[AUDIT_MESSAGE_MAX + 1];
+    snprintf(key_b, sizeof(key_b), "%s", key);
+    r.key_id = key_b;
     r.key_version = version;
     r.status = call->resp.status;
-    r.message = call->resp.status != 0 && call->resp.message ? call->resp.message : "";
+    snprintf(message_b, sizeof(message_b), "%s",
+             call->resp.status != 0 && call->resp.message ? call->resp.message : "");
+    r.message = message_b;
     r.client_address = call->address;
     char *approvals[1];
     const char *approval = call->approval_id[0] ? call->approval_id
                            : call->resp.approval_id ? call->resp.approval_id
                                                     : req->approval_id;
+    /* Votes and looks name their approval in the request itself. */
+    if (approval[0] == '\0' && req->op_case == KEYRAFT__REQUEST__OP_APPROVAL_APPROVE)
+        approval = req->approval_approve->id;
+    else if (approval[0] == '\0' && req->op_case == KEYRAFT__REQUEST__OP_APPROVAL_DENY)
+        approval = req->approval_deny->id;
+    else if (approval[0] == '\0' && req->op_case == KEYRAFT__REQUEST__OP_APPROVAL_SHOW)
+        approval = req->approval_show->id;
     if (approval != NULL && approval[0] != '\0') {
-        approvals[0] = (char *)approval;
+        snprintf(approval_b, sizeof(approval_b), "%s", approval);
+        approvals[0] = approval_b;
         r.approval_ids = approvals;
         r.n_approval_ids = 1;
     }
     r.domain = call->audit_domain;
-    r.request_id = req->request_id;
+    snprintf(request_b, sizeof(request_b), "%s", req->request_id);
+    r.request_id = request_b;
+    /* principal < 256, address < 64, domain < 72, operation a field name:
+     * with the cut fields above, well under the buffer. */
     uint8_t buf[AUDIT_RECORD_STACK];
     size_t len = keyraft__audit_record__get_packed_size(&r);
     if (len > sizeof(buf)) {
-        /* Every other field is bounded well below this: shorten the message. */
-        r.message = (char *)"(message too long to record)";
+        log_error("audit record of %zu bytes does not fit: a bound is wrong", len);
+        r.message = (char *)"(record cut: too large)";
+        r.key_id = r.request_id = (char *)"";
+        r.n_approval_ids = 0;
         len = keyraft__audit_record__get_packed_size(&r);
     }
-    if (len > sizeof(buf))
-        r.key_id = (char *)"(too long)";
-    len = keyraft__audit_record__get_packed_size(&r);
     keyraft__audit_record__pack(&r, buf);
     audit_log_append(svc->deps.audit, buf, len);
 }

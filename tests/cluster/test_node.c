@@ -2857,6 +2857,49 @@ static void test_audit_fail_closed(void **state)
     free(id);
 }
 
+/* Client-chosen fields of any length reach the audit record cut to a bound:
+ * the node neither crashes nor drops the record. */
+static void test_audit_long_fields(void **state)
+{
+    struct fixture *f = fx(state);
+    struct kr_node *n = &f->node;
+    size_t len = 200000;
+    char *ref = malloc(len + 6);
+    assert_non_null(ref);
+    memcpy(ref, "name:", 5);
+    memset(ref + 5, 'q', len);
+    ref[len + 5] = '\0';
+    kr_buf ct = {0};
+    int rc = kr_encrypt(f->c, ref, (const uint8_t *)"x", 1, NULL, 0, &ct);
+    kr_buf_free(&ct);
+    free(ref);
+    if (rc != KR_ENOTFOUND)
+        print_error("encrypt with a 200 KB name: %s %s\n", kr_status_name(rc),
+                    kr_client_last_error(f->c));
+    assert_int_equal(rc, KR_ENOTFOUND);
+    assert_true(kr_node_alive(n));
+    /* the refusal is on record, with the name cut to 256 characters */
+    char want[260];
+    memset(want, 'q', 256);
+    want[256] = '\0';
+    struct kr_out o = {0};
+    const char *q[] = {"audit", "query", "--op", "encrypt", "--denied", NULL};
+    uint64_t deadline = kc_now_ms() + 5000;
+    for (;;) {
+        kr_cli_argv(n, NULL, 0, &o, q);
+        if ((o.status == 0 && strstr((const char *)o.out, want) != NULL) ||
+            kc_now_ms() >= deadline)
+            break;
+        kr_out_free(&o);
+        kc_sleep_ms(100);
+    }
+    assert_int_equal(o.status, 0);
+    const char *at = strstr((const char *)o.out, want);
+    assert_non_null(at);
+    assert_true(at[256] != 'q');
+    kr_out_free(&o);
+}
+
 int main(void)
 {
     const struct CMUnitTest ops[] = {
@@ -2889,6 +2932,7 @@ int main(void)
         cmocka_unit_test(test_revoke_message),
     };
     const struct CMUnitTest audit[] = {
+        cmocka_unit_test(test_audit_long_fields),
         cmocka_unit_test(test_audit_fail_closed),
     };
     int failed = 0;
