@@ -113,6 +113,7 @@ unsigned policy_op_roles(Keyraft__Request__OpCase op)
     case KEYRAFT__REQUEST__OP_SET_POLICY:
     case KEYRAFT__REQUEST__OP_QUORUM_SET:
         return POLICY_ADMIN;
+    case KEYRAFT__REQUEST__OP_BATCH: /* each request in it is checked on its own */
     case KEYRAFT__REQUEST__OP_DOMAIN_LIST:
     case KEYRAFT__REQUEST__OP_QUORUM_LIST:
     case KEYRAFT__REQUEST__OP_APPROVAL_LIST:
