@@ -2790,20 +2790,44 @@ static int encrypt_status(struct fixture *f, const char *id)
     return rc;
 }
 
-/* Records that cannot be shipped stop the node: with the recorder made to
- * ship only every 1.5 s but to fail closed once a record waits 100 ms,
- * a request between the two is refused and says why, reads too unless
- * fail_open_reads; once the batch is committed, requests run again. */
+/* A write probe: 0 when the node took it (the key exists then), else its code. */
+static int probe_write(struct fixture *f, int *counter)
+{
+    char name[48];
+    snprintf(name, sizeof(name), "fc-probe-%d", (*counter)++);
+    Keyraft__KeyAttributes *a = NULL;
+    int rc = kr_create_key(f->c, name, KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a);
+    kr_key_attributes_free(a);
+    return rc;
+}
+
+/* Polls |probe_write| every 20 ms until its result is (want == 0) or is not
+ * (want != 0) success, up to |ms|. Returns the last result. */
+static int wait_write(struct fixture *f, int *counter, int want_ok, unsigned ms)
+{
+    uint64_t deadline = kc_now_ms() + ms;
+    int rc;
+    while (((rc = probe_write(f, counter)) == 0) != want_ok && kc_now_ms() < deadline)
+        kc_sleep_ms(20);
+    return rc;
+}
+
+/* Records that cannot be shipped stop the node. The recorder is made to ship
+ * only every 3 s but to fail closed once a record waits 100 ms: right after a
+ * batch is shipped a request runs, 300 ms later the next is refused and says
+ * why (reads too, unless fail_open_reads), and once the next batch is
+ * committed requests run again. */
 static void test_audit_fail_closed(void **state)
 {
     struct fixture *f = fx(state);
     struct kr_node *n = &f->node;
     char *id = create_cli(n, "fc-1", "aes-256", NULL, NULL);
+    int counter = 0;
 
     for (int open_reads = 1; open_reads >= 0; open_reads--) {
         char section[256];
         snprintf(section, sizeof(section),
-                 "[audit]\nenabled = true\nflush_ms = 1500\nmax_pending = 100000\n"
+                 "[audit]\nenabled = true\nflush_ms = 3000\nmax_pending = 100000\n"
                  "max_lag_ms = 100\nfail_open_reads = %s\ncheckpoint_ms = 10000\n",
                  open_reads ? "true" : "false");
         kr_client_free(f->c);
@@ -2813,16 +2837,12 @@ static void test_audit_fail_closed(void **state)
         assert_int_equal(kr_node_start(n), 0);
         assert_int_equal(kr_node_client(n, 2000, &f->c), 0);
 
-        /* Wait for a shipped batch (healthy), then queue one record. */
-        uint64_t deadline = kc_now_ms() + 10000;
-        while (encrypt_status(f, id) != 0 && kc_now_ms() < deadline)
-            kc_sleep_ms(50);
-        assert_int_equal(encrypt_status(f, id), 0);
-        kc_sleep_ms(300); /* the record is older than max_lag_ms, not yet shipped */
+        /* Find the start of a shipping period: refused, then served again. */
+        assert_int_equal(wait_write(f, &counter, 0, 10000), KR_EUNAVAIL);
+        assert_int_equal(wait_write(f, &counter, 1, 10000), 0);
+        kc_sleep_ms(300); /* that write's record is now older than max_lag_ms */
 
-        Keyraft__KeyAttributes *a = NULL;
-        int rc = kr_create_key(f->c, "fc-refused", KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a);
-        kr_key_attributes_free(a);
+        int rc = probe_write(f, &counter);
         assert_int_equal(rc, KR_EUNAVAIL);
         assert_non_null(strstr(kr_client_last_error(f->c), "audit records cannot be written"));
         rc = encrypt_status(f, id);
@@ -2836,17 +2856,10 @@ static void test_audit_fail_closed(void **state)
         char role[32];
         assert_int_equal(kr_node_status_role(n, role, sizeof(role)), 0);
 
-        /* The batch ships; the node serves again, and the refusal is on record. */
-        deadline = kc_now_ms() + 10000;
-        do {
-            kc_sleep_ms(100);
-            rc = kr_create_key(f->c, open_reads ? "fc-later-1" : "fc-later-0",
-                               KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a);
-            kr_key_attributes_free(a);
-            a = NULL;
-        } while (rc == KR_EUNAVAIL && kc_now_ms() < deadline);
-        assert_int_equal(rc, 0);
+        /* The batch ships; the node serves again. */
+        assert_int_equal(wait_write(f, &counter, 1, 10000), 0);
     }
+    /* and the refusals are on record */
     struct kr_out o;
     const char *q[] = {"audit", "query", "--op", "create", "--denied", NULL};
     kr_cli_argv(n, NULL, 0, &o, q);
