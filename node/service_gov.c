@@ -331,10 +331,24 @@ static int same_operation(const Keyraft__Request *a, const Keyraft__Request *b)
 {
     if (a->op_case != b->op_case)
         return 0;
+    /* A node admission is signed again by `keyraft cluster add` on each run:
+     * the certificate differs, what it certifies (node-<id>, checked against
+     * the CA) does not. Everything that decides where the MWK goes (the
+     * transport key) and what the node becomes is compared. */
+    char *cert_a = NULL, *cert_b = NULL;
+    if (a->op_case == KEYRAFT__REQUEST__OP_CLUSTER_ADD) {
+        cert_a = a->cluster_add->node_cert_pem;
+        cert_b = b->cluster_add->node_cert_pem;
+        a->cluster_add->node_cert_pem = b->cluster_add->node_cert_pem = (char *)"";
+    }
     uint8_t *pa = NULL, *pb = NULL;
     size_t la = 0, lb = 0;
     int same = pack_op(a, &pa, &la) == 0 && pack_op(b, &pb, &lb) == 0 && la == lb &&
                memcmp(pa, pb, la) == 0;
+    if (cert_a != NULL) {
+        a->cluster_add->node_cert_pem = cert_a;
+        b->cluster_add->node_cert_pem = cert_b;
+    }
     free(pa);
     free(pb);
     return same;
