@@ -819,7 +819,7 @@ static void cluster_cmd(struct fixture *f, const char *sub, uint64_t id, int wan
 
 static void wait_roles(struct fixture *f, const char *want)
 {
-    if (kc_wait_roles(&f->c, want, 20000) != 0) {
+    if (kc_wait_roles(&f->c, want, 20000 * SLOW) != 0) {
         kc_dump_logs(&f->c, 2000);
         fail_msg("cluster roles never became \"%s\"", want);
     }
