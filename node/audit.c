@@ -313,6 +313,31 @@ static int put_entry(struct store_batch *b, uint64_t seq, const uint8_t prev[AUD
     return 0;
 }
 
+int audit_source_position(struct store *store, uint64_t node_id, uint64_t *boot_id,
+                          uint64_t *batch_seq)
+{
+    uint8_t skey[SRC_KEY_LEN];
+    src_key(skey, node_id);
+    uint8_t *val = NULL;
+    size_t len = 0;
+    *boot_id = *batch_seq = 0;
+    int rv = store_get(store, STORE_CF_META, skey, sizeof(skey), &val, &len);
+    if (rv == KR_ENOTFOUND)
+        return 0;
+    if (rv != 0)
+        return KR_EIO;
+    Keyraft__AuditSourceRecord *s = keyraft__audit_source_record__unpack(NULL, len, val);
+    free(val);
+    if (s == NULL) {
+        log_error("audit source record of node %" PRIu64 " is damaged", node_id);
+        return KR_EIO;
+    }
+    *boot_id = s->boot_id;
+    *batch_seq = s->batch_seq;
+    keyraft__audit_source_record__free_unpacked(s, NULL);
+    return 0;
+}
+
 int audit_fsm_apply(struct store *store, struct store_batch *b,
                     const Keyraft__AuditSubmitRequest *batch)
 {
@@ -320,23 +345,10 @@ int audit_fsm_apply(struct store *store, struct store_batch *b,
         return KR_EINVAL;
     uint8_t skey[SRC_KEY_LEN];
     src_key(skey, batch->node_id);
-    uint8_t *val = NULL;
-    size_t len = 0;
     uint64_t last_boot = 0, last_seq = 0;
-    int rv = store_get(store, STORE_CF_META, skey, sizeof(skey), &val, &len);
-    if (rv == 0) {
-        Keyraft__AuditSourceRecord *s = keyraft__audit_source_record__unpack(NULL, len, val);
-        free(val);
-        if (s == NULL) {
-            log_error("audit source record of node %" PRIu64 " is damaged", batch->node_id);
-            return KR_EIO;
-        }
-        last_boot = s->boot_id;
-        last_seq = s->batch_seq;
-        keyraft__audit_source_record__free_unpacked(s, NULL);
-    } else if (rv != KR_ENOTFOUND) {
-        return KR_EIO;
-    }
+    int rv = audit_source_position(store, batch->node_id, &last_boot, &last_seq);
+    if (rv != 0)
+        return rv;
     if (batch->boot_id < last_boot) {
         /* Skipping would lose the run's records unseen: refuse, so the node
          * fails closed and says why. */

@@ -43,6 +43,10 @@ struct hsm;
 int audit_fsm_apply(struct store *store, struct store_batch *b,
                     const Keyraft__AuditSubmitRequest *batch);
 
+/* The last batch applied from |node_id|: (0, 0) when none. */
+int audit_source_position(struct store *store, uint64_t node_id, uint64_t *boot_id,
+                          uint64_t *batch_seq);
+
 /* The committed usage count of a key version (0 when none). */
 int audit_usage_get(struct store *store, const char *key_id, uint32_t version, uint64_t *out);
 
@@ -110,8 +114,12 @@ void audit_log_append(struct audit_log *log, const uint8_t *record, size_t len);
 /* Adds |n| encryptions of a key version to the next batch. Thread-safe. */
 void audit_log_usage(struct audit_log *log, const char *key_id, uint32_t version, uint64_t n);
 
-/* Encryptions counted here but not yet acknowledged as committed. */
-uint64_t audit_log_unacked_usage(struct audit_log *log, const char *key_id, uint32_t version);
+/* Encryptions counted here and not in the store yet. |applied_boot| and
+ * |applied_seq| are this node's batch position in the store, read BEFORE this
+ * call (audit_source_position): a batch in flight that the store already
+ * holds is not counted twice while its reply is on the way. */
+uint64_t audit_log_unacked_usage(struct audit_log *log, const char *key_id, uint32_t version,
+                                 uint64_t applied_boot, uint64_t applied_seq);
 
 /* 1 when records are being shipped: the queue is under max_pending and its
  * oldest record is younger than max_lag_ms. 0 with the reason in |why|. */
@@ -128,6 +136,9 @@ struct audit_log_stats {
     uint64_t batches;        /* batches acknowledged */
     uint64_t overflowed;     /* records refused because the queue was full */
     uint64_t oldest_ms;      /* age of the oldest unacknowledged record */
+    uint64_t boot_id;        /* this run's boot id */
+    uint64_t batch_seq;      /* the last batch built (the one in flight when inflight) */
+    int inflight;            /* a batch is being shipped */
 };
 void audit_log_get_stats(struct audit_log *log, struct audit_log_stats *out);
 

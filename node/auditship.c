@@ -336,15 +336,22 @@ nomem:
               " encryptions not counted", key_id, version, n);
 }
 
-uint64_t audit_log_unacked_usage(struct audit_log *l, const char *key_id, uint32_t version)
+uint64_t audit_log_unacked_usage(struct audit_log *l, const char *key_id, uint32_t version,
+                                 uint64_t applied_boot, uint64_t applied_seq)
 {
     if (l == NULL || key_id == NULL)
         return 0;
     uint64_t h = usage_hash(key_id, version), n = 0;
     pthread_mutex_lock(&l->mu);
     struct usage_ent *e = usage_find_locked(l, key_id, version, h);
-    if (e != NULL)
-        n = e->pending > UINT64_MAX - e->inflight ? UINT64_MAX : e->pending + e->inflight;
+    /* The batch in flight may be applied already (its reply not yet here):
+     * then the store counts it, and so must not we. */
+    int inflight_applied = l->inflight && applied_boot == l->boot_id &&
+                           applied_seq >= l->batch_seq;
+    if (e != NULL) {
+        uint64_t inflight = inflight_applied ? 0 : e->inflight;
+        n = e->pending > UINT64_MAX - inflight ? UINT64_MAX : e->pending + inflight;
+    }
     pthread_mutex_unlock(&l->mu);
     return n;
 }
@@ -395,6 +402,9 @@ void audit_log_get_stats(struct audit_log *l, struct audit_log_stats *out)
     out->batches = l->batches;
     out->overflowed = l->overflowed;
     out->oldest_ms = l->q_n > 0 && now > q_at(l, 0)->at_ms ? now - q_at(l, 0)->at_ms : 0;
+    out->boot_id = l->boot_id;
+    out->batch_seq = l->batch_seq;
+    out->inflight = l->inflight;
     pthread_mutex_unlock(&l->mu);
 }
 
