@@ -806,19 +806,14 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
     }
 }
 
-int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_resp)
+/* What kr_call and kr_send add to |req| before it leaves: a fresh id; for a
+ * write without one, an idempotency request_id written to |request_id| and
+ * pointed to by req->request_id (the caller's pointer saved in *saved, to be
+ * put back with request_restore); for a read, min_index (read-your-writes). */
+static int request_prepare(kr_client *c, Keyraft__Request *req,
+                           char request_id[2 * REQUEST_ID_BYTES + 1], char **saved)
 {
-    kr_client *c = client;
-    char request_id[2 * REQUEST_ID_BYTES + 1];
-    char *saved_request_id = NULL;
-    Keyraft__Response *resp = NULL;
-    Keyraft__Response *held = NULL; /* the last ENOTLEADER/EUNAVAIL answer */
-    int64_t deadline, backoff = BACKOFF_MIN_MS;
-    size_t attempts, idx;
-    int rc = KR_ECONN;
-
-    if (c == NULL || req == NULL || out_resp == NULL)
-        return KR_EINVAL;
+    *saved = NULL;
     if (req->op_case == KEYRAFT__REQUEST__OP__NOT_SET) {
         kr__client_set_error(c, "request names no operation");
         return KR_EINVAL;
@@ -835,15 +830,55 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
             }
             for (size_t i = 0; i < sizeof(raw); i++)
                 snprintf(request_id + 2 * i, 3, "%02x", raw[i]);
-            /* Kept for every retry of this call, so the node deduplicates;
-             * the caller's pointer comes back before returning. */
-            saved_request_id = req->request_id;
+            *saved = req->request_id;
             req->request_id = request_id;
         }
     } else if (req->op_case != KEYRAFT__REQUEST__OP_STATUS &&
                req->op_case != KEYRAFT__REQUEST__OP_RANDOM && req->min_index < c->last_index) {
-        req->min_index = c->last_index; /* read-your-writes */
+        req->min_index = c->last_index;
     }
+    return 0;
+}
+
+static void request_restore(Keyraft__Request *req, char *saved, const char *generated)
+{
+    if (req->request_id == generated)
+        req->request_id = saved;
+}
+
+/* Takes in what an answer tells the client: the commit index it has seen
+ * and, for a refusal, the node's detail as the last error. */
+static void response_note(kr_client *c, const Keyraft__Response *resp)
+{
+    if (resp->commit_index > c->last_index)
+        c->last_index = resp->commit_index;
+    if (resp->status != 0)
+        kr__client_set_error(c, "%s", resp->message != NULL && resp->message[0] != '\0'
+                                          ? resp->message
+                                          : kr_strerror(resp->status));
+    else
+        c->err[0] = '\0';
+}
+
+int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_resp)
+{
+    kr_client *c = client;
+    char request_id[2 * REQUEST_ID_BYTES + 1];
+    char *saved_request_id = NULL;
+    Keyraft__Response *resp = NULL;
+    Keyraft__Response *held = NULL; /* the last ENOTLEADER/EUNAVAIL answer */
+    int64_t deadline, backoff = BACKOFF_MIN_MS;
+    size_t attempts, idx;
+    int rc = KR_ECONN;
+
+    if (c == NULL || req == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    /* The request_id is kept for every retry of this call, so the node
+     * deduplicates; the caller's pointer comes back before returning. */
+    rc = request_prepare(c, req, request_id, &saved_request_id);
+    if (rc != 0)
+        return rc;
+    rc = KR_ECONN;
 
     deadline = now_ms() + c->timeout_ms;
     attempts = RETRY_PASSES * c->n_eps;
@@ -901,8 +936,7 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
         held = NULL;
         break;
     }
-    if (saved_request_id != NULL)
-        req->request_id = saved_request_id;
+    request_restore(req, saved_request_id, request_id);
     if (resp == NULL && held == NULL)
         return rc != 0 ? rc : KR_EINTERNAL;
     if (resp == NULL) { /* no node took the request: report what one said */
@@ -911,14 +945,59 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
     } else {
         c->cur = idx;
     }
-    if (resp->commit_index > c->last_index)
-        c->last_index = resp->commit_index;
-    if (resp->status != 0)
-        kr__client_set_error(c, "%s", resp->message != NULL && resp->message[0] != '\0'
-                                          ? resp->message
-                                          : kr_strerror(resp->status));
-    else
-        c->err[0] = '\0';
+    response_note(c, resp);
+    *out_resp = resp;
+    return 0;
+}
+
+/* ---- pipelining ------------------------------------------------------------------------- */
+
+int kr_send(kr_client *client, Keyraft__Request *req)
+{
+    kr_client *c = client;
+    char request_id[2 * REQUEST_ID_BYTES + 1];
+    char *saved_request_id = NULL;
+    int64_t deadline;
+    int rc;
+
+    if (c == NULL || req == NULL)
+        return KR_EINVAL;
+    rc = request_prepare(c, req, request_id, &saved_request_id);
+    if (rc != 0)
+        return rc;
+    deadline = now_ms() + c->timeout_ms;
+    if (c->fd < 0) {
+        int64_t cap = now_ms() + CONNECT_TIMEOUT_MAX_MS;
+        rc = conn_open(c, c->cur, deadline < cap ? deadline : cap);
+        if (rc != 0)
+            goto out;
+    }
+    rc = send_request(c, req, deadline);
+    if (rc != 0)
+        conn_close(c); /* a frame may be cut: the stream is unusable */
+out:
+    request_restore(req, saved_request_id, request_id);
+    return rc;
+}
+
+int kr_recv(kr_client *client, Keyraft__Response **out_resp)
+{
+    kr_client *c = client;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    if (c == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    if (c->fd < 0) {
+        kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
+        return KR_ECONN;
+    }
+    rc = recv_response(c, now_ms() + c->timeout_ms, &resp);
+    if (rc != 0) {
+        conn_close(c); /* what was in flight on it is lost */
+        return rc;
+    }
+    response_note(c, resp);
     *out_resp = resp;
     return 0;
 }

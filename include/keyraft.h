@@ -102,6 +102,24 @@ uint64_t kr_client_last_index(const kr_client *client);
 int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_resp);
 void kr_response_free(Keyraft__Response *resp);
 
+/* Pipelining: many requests in flight on one connection, answered in any
+ * order. kr_send prepares |req| as kr_call does (sets req->id, a request_id
+ * for a write without one, min_index for a read) and writes it to the open
+ * connection, opening one to the endpoint that last answered when there is
+ * none; it does not wait for the answer, retry or fail over, so a refusal
+ * (KR_ENOTLEADER) comes back as an answer's status. Returns 0 once the
+ * request is written, or a transport code.
+ * kr_recv waits up to the client's timeout for the next answer on that
+ * connection, whichever request it answers (match resp->id with req->id),
+ * and returns 0 with *out_resp (free it with kr_response_free), or a
+ * transport code. After a transport failure of either call the connection
+ * is closed and the outcome of every request in flight on it is unknown.
+ * Read answers while sending when they may add up to megabytes (the node
+ * stops reading a client that does not read), and do not call kr_call while
+ * answers are outstanding: it drops answers that are not its own. */
+int kr_send(kr_client *client, Keyraft__Request *req);
+int kr_recv(kr_client *client, Keyraft__Response **out_resp);
+
 /* A byte buffer owned by the caller. kr_buf_free wipes it before freeing. */
 typedef struct kr_buf {
     uint8_t *data;

@@ -10,6 +10,7 @@ PACKAGES=(
   libcmocka-dev libjansson-dev libinih-dev libgfshare-dev libmicrohttpd-dev
   openssl procps
   clang libclang-rt-14-dev
+  etcd-server etcd-client libcurl4-openssl-dev
 )
 
 missing=()

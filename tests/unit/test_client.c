@@ -215,6 +215,8 @@ struct fake {
     int n_reqs; /* what it received, in order */
     char request_id[FAKE_MAX_REQS][64];
     uint64_t min_index[FAKE_MAX_REQS];
+    uint64_t id[FAKE_MAX_REQS];
+    int hold; /* > 1: answer only once this many are in, newest first */
 };
 
 static int ssl_read_all(SSL *ssl, uint8_t *buf, size_t len)
@@ -274,6 +276,8 @@ static void fake_serve(struct fake *f, int fd)
     struct timeval tv = {.tv_sec = 5};
     SSL *ssl = SSL_new(f->ctx);
     uint8_t hdr[4], *body = NULL;
+    Keyraft__Request *held[FAKE_MAX_REQS];
+    int n_held = 0;
 
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     if (ssl == NULL || SSL_set_fd(ssl, fd) != 1 || SSL_accept(ssl) != 1)
@@ -293,10 +297,25 @@ static void fake_serve(struct fake *f, int fd)
         if (f->n_reqs < FAKE_MAX_REQS) {
             snprintf(f->request_id[f->n_reqs], sizeof(f->request_id[0]), "%s", req->request_id);
             f->min_index[f->n_reqs] = req->min_index;
+            f->id[f->n_reqs] = req->id;
         }
         f->n_reqs++;
         pthread_mutex_unlock(&f->mu);
-        int rc;
+        int rc = 0;
+        if (f->hold > 1 && f->hold <= FAKE_MAX_REQS) {
+            held[n_held++] = req;
+            if (n_held < f->hold)
+                continue;
+            while (n_held > 0) {
+                Keyraft__Request *r = held[--n_held];
+                if (rc == 0)
+                    rc = fake_reply(f, ssl, r);
+                keyraft__request__free_unpacked(r, NULL);
+            }
+            if (rc != 0)
+                break;
+            continue;
+        }
         if (f->mode == FAKE_HUGE_FRAME) {
             static const uint8_t huge[4] = {0xff, 0xff, 0xff, 0xff};
             rc = SSL_write(ssl, huge, 4) == 4 ? 0 : -1;
@@ -309,6 +328,8 @@ static void fake_serve(struct fake *f, int fd)
     }
     SSL_shutdown(ssl);
 out:
+    while (n_held > 0)
+        keyraft__request__free_unpacked(held[--n_held], NULL);
     free(body);
     SSL_free(ssl);
     close(fd);
@@ -678,6 +699,129 @@ static void test_leader_hint_is_followed(void **state)
     fake_stop(&leader);
 }
 
+/* Several requests in flight on one connection: the fake answers only once
+ * all four are in, newest first, so kr_call could not have done it; answers
+ * are matched by id, writes carry their own idempotency id and a read after
+ * them asks for the write's commit index. */
+static void test_pipelined_send_recv(void **state)
+{
+    enum { N = 4 };
+    struct fake f;
+    char ep[64], name[N][16];
+    Keyraft__Request req[N];
+    Keyraft__CreateKeyRequest create[N];
+    Keyraft__Response *resp = NULL;
+
+    (void)state;
+    fake_start(&f, FAKE_ANSWER, P.srv_cert, 42);
+    f.hold = N;
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
+    kr_client *c = new_client(ep, 5000);
+    for (int i = 0; i < N; i++) {
+        keyraft__request__init(&req[i]);
+        keyraft__create_key_request__init(&create[i]);
+        snprintf(name[i], sizeof(name[i]), "k%d", i);
+        create[i].name = name[i];
+        create[i].algorithm = KEYRAFT__ALGORITHM__AES_256;
+        req[i].op_case = KEYRAFT__REQUEST__OP_CREATE;
+        req[i].create = &create[i];
+        assert_int_equal(kr_send(c, &req[i]), 0);
+        assert_true(req[i].id > (i > 0 ? req[i - 1].id : 0));
+        assert_string_equal(req[i].request_id, ""); /* the generated id was the client's own */
+    }
+    for (int i = N - 1; i >= 0; i--) {
+        assert_int_equal(kr_recv(c, &resp), 0);
+        assert_int_equal(resp->id, req[i].id);
+        assert_int_equal(resp->status, 0);
+        assert_string_equal(resp->key->name, name[i]);
+        kr_response_free(resp);
+        resp = NULL;
+    }
+    assert_int_equal(fake_count(&f), N);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(f.id[i], req[i].id);
+        assert_int_equal(strlen(f.request_id[i]), 32);
+        for (int j = 0; j < i; j++)
+            assert_string_not_equal(f.request_id[i], f.request_id[j]);
+    }
+    assert_int_equal(kr_client_last_index(c), 42);
+
+    /* Reads in flight together ask for the writes' commit index. */
+    Keyraft__GetKeyRequest get[N];
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    ref.id = (char *)"k-1";
+    for (int i = 0; i < N; i++) {
+        keyraft__request__init(&req[i]);
+        keyraft__get_key_request__init(&get[i]);
+        get[i].key = &ref;
+        req[i].op_case = KEYRAFT__REQUEST__OP_GET;
+        req[i].get = &get[i];
+        assert_int_equal(kr_send(c, &req[i]), 0);
+    }
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(kr_recv(c, &resp), 0);
+        assert_int_equal(resp->id, req[N - 1 - i].id);
+        kr_response_free(resp);
+        resp = NULL;
+    }
+    for (int i = N; i < 2 * N; i++) {
+        assert_int_equal(f.min_index[i], 42);
+        assert_string_equal(f.request_id[i], "");
+    }
+
+    /* kr_call still works on the same client afterwards. */
+    f.hold = 0;
+    kr_buf out = {0};
+    assert_int_equal(kr_random(c, 8, &out), 0);
+    kr_buf_free(&out);
+    kr_client_free(c);
+    fake_stop(&f);
+}
+
+/* The pipelined calls fail cleanly: nothing to receive without a connection,
+ * a receive with nothing in flight times out, a dead endpoint is KR_ECONN,
+ * a request with no operation never leaves. */
+static void test_pipelined_failures(void **state)
+{
+    struct fake f;
+    char ep[64];
+    Keyraft__Response *resp = NULL;
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__RandomRequest rr = KEYRAFT__RANDOM_REQUEST__INIT;
+    int port;
+
+    (void)state;
+    fake_start(&f, FAKE_ANSWER, P.srv_cert, 0);
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
+    kr_client *c = new_client(ep, 300);
+    assert_int_equal(kr_recv(c, &resp), KR_ECONN);
+    assert_non_null(strstr(kr_client_last_error(c), "in flight"));
+    assert_int_equal(kr_send(c, &req), KR_EINVAL);
+    assert_int_equal(fake_count(&f), 0);
+    rr.length = 4;
+    req.op_case = KEYRAFT__REQUEST__OP_RANDOM;
+    req.random = &rr;
+    assert_int_equal(kr_send(c, &req), 0);
+    assert_int_equal(kr_recv(c, &resp), 0);
+    assert_int_equal(resp->id, req.id);
+    kr_response_free(resp);
+    resp = NULL;
+    int64_t t0 = now_ms();
+    assert_int_equal(kr_recv(c, &resp), KR_ETIMEDOUT);
+    assert_true(now_ms() - t0 >= 250);
+    assert_null(resp);
+    assert_int_equal(kr_recv(c, &resp), KR_ECONN); /* the timeout closed the connection */
+    kr_client_free(c);
+    fake_stop(&f);
+
+    int fd = listen_any(&port);
+    close(fd); /* nobody listens there now */
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", port);
+    c = new_client(ep, 1000);
+    assert_int_equal(kr_send(c, &req), KR_ECONN);
+    kr_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -691,6 +835,8 @@ int main(void)
         cmocka_unit_test(test_wrong_server_name_is_etls),
         cmocka_unit_test(test_failover_keeps_request_id),
         cmocka_unit_test(test_leader_hint_is_followed),
+        cmocka_unit_test(test_pipelined_send_recv),
+        cmocka_unit_test(test_pipelined_failures),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
