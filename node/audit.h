@@ -114,12 +114,17 @@ void audit_log_append(struct audit_log *log, const uint8_t *record, size_t len);
 /* Adds |n| encryptions of a key version to the next batch. Thread-safe. */
 void audit_log_usage(struct audit_log *log, const char *key_id, uint32_t version, uint64_t n);
 
-/* Encryptions counted here and not in the store yet. |applied_boot| and
- * |applied_seq| are this node's batch position in the store, read BEFORE this
- * call (audit_source_position): a batch in flight that the store already
- * holds is not counted twice while its reply is on the way. */
+/* Encryptions counted here and not in this node's store yet: not yet
+ * shipped, in flight, or committed by the leader but not yet applied here.
+ * |applied_boot| and |applied_seq| are this node's batch position in its
+ * store (audit_source_position), read on the loop thread that applies. */
 uint64_t audit_log_unacked_usage(struct audit_log *log, const char *key_id, uint32_t version,
                                  uint64_t applied_boot, uint64_t applied_seq);
+
+/* This node's batch position in its store (audit_source_position): counts
+ * the store now holds are forgotten here. Call it from time to time (the
+ * node's tick) so that keys no longer used leave the recorder's memory. */
+void audit_log_applied(struct audit_log *log, uint64_t applied_boot, uint64_t applied_seq);
 
 /* 1 when records are being shipped: the queue is under max_pending and its
  * oldest record is younger than max_lag_ms. 0 with the reason in |why|. */

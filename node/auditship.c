@@ -30,11 +30,20 @@ struct qrec {
     uint64_t at_ms; /* monotonic, when queued */
 };
 
+#define ACKED_SLOTS 4
+
 struct usage_ent {
     struct usage_ent *next;
     uint32_t version;
     uint64_t pending;  /* counted, in no batch yet */
     uint64_t inflight; /* in the batch being shipped */
+    /* Committed by the leader (acknowledged) but perhaps not yet applied by
+     * this node's store: counted until the store's position passes |seq|.
+     * When the slots are full the oldest two merge (counted a little longer). */
+    struct {
+        uint64_t seq, count;
+    } acked[ACKED_SLOTS];
+    unsigned n_acked;
     uint64_t hash;
     char key_id[];
 };
@@ -130,6 +139,19 @@ static int usage_grow_locked(struct audit_log *l)
     l->buckets = b;
     l->n_buckets = n;
     return 0;
+}
+
+/* Forgets the acknowledged counts this node's store holds now. */
+static void usage_prune_locked(const struct audit_log *l, struct usage_ent *e,
+                               uint64_t applied_boot, uint64_t applied_seq)
+{
+    if (applied_boot != l->boot_id)
+        return; /* the store holds no batch of this run yet */
+    unsigned keep = 0;
+    for (unsigned i = 0; i < e->n_acked; i++)
+        if (e->acked[i].seq > applied_seq)
+            e->acked[keep++] = e->acked[i];
+    e->n_acked = keep;
 }
 
 static void usage_remove_locked(struct audit_log *l, struct usage_ent *ent)
@@ -349,11 +371,33 @@ uint64_t audit_log_unacked_usage(struct audit_log *l, const char *key_id, uint32
     int inflight_applied = l->inflight && applied_boot == l->boot_id &&
                            applied_seq >= l->batch_seq;
     if (e != NULL) {
-        uint64_t inflight = inflight_applied ? 0 : e->inflight;
-        n = e->pending > UINT64_MAX - inflight ? UINT64_MAX : e->pending + inflight;
+        usage_prune_locked(l, e, applied_boot, applied_seq);
+        n = e->pending;
+        if (!inflight_applied)
+            n = n > UINT64_MAX - e->inflight ? UINT64_MAX : n + e->inflight;
+        for (unsigned i = 0; i < e->n_acked; i++)
+            n = n > UINT64_MAX - e->acked[i].count ? UINT64_MAX : n + e->acked[i].count;
     }
     pthread_mutex_unlock(&l->mu);
     return n;
+}
+
+void audit_log_applied(struct audit_log *l, uint64_t applied_boot, uint64_t applied_seq)
+{
+    if (l == NULL)
+        return;
+    pthread_mutex_lock(&l->mu);
+    for (size_t b = 0; b < l->n_buckets; b++) {
+        struct usage_ent *e = l->buckets[b];
+        while (e != NULL) {
+            struct usage_ent *next = e->next;
+            usage_prune_locked(l, e, applied_boot, applied_seq);
+            if (e->pending == 0 && e->inflight == 0 && e->n_acked == 0)
+                usage_remove_locked(l, e);
+            e = next;
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
 }
 
 int audit_log_healthy(struct audit_log *l, char *why, size_t why_len)
@@ -491,9 +535,15 @@ static void batch_ack_locked(struct audit_log *l, uint64_t now)
     l->batches++;
     for (size_t i = 0; i < l->batch_n_deltas; i++) {
         struct usage_ent *e = l->batch_ents[i];
+        if (e->n_acked == ACKED_SLOTS) {
+            e->acked[1].count += e->acked[0].count;
+            memmove(&e->acked[0], &e->acked[1], (ACKED_SLOTS - 1) * sizeof(e->acked[0]));
+            e->n_acked--;
+        }
+        e->acked[e->n_acked].seq = l->batch_seq;
+        e->acked[e->n_acked].count = e->inflight;
+        e->n_acked++;
         e->inflight = 0;
-        if (e->pending == 0)
-            usage_remove_locked(l, e);
     }
     batch_free_locked(l);
     overflow_notice_locked(l, now);

@@ -2434,6 +2434,7 @@ void service_tick(struct service *svc)
 {
     if (svc->waiting != NULL)
         run_waiting(svc, 0); /* deadlines */
+    gov_tick_any(svc);
     if (!cluster_is_leader(svc->deps.cluster))
         return;
     tick_membership(svc);

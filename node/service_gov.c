@@ -279,8 +279,8 @@ int gov_usage_check(struct call *call, const Keyraft__KeyRecord *rec, uint32_t v
     struct service *svc = call->svc;
     uint64_t used = 0, boot = 0, seq = 0;
     /* The FSM applies on this loop thread too: nothing is applied between
-     * these reads, and the recorder leaves out a batch in flight that the
-     * store already counts (its reply may still be on the way). */
+     * these reads. The recorder adds what this node served that its store
+     * does not count yet, acknowledged by the leader or not. */
     int rv = audit_source_position(svc->deps.store, svc->deps.config->node_id, &boot, &seq);
     if (rv == 0)
         rv = audit_usage_get(svc->deps.store, rec->id, version, &used);
@@ -1516,6 +1516,14 @@ static void tick_checkpoint(struct service *svc)
     audit_log_append(svc->deps.audit, rec, len);
     free(rec);
     svc->last_checkpoint_seq = seq;
+}
+
+void gov_tick_any(struct service *svc)
+{
+    uint64_t boot = 0, seq = 0;
+    if (svc->deps.audit != NULL &&
+        audit_source_position(svc->deps.store, svc->deps.config->node_id, &boot, &seq) == 0)
+        audit_log_applied(svc->deps.audit, boot, seq);
 }
 
 void gov_tick(struct service *svc)

@@ -143,7 +143,8 @@ void gov_audit_call(struct call *call);
 int gov_usage_check(struct call *call, const Keyraft__KeyRecord *rec, uint32_t version);
 void gov_usage_count(struct call *call, const char *key_id, uint32_t version);
 void gov_release(struct call *call);
-void gov_tick(struct service *svc);
+void gov_tick(struct service *svc);     /* leader duties */
+void gov_tick_any(struct service *svc); /* every node */
 int gov_bootstrap_pending(struct service *svc);
 void gov_free(struct service *svc);
 void op_principal_create(struct call *call);

@@ -540,6 +540,10 @@ static void print_list(const Keyraft__ClusterListResponse *v)
 static int roles_match(const Keyraft__ClusterListResponse *v, const char *want)
 {
     size_t n = strlen(want), listed = 0;
+    uint64_t leader_match = 0;
+    for (size_t j = 0; j < v->n_nodes; j++)
+        if (v->nodes[j]->leader)
+            leader_match = v->nodes[j]->match_index;
 
     for (size_t i = 0; i < n; i++) {
         const Keyraft__NodeInfo *info = NULL;
@@ -552,7 +556,13 @@ static int roles_match(const Keyraft__ClusterListResponse *v, const char *want)
             continue;
         }
         listed++;
-        if (info == NULL || !(info->leader || info->reachable))
+        /* Up: heard from lately, or holding what the leader holds (raft
+         * clears its "heard from" flags every election timeout, so a
+         * healthy node can read unreachable for a moment). */
+        if (info == NULL)
+            return 0;
+        int caught_up = leader_match > 0 && info->match_index + 16 >= leader_match;
+        if (!(info->leader || info->reachable || caught_up))
             return 0;
         if (want[i] == 'v' && (strcmp(info->raft_role, "voter") != 0 ||
                                info->role != KEYRAFT__NODE_ROLE__NODE_VOTER))

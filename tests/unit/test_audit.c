@@ -1436,7 +1436,15 @@ static void test_recorder_ships_and_retries(void **state)
         audit_log_append(l, r.data, r.len);
     audit_log_usage(l, "k1", 1, 4);
     wait_acked(l, 7, 5000);
-    assert_int_equal(audit_log_unacked_usage(l, "k1", 1, 0, 0), 0);
+    /* Acknowledged: still counted until this node's store holds batch 1. */
+    struct audit_log_stats ack_st;
+    audit_log_get_stats(l, &ack_st);
+    assert_int_equal(audit_log_unacked_usage(l, "k1", 1, 0, 0), 4);
+    assert_int_equal(audit_log_unacked_usage(l, "k1", 1, ack_st.boot_id, 0), 4);
+    assert_int_equal(audit_log_unacked_usage(l, "k1", 1, ack_st.boot_id, 1), 0);
+    audit_log_usage(l, "k1", 1, 2); /* new counts stay */
+    audit_log_applied(l, ack_st.boot_id, 1);
+    assert_int_equal(audit_log_unacked_usage(l, "k1", 1, 0, 0), 2);
     pthread_mutex_lock(&p->mu);
     assert_true(p->n_calls >= 4);
     for (size_t i = 1; i < 4; i++) {
