@@ -806,8 +806,78 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
     }
 }
 
+static int random_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
+{
+    uint8_t raw[REQUEST_ID_BYTES];
+
+    if (RAND_bytes(raw, sizeof(raw)) != 1) {
+        ERR_clear_error();
+        kr__client_set_error(c, "no randomness for a request id");
+        return KR_ECRYPTO;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++)
+        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    return 0;
+}
+
+/* The request ids kr_call gave the writes of a batch, and what they replaced. */
+struct batch_ids {
+    char (*ids)[2 * REQUEST_ID_BYTES + 1];
+    char **saved;
+    unsigned char *swapped;
+    size_t n;
+};
+
+/* Gives every write of |req| (a batch) that has no request_id one, kept for
+ * every retry of this call, so the node deduplicates each. */
+static int batch_ids_assign(kr_client *c, Keyraft__Request *req, struct batch_ids *b)
+{
+    size_t n = req->batch != NULL ? req->batch->n_requests : 0;
+
+    memset(b, 0, sizeof(*b));
+    if (n == 0)
+        return 0;
+    b->ids = malloc(n * sizeof(*b->ids));
+    b->saved = calloc(n, sizeof(*b->saved));
+    b->swapped = calloc(n, 1);
+    if (b->ids == NULL || b->saved == NULL || b->swapped == NULL) {
+        free(b->ids);
+        free(b->saved);
+        free(b->swapped);
+        memset(b, 0, sizeof(*b));
+        kr__client_set_error(c, "out of memory for the request ids of a batch of %zu", n);
+        return KR_ENOMEM;
+    }
+    b->n = n;
+    for (size_t i = 0; i < n; i++) {
+        Keyraft__Request *r = req->batch->requests[i];
+        if (r == NULL || !kr_op_is_write(r->op_case) ||
+            (r->request_id != NULL && r->request_id[0] != '\0'))
+            continue;
+        int rc = random_request_id(c, b->ids[i]);
+        if (rc != 0)
+            return rc; /* batch_ids_restore undoes the ones given */
+        b->saved[i] = r->request_id;
+        b->swapped[i] = 1;
+        r->request_id = b->ids[i];
+    }
+    return 0;
+}
+
+static void batch_ids_restore(Keyraft__Request *req, struct batch_ids *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        if (b->swapped[i])
+            req->batch->requests[i]->request_id = b->saved[i];
+    free(b->ids);
+    free(b->saved);
+    free(b->swapped);
+    memset(b, 0, sizeof(*b));
+}
+
 int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_resp)
 {
+    struct batch_ids batch_ids = {0};
     kr_client *c = client;
     char request_id[2 * REQUEST_ID_BYTES + 1];
     char *saved_request_id = NULL;
@@ -825,16 +895,21 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
     }
     c->err[0] = '\0';
     req->id = ++c->next_id;
-    if (kr_op_is_write(req->op_case)) {
+    if (req->op_case == KEYRAFT__REQUEST__OP_BATCH) {
+        /* Its writes get their ids one by one; the batch waits for this
+         * client's last write before any request in it runs. */
+        rc = batch_ids_assign(c, req, &batch_ids);
+        if (rc != 0) {
+            batch_ids_restore(req, &batch_ids);
+            return rc;
+        }
+        if (req->min_index < c->last_index)
+            req->min_index = c->last_index;
+    } else if (kr_op_is_write(req->op_case)) {
         if (req->request_id == NULL || req->request_id[0] == '\0') {
-            uint8_t raw[REQUEST_ID_BYTES];
-            if (RAND_bytes(raw, sizeof(raw)) != 1) {
-                ERR_clear_error();
-                kr__client_set_error(c, "no randomness for a request id");
-                return KR_ECRYPTO;
-            }
-            for (size_t i = 0; i < sizeof(raw); i++)
-                snprintf(request_id + 2 * i, 3, "%02x", raw[i]);
+            rc = random_request_id(c, request_id);
+            if (rc != 0)
+                return rc;
             /* Kept for every retry of this call, so the node deduplicates;
              * the caller's pointer comes back before returning. */
             saved_request_id = req->request_id;
@@ -845,6 +920,7 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
         req->min_index = c->last_index; /* read-your-writes */
     }
 
+    rc = KR_ECONN;
     deadline = now_ms() + c->timeout_ms;
     attempts = RETRY_PASSES * c->n_eps;
     idx = c->cur;
@@ -903,6 +979,7 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
     }
     if (saved_request_id != NULL)
         req->request_id = saved_request_id;
+    batch_ids_restore(req, &batch_ids);
     if (resp == NULL && held == NULL)
         return rc != 0 ? rc : KR_EINTERNAL;
     if (resp == NULL) { /* no node took the request: report what one said */
