@@ -1606,6 +1606,16 @@ static const struct optspec opts_audit[] = {
     {"principal", OPT_ARG}, {"key", OPT_ARG},   {"op", OPT_ARG},      {"since", OPT_ARG},
     {"until", OPT_ARG},     {"denied", OPT_FLAG}, {"after", OPT_ARG}, {NULL, 0}};
 
+static const struct optspec opts_create_bulk[] = {
+    {"prefix", OPT_ARG},      {"count", OPT_ARG},     {"alg", OPT_ARG},
+    {"batch", OPT_ARG},       {"start", OPT_ARG},     {"domain", OPT_ARG},
+    {"owner-group", OPT_ARG}, {"allow", OPT_MULTI},   {"usage-limit", OPT_ARG},
+    {"out", OPT_ARG},         {NULL, 0}};
+static const struct optspec opts_import_bulk[] = {
+    {"file", OPT_ARG},        {"alg", OPT_ARG},       {"batch", OPT_ARG},
+    {"domain", OPT_ARG},      {"owner-group", OPT_ARG}, {"allow", OPT_MULTI},
+    {"usage-limit", OPT_ARG}, {"out", OPT_ARG},       {NULL, 0}};
+
 #define POLICY_OPTS "[--domain D] [--owner-group G] [--allow G:OP[,OP...]]... [--usage-limit N]"
 
 static const struct command commands[] = {
@@ -1616,6 +1626,18 @@ static const struct command commands[] = {
      "--owner-group: the group whose members use it (default: your first group); --allow "
      "G:OPS (repeatable) gives group G exactly these operations (e.g. encrypt,decrypt); "
      "--usage-limit: encryptions per version (an integer or 2^K; 0: unlimited)."},
+    {"create-bulk", cli_cmd_create_bulk, opts_create_bulk, 0, 0,
+     "create-bulk --prefix P --count N [--alg A] [--batch B] [--start K] [--out FILE]\n"
+     "      " POLICY_OPTS,
+     "Creates keys P-K .. P-(K+N-1) (K: --start, default 0; A: default aes-256), B per "
+     "request (default 1000, at most 10000). Prints \"name id\" per key created (to --out, "
+     "appended, or stdout); progress on stderr. A name that exists is reported and skipped: "
+     "rerun (or --start) to resume. Exit 1 when any key failed."},
+    {"import-bulk", cli_cmd_import_bulk, opts_import_bulk, 0, 0,
+     "import-bulk --file F [--alg A] [--batch B] [--out FILE] " POLICY_OPTS,
+     "Imports keys from F, one per line: \"name hexmaterial\" (raw bytes for aes/hmac, DER "
+     "PKCS#8 for the others; blank lines and # comments skipped), B per request. Prints "
+     "\"name id\" per key imported; existing names are skipped. Exit 1 when any key failed."},
     {"get", cmd_get, opts_get, 0, 1, "get ID|name:N|--name N [--domain D]",
      "Shows a key's attributes, its policy, and per version the encryptions counted."},
     {"list", cmd_list, opts_list, 0, 0,

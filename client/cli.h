@@ -130,6 +130,10 @@ int cli_cmd_quorum(struct cli *cli, const struct args *a);
 int cli_cmd_approvals(struct cli *cli, const struct args *a);
 int cli_cmd_audit(struct cli *cli, const struct args *a);
 
+/* Bulk provisioning (cli_bulk.c). */
+int cli_cmd_create_bulk(struct cli *cli, const struct args *a);
+int cli_cmd_import_bulk(struct cli *cli, const struct args *a);
+
 /* Prints an ApprovalInfo: JSON with --json, else "field: value" lines with
  * the votes. */
 int cli_print_approval(const struct cli *cli, const Keyraft__ApprovalInfo *ai);

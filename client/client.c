@@ -806,6 +806,75 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
     }
 }
 
+static int random_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
+{
+    uint8_t raw[REQUEST_ID_BYTES];
+
+    if (RAND_bytes(raw, sizeof(raw)) != 1) {
+        ERR_clear_error();
+        kr__client_set_error(c, "no randomness for a request id");
+        return KR_ECRYPTO;
+    }
+    for (size_t i = 0; i < sizeof(raw); i++)
+        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    return 0;
+}
+
+/* The request ids kr_call gave the writes of a batch, and what they replaced. */
+struct batch_ids {
+    char (*ids)[2 * REQUEST_ID_BYTES + 1];
+    char **saved;
+    unsigned char *swapped;
+    size_t n;
+};
+
+/* Gives every write of |req| (a batch) that has no request_id one, kept for
+ * every retry of this call, so the node deduplicates each. */
+static int batch_ids_assign(kr_client *c, Keyraft__Request *req, struct batch_ids *b)
+{
+    size_t n = req->batch != NULL ? req->batch->n_requests : 0;
+
+    memset(b, 0, sizeof(*b));
+    if (n == 0)
+        return 0;
+    b->ids = malloc(n * sizeof(*b->ids));
+    b->saved = calloc(n, sizeof(*b->saved));
+    b->swapped = calloc(n, 1);
+    if (b->ids == NULL || b->saved == NULL || b->swapped == NULL) {
+        free(b->ids);
+        free(b->saved);
+        free(b->swapped);
+        memset(b, 0, sizeof(*b));
+        kr__client_set_error(c, "out of memory for the request ids of a batch of %zu", n);
+        return KR_ENOMEM;
+    }
+    b->n = n;
+    for (size_t i = 0; i < n; i++) {
+        Keyraft__Request *r = req->batch->requests[i];
+        if (r == NULL || !kr_op_is_write(r->op_case) ||
+            (r->request_id != NULL && r->request_id[0] != '\0'))
+            continue;
+        int rc = random_request_id(c, b->ids[i]);
+        if (rc != 0)
+            return rc; /* batch_ids_restore undoes the ones given */
+        b->saved[i] = r->request_id;
+        b->swapped[i] = 1;
+        r->request_id = b->ids[i];
+    }
+    return 0;
+}
+
+static void batch_ids_restore(Keyraft__Request *req, struct batch_ids *b)
+{
+    for (size_t i = 0; i < b->n; i++)
+        if (b->swapped[i])
+            req->batch->requests[i]->request_id = b->saved[i];
+    free(b->ids);
+    free(b->saved);
+    free(b->swapped);
+    memset(b, 0, sizeof(*b));
+}
+
 /* What kr_call and kr_send add to |req| before it leaves: a fresh id; for a
  * write without one, an idempotency request_id written to |request_id| and
  * pointed to by req->request_id (the caller's pointer saved in *saved, to be
@@ -820,16 +889,16 @@ static int request_prepare(kr_client *c, Keyraft__Request *req,
     }
     c->err[0] = '\0';
     req->id = ++c->next_id;
-    if (kr_op_is_write(req->op_case)) {
+    if (req->op_case == KEYRAFT__REQUEST__OP_BATCH) {
+        /* Its writes carry their own ids (kr_call gives them); the batch
+         * waits for this client's last write before any request in it runs. */
+        if (req->min_index < c->last_index)
+            req->min_index = c->last_index;
+    } else if (kr_op_is_write(req->op_case)) {
         if (req->request_id == NULL || req->request_id[0] == '\0') {
-            uint8_t raw[REQUEST_ID_BYTES];
-            if (RAND_bytes(raw, sizeof(raw)) != 1) {
-                ERR_clear_error();
-                kr__client_set_error(c, "no randomness for a request id");
-                return KR_ECRYPTO;
-            }
-            for (size_t i = 0; i < sizeof(raw); i++)
-                snprintf(request_id + 2 * i, 3, "%02x", raw[i]);
+            int rc = random_request_id(c, request_id);
+            if (rc != 0)
+                return rc;
             *saved = req->request_id;
             req->request_id = request_id;
         }
@@ -873,11 +942,21 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
 
     if (c == NULL || req == NULL || out_resp == NULL)
         return KR_EINVAL;
-    /* The request_id is kept for every retry of this call, so the node
-     * deduplicates; the caller's pointer comes back before returning. */
+    /* The request_ids are kept for every retry of this call, so the node
+     * deduplicates; the caller's pointers come back before returning. */
+    struct batch_ids batch_ids = {0};
+    if (req->op_case == KEYRAFT__REQUEST__OP_BATCH) {
+        rc = batch_ids_assign(c, req, &batch_ids);
+        if (rc != 0) {
+            batch_ids_restore(req, &batch_ids);
+            return rc;
+        }
+    }
     rc = request_prepare(c, req, request_id, &saved_request_id);
-    if (rc != 0)
+    if (rc != 0) {
+        batch_ids_restore(req, &batch_ids);
         return rc;
+    }
     rc = KR_ECONN;
 
     deadline = now_ms() + c->timeout_ms;
@@ -937,6 +1016,7 @@ int kr_call(kr_client *client, Keyraft__Request *req, Keyraft__Response **out_re
         break;
     }
     request_restore(req, saved_request_id, request_id);
+    batch_ids_restore(req, &batch_ids);
     if (resp == NULL && held == NULL)
         return rc != 0 ? rc : KR_EINTERNAL;
     if (resp == NULL) { /* no node took the request: report what one said */

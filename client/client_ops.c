@@ -259,3 +259,39 @@ int kr_random(kr_client *c, size_t len, kr_buf *out_bytes)
     kr_response_free(resp);
     return 0;
 }
+
+int kr_batch(kr_client *c, Keyraft__Request **reqs, size_t n, Keyraft__Response **out_resp)
+{
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__BatchRequest op = KEYRAFT__BATCH_REQUEST__INIT;
+    Keyraft__Response *resp = NULL;
+    int rc;
+
+    if (c == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    if (n == 0 || n > KR_BATCH_MAX || reqs == NULL) {
+        kr__client_set_error(c, "a batch holds 1 to %d requests, not %zu", KR_BATCH_MAX, n);
+        return KR_EINVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (reqs[i] == NULL || reqs[i]->op_case == KEYRAFT__REQUEST__OP__NOT_SET) {
+            kr__client_set_error(c, "request %zu of the batch names no operation", i);
+            return KR_EINVAL;
+        }
+    }
+    op.n_requests = n;
+    op.requests = reqs;
+    req.op_case = KEYRAFT__REQUEST__OP_BATCH;
+    req.batch = &op;
+    rc = kr__call_ok(c, &req, KEYRAFT__RESPONSE__RESULT_BATCH, &resp);
+    if (rc != 0)
+        return rc;
+    if (resp->batch->n_responses != n) {
+        kr__client_set_error(c, "the node answered %zu of the batch's %zu requests",
+                             resp->batch->n_responses, n);
+        kr_response_free(resp);
+        return KR_EPROTO;
+    }
+    *out_resp = resp;
+    return 0;
+}

@@ -154,3 +154,15 @@ int kr_op_is_write(Keyraft__Request__OpCase op)
         return 0;
     }
 }
+
+int kr_request_is_write(const Keyraft__Request *req)
+{
+    if (req == NULL)
+        return 0;
+    if (req->op_case != KEYRAFT__REQUEST__OP_BATCH)
+        return kr_op_is_write(req->op_case);
+    for (size_t i = 0; req->batch != NULL && i < req->batch->n_requests; i++)
+        if (req->batch->requests[i] != NULL && kr_op_is_write(req->batch->requests[i]->op_case))
+            return 1;
+    return 0;
+}

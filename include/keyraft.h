@@ -59,6 +59,9 @@ Keyraft__RevokeReason kr_reason_parse(const char *name);
 /* 1 for operations that change replicated state: they go through raft on the
  * leader, carry an idempotency request_id, and are deduplicated. */
 int kr_op_is_write(Keyraft__Request__OpCase op);
+/* kr_op_is_write for a whole request: a batch is a write when any request in
+ * it is (it must reach the leader). */
+int kr_request_is_write(const Keyraft__Request *req);
 
 /* Where and how to connect. Strings are borrowed by kr_client_new. */
 typedef struct kr_client_config {
@@ -107,7 +110,9 @@ void kr_response_free(Keyraft__Response *resp);
  * for a write without one, min_index for a read) and writes it to the open
  * connection, opening one to the endpoint that last answered when there is
  * none; it does not wait for the answer, retry or fail over, so a refusal
- * (KR_ENOTLEADER) comes back as an answer's status. Returns 0 once the
+ * (KR_ENOTLEADER) comes back as an answer's status. The writes inside a
+ * batch get no request_id from kr_send (kr_call gives them one): give them
+ * your own so a resent batch is deduplicated. Returns 0 once the
  * request is written, or a transport code.
  * kr_recv waits up to the client's timeout for the next answer on that
  * connection, whichever request it answers (match resp->id with req->id),
@@ -144,6 +149,21 @@ int kr_sign(kr_client *c, const char *key, const uint8_t *msg, size_t msg_len,
 int kr_verify(kr_client *c, const char *key, const uint8_t *msg, size_t msg_len,
               const uint8_t *sig, size_t sig_len, int *out_valid);
 int kr_random(kr_client *c, size_t len, kr_buf *out_bytes);
+
+/* At most this many requests ride one batch. */
+#define KR_BATCH_MAX 10000
+
+/* Sends |n| requests (1..KR_BATCH_MAX) in one BatchRequest frame. Each is
+ * handled on the node as if sent alone (its own authorization, audit record
+ * and status) and *out_resp->batch->responses[i] answers reqs[i], in order.
+ * The batch goes to the leader when any request in it is a write; a write
+ * without a request_id gets one, the same on every retry inside this call
+ * (set reqs[i]->request_id yourself to keep it across calls). Returns 0 and
+ * *out_resp (free with kr_response_free) when the node answered the batch
+ * with its answers; otherwise the batch's status (e.g. KR_ETOOBIG) or a
+ * transport code, detail in kr_client_last_error, and no response. The
+ * requests are borrowed and unchanged on return. */
+int kr_batch(kr_client *c, Keyraft__Request **reqs, size_t n, Keyraft__Response **out_resp);
 
 /* Frame limit both sides enforce (bytes of one protobuf message). */
 #define KR_MAX_FRAME (4u * 1024u * 1024u)

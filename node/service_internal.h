@@ -82,6 +82,7 @@ struct call {
     char audit_key[FSM_KEY_ID_LEN + 1];
     uint32_t audit_version;
     char audit_domain[72];
+    struct batch *batch;        /* OP_BATCH: its inner calls and their answers */
 };
 
 void *arena_alloc(struct call *call, size_t len);

@@ -217,6 +217,7 @@ struct fake {
     uint64_t min_index[FAKE_MAX_REQS];
     uint64_t id[FAKE_MAX_REQS];
     int hold; /* > 1: answer only once this many are in, newest first */
+    char inner_id[FAKE_MAX_REQS][3][64]; /* a batch: its first requests' ids */
 };
 
 static int ssl_read_all(SSL *ssl, uint8_t *buf, size_t len)
@@ -234,12 +235,30 @@ static int ssl_read_all(SSL *ssl, uint8_t *buf, size_t len)
 static int fake_reply(struct fake *f, SSL *ssl, const Keyraft__Request *req)
 {
     Keyraft__Response resp = KEYRAFT__RESPONSE__INIT;
+    Keyraft__BatchResponse batch = KEYRAFT__BATCH_RESPONSE__INIT;
+    Keyraft__Response inner[3], *inner_ptrs[3];
     Keyraft__KeyAttributes key = KEYRAFT__KEY_ATTRIBUTES__INIT;
     Keyraft__RandomResponse rnd = KEYRAFT__RANDOM_RESPONSE__INIT;
     uint8_t data[64], frame[1024];
 
     resp.id = req->id;
-    if (f->mode == FAKE_NOTLEADER) {
+    if (f->mode != FAKE_NOTLEADER && req->op_case == KEYRAFT__REQUEST__OP_BATCH) {
+        /* Every request answered with a key (at most 3 here). */
+        key.id = (char *)"k-b";
+        key.name = (char *)"batched";
+        batch.n_responses = req->batch->n_requests < 3 ? req->batch->n_requests : 3;
+        for (size_t i = 0; i < batch.n_responses; i++) {
+            keyraft__response__init(&inner[i]);
+            inner[i].id = req->id;
+            inner[i].result_case = KEYRAFT__RESPONSE__RESULT_KEY;
+            inner[i].key = &key;
+            inner_ptrs[i] = &inner[i];
+        }
+        batch.responses = inner_ptrs;
+        resp.commit_index = f->commit_index;
+        resp.result_case = KEYRAFT__RESPONSE__RESULT_BATCH;
+        resp.batch = &batch;
+    } else if (f->mode == FAKE_NOTLEADER) {
         resp.status = KR_ENOTLEADER;
         resp.message = (char *)"not the leader";
         resp.leader_endpoint = f->hint;
@@ -298,6 +317,10 @@ static void fake_serve(struct fake *f, int fd)
             snprintf(f->request_id[f->n_reqs], sizeof(f->request_id[0]), "%s", req->request_id);
             f->min_index[f->n_reqs] = req->min_index;
             f->id[f->n_reqs] = req->id;
+            for (size_t i = 0; req->op_case == KEYRAFT__REQUEST__OP_BATCH && i < 3 &&
+                               i < req->batch->n_requests; i++)
+                snprintf(f->inner_id[f->n_reqs][i], sizeof(f->inner_id[0][0]), "%s",
+                         req->batch->requests[i]->request_id);
         }
         f->n_reqs++;
         pthread_mutex_unlock(&f->mu);
@@ -822,6 +845,88 @@ static void test_pipelined_failures(void **state)
     kr_client_free(c);
 }
 
+/* A batch with writes follows the leader like a write; each write in it
+ * gets its own request id, the same on the resend, and reads none. */
+static void test_batch_ids_and_routing(void **state)
+{
+    struct fake follower, leader;
+    char eps[128];
+    Keyraft__Request r[3], *reqs[3];
+    Keyraft__CreateKeyRequest c0 = KEYRAFT__CREATE_KEY_REQUEST__INIT;
+    Keyraft__CreateKeyRequest c2 = KEYRAFT__CREATE_KEY_REQUEST__INIT;
+    Keyraft__GetKeyRequest g1 = KEYRAFT__GET_KEY_REQUEST__INIT;
+    Keyraft__KeyRef ref = KEYRAFT__KEY_REF__INIT;
+    Keyraft__Response *resp = NULL;
+
+    (void)state;
+    for (int i = 0; i < 3; i++) {
+        keyraft__request__init(&r[i]);
+        reqs[i] = &r[i];
+    }
+    c0.name = (char *)"a";
+    c2.name = (char *)"b";
+    ref.name = (char *)"a";
+    g1.key = &ref;
+    r[0].op_case = KEYRAFT__REQUEST__OP_CREATE;
+    r[0].create = &c0;
+    r[1].op_case = KEYRAFT__REQUEST__OP_GET;
+    r[1].get = &g1;
+    r[2].op_case = KEYRAFT__REQUEST__OP_CREATE;
+    r[2].create = &c2;
+    r[2].request_id = (char *)"mine";
+
+    Keyraft__BatchRequest br = KEYRAFT__BATCH_REQUEST__INIT;
+    Keyraft__Request outer = KEYRAFT__REQUEST__INIT;
+    br.requests = reqs;
+    br.n_requests = 2;
+    outer.op_case = KEYRAFT__REQUEST__OP_BATCH;
+    outer.batch = &br;
+    br.requests = &reqs[1]; /* the get alone */
+    br.n_requests = 1;
+    assert_int_equal(kr_request_is_write(&outer), 0);
+    br.requests = reqs;
+    br.n_requests = 3;
+    assert_int_equal(kr_request_is_write(&outer), 1);
+    assert_int_equal(kr_request_is_write(&r[1]), 0);
+
+    fake_start(&follower, FAKE_NOTLEADER, P.srv_cert, 0);
+    fake_start(&leader, FAKE_ANSWER, P.srv_cert, 9);
+    snprintf(follower.hint, sizeof(follower.hint), "127.0.0.1:%d", leader.port);
+    snprintf(eps, sizeof(eps), "127.0.0.1:%d", follower.port);
+    kr_client *c = new_client(eps, 5000);
+
+    assert_int_equal(kr_batch(c, reqs, 0, &resp), KR_EINVAL);
+    assert_int_equal(kr_batch(c, reqs, KR_BATCH_MAX + 1, &resp), KR_EINVAL);
+    assert_int_equal(fake_count(&follower), 0);
+
+    assert_int_equal(kr_batch(c, reqs, 3, &resp), 0);
+    assert_int_equal(resp->batch->n_responses, 3);
+    assert_string_equal(resp->batch->responses[2]->key->name, "batched");
+    kr_response_free(resp);
+    assert_int_equal(fake_count(&follower), 1);
+    assert_int_equal(fake_count(&leader), 1);
+    assert_int_equal(strlen(follower.inner_id[0][0]), 32);
+    assert_string_equal(follower.inner_id[0][0], leader.inner_id[0][0]);
+    assert_string_equal(leader.inner_id[0][1], "");
+    assert_string_equal(leader.inner_id[0][2], "mine");
+    assert_string_equal(leader.request_id[0], ""); /* the batch itself needs none */
+    /* The caller's requests are as they were; the batch's index is learnt. */
+    assert_string_equal(r[0].request_id, "");
+    assert_string_equal(r[2].request_id, "mine");
+    assert_int_equal(kr_client_last_index(c), 9);
+
+    /* A second batch: fresh ids, and it waits for the first one's writes. */
+    assert_int_equal(kr_batch(c, reqs, 3, &resp), 0);
+    kr_response_free(resp);
+    assert_int_equal(fake_count(&leader), 2);
+    assert_string_not_equal(leader.inner_id[1][0], leader.inner_id[0][0]);
+    assert_int_equal(leader.min_index[1], 9);
+
+    kr_client_free(c);
+    fake_stop(&follower);
+    fake_stop(&leader);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -837,6 +942,7 @@ int main(void)
         cmocka_unit_test(test_leader_hint_is_followed),
         cmocka_unit_test(test_pipelined_send_recv),
         cmocka_unit_test(test_pipelined_failures),
+        cmocka_unit_test(test_batch_ids_and_routing),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

@@ -29,8 +29,15 @@
 
 #define N_NODES 3
 #define N_ENTRIES 20
-#define ELECTION_MS 500
-#define HEARTBEAT_MS 50
+/* Under ASan every node runs a few times slower: raft's timers and our
+ * bounds grow together, so a slow heartbeat is not taken for a dead leader. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SLOW 3
+#else
+#define SLOW 1
+#endif
+#define ELECTION_MS (500 * SLOW)
+#define HEARTBEAT_MS (50 * SLOW)
 #define RETRY_MS 200
 #define PATH_CAP 192
 #define MAX_RAW 8
@@ -584,16 +591,16 @@ static void run_with_refused_node3(struct cluster *cl, const char *ca3, const st
     for (int i = 0; i < N_NODES; i++)
         node_bootstrap_start(cl, i);
     cl->healthy = 0x3;
-    assert_true(run_until(cl, have_leader, 10000));
+    assert_true(run_until(cl, have_leader, 10000 * SLOW));
     struct node *leader = cl->leader;
     raft_term term = leader->raft.current_term;
     apply_entries(cl, 0, N_ENTRIES);
-    assert_true(run_until(cl, healthy_applied_all, 10000));
+    assert_true(run_until(cl, healthy_applied_all, 10000 * SLOW));
     assert_int_equal(cl->n_apply_ok, N_ENTRIES);
     assert_applied_in_order(&cl->nodes[0], N_ENTRIES);
     assert_applied_in_order(&cl->nodes[1], N_ENTRIES);
     /* Several reconnect rounds and node 3 elections later: */
-    run_for(cl, 2500);
+    run_for(cl, 2500 * SLOW);
     struct node *n3 = &cl->nodes[2];
     assert_int_equal(n3->n_applied, 0);
     assert_int_equal(n3->n_bad, 0);
@@ -618,9 +625,9 @@ static void test_three_nodes_replicate(void **state)
     for (int i = 0; i < N_NODES; i++)
         node_bootstrap_start(cl, i);
     cl->healthy = 0x7;
-    assert_true(run_until(cl, have_leader, 10000));
+    assert_true(run_until(cl, have_leader, 10000 * SLOW));
     apply_entries(cl, 0, N_ENTRIES);
-    assert_true(run_until(cl, healthy_applied_all, 10000));
+    assert_true(run_until(cl, healthy_applied_all, 10000 * SLOW));
     assert_int_equal(cl->n_apply_ok, N_ENTRIES);
     for (int i = 0; i < N_NODES; i++)
         assert_applied_in_order(&cl->nodes[i], N_ENTRIES);
@@ -989,19 +996,19 @@ static void test_follower_restart(void **state)
     for (int i = 0; i < N_NODES; i++)
         node_bootstrap_start(cl, i);
     cl->healthy = 0x7;
-    assert_true(run_until(cl, have_leader, 10000));
+    assert_true(run_until(cl, have_leader, 10000 * SLOW));
     apply_entries(cl, 0, N_ENTRIES / 2);
-    assert_true(run_until(cl, healthy_applied_all, 10000));
+    assert_true(run_until(cl, healthy_applied_all, 10000 * SLOW));
     int f = cl->leader == &cl->nodes[0] ? 1 : 0;
     node_stop(cl, f);
     cl->healthy &= ~(1u << f);
     apply_entries(cl, N_ENTRIES / 2, N_ENTRIES / 2);
-    assert_true(run_until(cl, healthy_applied_all, 10000));
+    assert_true(run_until(cl, healthy_applied_all, 10000 * SLOW));
     run_for(cl, 3 * RETRY_MS); /* the leader keeps dialling the dead port */
     node_init(cl, f, P.ca, &P.node[f + 1]);
     node_start(cl, f);
     cl->healthy = 0x7;
-    assert_true(run_until(cl, healthy_applied_all, 10000));
+    assert_true(run_until(cl, healthy_applied_all, 10000 * SLOW));
     assert_int_equal(cl->n_apply_ok, N_ENTRIES);
     for (int i = 0; i < N_NODES; i++)
         assert_applied_in_order(&cl->nodes[i], N_ENTRIES);
