@@ -429,6 +429,9 @@ static int node_fetch_snapshot(void *arg, uint64_t min_index)
         store_remove_dir(incoming);
         return rv;
     }
+    /* Principals, revocations and domains may all differ in the new store:
+     * the service's caches of them start over. */
+    fsm_governance_bump();
     log_info("store fetched from %s: index %" PRIu64 ", %zu files, %" PRIu64
              " bytes in %" PRIu64 " ms",
              res.endpoint, got, res.n_files, res.bytes, res.elapsed_ms);

@@ -10,7 +10,6 @@
 #define NAME_MAX_CHARS 64
 #define MAX_GROUPS 32
 #define MAX_DOMAINS 32
-#define MAX_GRANTS 32
 
 static const struct {
     unsigned bit;
@@ -281,8 +280,8 @@ int policy_key_policy_check(const Keyraft__KeyPolicy *p, char *why, size_t why_l
         snprintf(why, why_len, "owner group \"%.64s\" is not a name", p->owner_group);
         return KR_EINVAL;
     }
-    if (p->n_grants > MAX_GRANTS) {
-        snprintf(why, why_len, "at most %d grants", MAX_GRANTS);
+    if (p->n_grants > POLICY_MAX_GRANTS) {
+        snprintf(why, why_len, "at most %d grants", POLICY_MAX_GRANTS);
         return KR_EINVAL;
     }
     for (size_t i = 0; i < p->n_grants; i++) {

@@ -20,6 +20,7 @@ enum policy_role {
     POLICY_AUDITOR = 1u << 3,
     POLICY_NODE = 1u << 4, /* a cluster node's certificate */
 };
+#define POLICY_MAX_GRANTS 32 /* grants in one key policy */
 #define POLICY_ANY_PRINCIPAL (POLICY_ADMIN | POLICY_OFFICER | POLICY_USER | POLICY_AUDITOR)
 
 /* A role's bit from its name; 0 for an unknown name. */

@@ -171,8 +171,12 @@ static int key_access(struct call *call, const Keyraft__KeyRecord *rec)
         reply_error(call, KR_ENOTFOUND, "no key with id %s", rec->id);
         return -1;
     }
+    /* A loaded domain key is a live domain: destroyed ones are unloaded as
+     * soon as governance changes, so the store is read only for the others. */
+    gov_forget_destroyed_domains(call->svc);
     Keyraft__DomainRecord *dom = NULL;
-    if (fsm_get_domain(call->svc->deps.store, rec->domain, &dom) == 0) {
+    if (!keyring_has_domain(call->svc->deps.keyring, rec->domain) &&
+        fsm_get_domain(call->svc->deps.store, rec->domain, &dom) == 0) {
         int shredded = dom->destroyed;
         keyraft__domain_record__free_unpacked(dom, NULL);
         if (shredded) {
@@ -664,27 +668,12 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     rec.id = call->key_id;
     rec.name = (char *)name;
     rec.domain = call->domain;
-    /* Rebuilt from its fields, like the tags: no unknown fields in the entry. */
-    Keyraft__KeyPolicy policy = KEYRAFT__KEY_POLICY__INIT;
-    Keyraft__GroupGrant grant_store[32];
-    Keyraft__GroupGrant *grant_ptrs[32];
-    if (req_policy != NULL) {
-        policy.owner_group = req_policy->owner_group;
-        policy.usage_limit = req_policy->usage_limit;
-        policy.n_grants = req_policy->n_grants < 32 ? req_policy->n_grants : 32;
-        policy.grants = grant_ptrs;
-        for (size_t i = 0; i < policy.n_grants; i++) {
-            keyraft__group_grant__init(&grant_store[i]);
-            grant_store[i].group = req_policy->grants[i]->group;
-            grant_store[i].n_ops = req_policy->grants[i]->n_ops;
-            grant_store[i].ops = req_policy->grants[i]->ops;
-            grant_ptrs[i] = &grant_store[i];
-        }
-    }
-    if (policy.owner_group[0] == '\0' && policy.n_grants == 0 && call->who != NULL &&
-        call->who->info->n_groups > 0)
-        policy.owner_group = call->who->info->groups[0];
-    rec.policy = &policy;
+    struct key_policy_copy policy;
+    key_policy_rebuild(req_policy, &policy);
+    if (policy.policy.owner_group[0] == '\0' && policy.policy.n_grants == 0 &&
+        call->who != NULL && call->who->info->n_groups > 0)
+        policy.policy.owner_group = call->who->info->groups[0];
+    rec.policy = &policy.policy;
 
     rec.algorithm = call->alg;
     uint64_t now = now_ms();
@@ -705,6 +694,24 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     propose(call, &cmd);
     free(pub);
     free(sealed);
+}
+
+void key_policy_rebuild(const Keyraft__KeyPolicy *in, struct key_policy_copy *out)
+{
+    keyraft__key_policy__init(&out->policy);
+    if (in == NULL)
+        return;
+    out->policy.owner_group = in->owner_group;
+    out->policy.usage_limit = in->usage_limit;
+    out->policy.n_grants = in->n_grants < POLICY_MAX_GRANTS ? in->n_grants : POLICY_MAX_GRANTS;
+    out->policy.grants = out->grant_ptrs;
+    for (size_t i = 0; i < out->policy.n_grants; i++) {
+        keyraft__group_grant__init(&out->grants[i]);
+        out->grants[i].group = in->grants[i]->group;
+        out->grants[i].ops = in->grants[i]->ops;
+        out->grants[i].n_ops = in->grants[i]->n_ops;
+        out->grant_ptrs[i] = &out->grants[i];
+    }
 }
 
 /* Where a new key goes and who may use it: a live domain the caller belongs

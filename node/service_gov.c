@@ -1171,24 +1171,11 @@ void op_set_policy(struct call *call)
         keyraft__key_record__free_unpacked(rec, NULL);
         return;
     }
-    /* Rebuilt from its fields: no unknown fields in the entry. */
-    Keyraft__KeyPolicy policy = KEYRAFT__KEY_POLICY__INIT;
-    Keyraft__GroupGrant grant_store[32];
-    Keyraft__GroupGrant *grant_ptrs[32];
-    policy.owner_group = r->policy->owner_group;
-    policy.usage_limit = r->policy->usage_limit;
-    policy.n_grants = r->policy->n_grants;
-    policy.grants = grant_ptrs;
-    for (size_t i = 0; i < r->policy->n_grants && i < 32; i++) {
-        keyraft__group_grant__init(&grant_store[i]);
-        grant_store[i].group = r->policy->grants[i]->group;
-        grant_store[i].ops = r->policy->grants[i]->ops;
-        grant_store[i].n_ops = r->policy->grants[i]->n_ops;
-        grant_ptrs[i] = &grant_store[i];
-    }
+    struct key_policy_copy policy;
+    key_policy_rebuild(r->policy, &policy);
     Keyraft__SetKeyPolicyCommand sp = KEYRAFT__SET_KEY_POLICY_COMMAND__INIT;
     sp.key_id = rec->id;
-    sp.policy = &policy;
+    sp.policy = &policy.policy;
     Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
     cmd.op_case = KEYRAFT__COMMAND__OP_SET_KEY_POLICY;
     cmd.set_key_policy = &sp;

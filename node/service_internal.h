@@ -11,6 +11,7 @@
 #include "fsm.h"
 #include "record.pb-c.h"
 #include "command.h"
+#include "policy.h"
 #include "secmem.h"
 #include "service.h"
 
@@ -117,6 +118,15 @@ struct domain_command {
 };
 int domain_command_new(struct service *svc, const char *id, struct domain_command *dc);
 void domain_command_free(struct domain_command *dc);
+
+/* A key policy rebuilt from its fields, so a client's unknown fields never
+ * ride into a raft entry. |out| points into itself: do not copy it. */
+struct key_policy_copy {
+    Keyraft__KeyPolicy policy;
+    Keyraft__GroupGrant grants[POLICY_MAX_GRANTS];
+    Keyraft__GroupGrant *grant_ptrs[POLICY_MAX_GRANTS];
+};
+void key_policy_rebuild(const Keyraft__KeyPolicy *in, struct key_policy_copy *out);
 
 /* Replies with the written key once |res| applied (cluster_done_cb). */
 void write_done(void *arg, const struct fsm_op_result *res);
