@@ -79,6 +79,9 @@ struct cluster {
     void *apply_hook_arg;
     int (*fetch_snapshot)(void *arg, uint64_t min_index);
     void *fetch_arg;
+    unsigned snapshot_entries;   /* most entries between snapshots */
+    uint64_t snapshot_log_bytes; /* log bytes between snapshots */
+    uint64_t entry_bytes_avg;    /* running mean of applied entry sizes */
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -89,6 +92,29 @@ static uint64_t next_index(void *arg)
     return raft_last_applied(&c->raft) + 1;
 }
 
+/* raft 0.15 counts entries only: with 500 KB bulk entries its 8192-entry
+ * threshold would let 4 GB of log pile up before a snapshot, all replayed at
+ * restart. The threshold follows the mean entry size so that about
+ * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
+ * for lagging followers are half of that. */
+#define SNAPSHOT_MIN_ENTRIES 16u
+#define SNAPSHOT_MAX_TRAILING 1024u
+
+static void snapshot_pace(struct cluster *c, size_t entry_len)
+{
+    uint64_t len = entry_len ? entry_len : 1;
+    c->entry_bytes_avg = c->entry_bytes_avg == 0 ? len : (c->entry_bytes_avg * 15 + len) / 16;
+    uint64_t by_bytes = c->snapshot_log_bytes / (c->entry_bytes_avg ? c->entry_bytes_avg : 1);
+    unsigned threshold = (unsigned)(by_bytes < c->snapshot_entries ? by_bytes : c->snapshot_entries);
+    if (threshold < SNAPSHOT_MIN_ENTRIES)
+        threshold = SNAPSHOT_MIN_ENTRIES;
+    unsigned trailing = threshold / 2 < SNAPSHOT_MAX_TRAILING ? threshold / 2 : SNAPSHOT_MAX_TRAILING;
+    if (trailing < SNAPSHOT_MIN_ENTRIES)
+        trailing = SNAPSHOT_MIN_ENTRIES;
+    raft_set_snapshot_threshold(&c->raft, threshold);
+    raft_set_snapshot_trailing(&c->raft, trailing);
+}
+
 static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf, void **result)
 {
     struct cluster *c = raft_fsm->data;
@@ -97,6 +123,7 @@ static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf
     if (rv != 0)
         return RAFT_IOERR; /* raft retries this entry */
     *result = res;
+    snapshot_pace(c, buf->len);
     if (c->apply_hook)
         c->apply_hook(c->apply_hook_arg, raft_last_applied(&c->raft) + 1);
     return 0;
@@ -518,9 +545,11 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
         return rv;
     }
     c->raft.data = c;
-    raft_set_snapshot_threshold(&c->raft, config->snapshot_threshold ? config->snapshot_threshold
-                                                                      : 8192);
-    raft_set_snapshot_trailing(&c->raft, 1024);
+    c->snapshot_entries = config->snapshot_threshold ? config->snapshot_threshold : 8192;
+    c->snapshot_log_bytes = config->snapshot_log_bytes ? config->snapshot_log_bytes
+                                                       : 64u * 1024 * 1024;
+    raft_set_snapshot_threshold(&c->raft, c->snapshot_entries);
+    raft_set_snapshot_trailing(&c->raft, SNAPSHOT_MAX_TRAILING);
     raft_set_pre_vote(&c->raft, true);
     uv_prepare_init(loop, &c->flusher);
     c->flusher.data = c;

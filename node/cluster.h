@@ -16,7 +16,10 @@ struct cluster_config {
     uint64_t node_id;
     const char *raft_address; /* IPv4:PORT */
     const char *raft_dir;     /* raft log and snapshots */
-    unsigned snapshot_threshold; /* entries between snapshots */
+    unsigned snapshot_threshold; /* entries between snapshots (0: 8192) */
+    uint64_t snapshot_log_bytes; /* raft log bytes between snapshots (0: 64 MiB): large
+                                  * entries (bulk creates) snapshot sooner, so the log
+                                  * and a restart's replay stay bounded */
     /* Peer TLS (both borrowed; NULL only for cluster_bootstrap, which never
      * talks to peers). */
     struct tls_ctx *peer_server_tls;

@@ -37,6 +37,7 @@ void config_defaults(struct config *config)
     config->audit_max_lag_ms = 3000;
     config->audit_fail_open_reads = 0;
     config->audit_checkpoint_ms = 10000;
+    config->raft_snapshot_log_mb = 64;
 }
 
 struct load_ctx {
@@ -98,6 +99,7 @@ static const char *range_hint(const char *section, const char *name)
         {"audit", "max_lag_ms", " (100 to 3600000)"},
         {"audit", "fail_open_reads", " (true or false)"},
         {"audit", "checkpoint_ms", " (100 to 86400000)"},
+        {"raft", "snapshot_log_mb", " (1 to 65536)"},
     };
     for (size_t i = 0; i < sizeof(hints) / sizeof(hints[0]); i++)
         if (strcmp(section, hints[i][0]) == 0 && strcmp(name, hints[i][1]) == 0)
@@ -178,6 +180,9 @@ static int on_entry(void *user, const char *section, const char *name, const cha
     } else if (MATCH("audit", "checkpoint_ms")) {
         rv = parse_u64(value, 100, 86400000, &u);
         c->audit_checkpoint_ms = (uint32_t)u;
+    } else if (MATCH("raft", "snapshot_log_mb")) {
+        rv = parse_u64(value, 1, 65536, &u);
+        c->raft_snapshot_log_mb = (uint32_t)u;
     } else {
         log_error("%s: unknown setting [%s] %s", ctx->path, section, name);
         ctx->failed = 1;
@@ -320,6 +325,7 @@ int config_write(const struct config *c, const char *path)
         fprintf(f, "softhsm_conf = %s\n", c->hsm_softhsm_conf);
     fprintf(f, "\n[policy]\nallow_export = %s\n\n[limits]\nmax_frame = %u\nmax_connections = %u\nlist_max = %u\n",
             c->allow_export ? "true" : "false", c->max_frame, c->max_connections, c->list_max);
+    fprintf(f, "\n[raft]\nsnapshot_log_mb = %u\n", c->raft_snapshot_log_mb);
     fprintf(f,
             "\n[audit]\nenabled = %s\nflush_ms = %u\nmax_pending = %u\nmax_lag_ms = %u\n"
             "fail_open_reads = %s\ncheckpoint_ms = %u\n",

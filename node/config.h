@@ -47,6 +47,9 @@ struct config {
                                            * on while the audit log cannot be written */
     uint32_t audit_checkpoint_ms;         /* [audit] checkpoint_ms: how often the leader signs
                                            * the chain head (>= 100, default 10000) */
+    uint32_t raft_snapshot_log_mb;        /* [raft] snapshot_log_mb: raft log written between
+                                           * snapshots (1..65536, default 64); bounds the log's
+                                           * disk and a restart's replay */
 };
 
 /* Fills defaults. */

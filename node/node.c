@@ -518,6 +518,7 @@ int node_run(const char *config_path, int until_ready)
         .node_id = n->config.node_id,
         .raft_address = n->config.raft_address,
         .raft_dir = raft_dir,
+        .snapshot_log_bytes = (uint64_t)n->config.raft_snapshot_log_mb * 1024 * 1024,
         .peer_server_tls = n->tls,
         .peer_client_tls = n->peer_client_tls,
         .raft_listen = n->config.raft_listen[0] ? n->config.raft_listen : NULL,

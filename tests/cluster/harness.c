@@ -574,6 +574,21 @@ int kr_free_port_pair(int *a, int *b)
     return free_ports(a, b);
 }
 
+int kr_node_raft_snapshots(const struct kr_node *node)
+{
+    char path[KR_PATH_MAX + 16];
+    snprintf(path, sizeof(path), "%.400s/raft", node->dir);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return 0;
+    int found = 0;
+    struct dirent *ent;
+    while ((ent = readdir(d)) != NULL)
+        found += strncmp(ent->d_name, "snapshot-", 9) == 0;
+    closedir(d);
+    return found;
+}
+
 void kr_node_dump_log(const struct kr_node *node, size_t max)
 {
     char path[KR_PATH_MAX + 16];

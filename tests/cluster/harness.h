@@ -79,6 +79,9 @@ void kr_node_destroy(struct kr_node *node);
 /* 1 when the node's process exists and has not exited. */
 int kr_node_alive(const struct kr_node *node);
 
+/* Number of raft snapshot files (snapshot-*) in DIR/raft. */
+int kr_node_raft_snapshots(const struct kr_node *node);
+
 /* Prints the last |max| bytes of DIR/node.log to stderr (for diagnosis). */
 void kr_node_dump_log(const struct kr_node *node, size_t max);
 

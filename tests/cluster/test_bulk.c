@@ -32,6 +32,19 @@ static uint64_t mono_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* A small raft log budget, so that bulk creates (500 KB entries) take raft
+ * snapshots well before raft's 8192-entry threshold. */
+static int small_snapshot_budget(struct kr_node *node)
+{
+    char path[KR_PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%.400s/keyraftd.conf", node->dir);
+    FILE *conf = fopen(path, "a");
+    if (conf == NULL)
+        return -1;
+    int rv = fputs("\n[raft]\nsnapshot_log_mb = 1\n", conf) < 0;
+    return fclose(conf) != 0 || rv ? -1 : 0;
+}
+
 static int group_setup(void **state)
 {
     struct fixture *f = calloc(1, sizeof(*f));
@@ -39,7 +52,8 @@ static int group_setup(void **state)
 
     if (f == NULL)
         return -1;
-    if (kr_node_init(&f->node) != 0 || kr_node_start(&f->node) != 0 ||
+    if (kr_node_init(&f->node) != 0 || small_snapshot_budget(&f->node) != 0 ||
+        kr_node_start(&f->node) != 0 ||
         kr_node_client(&f->node, 60000, &f->app) != 0 ||
         kr_node_client_as(&f->node, "auditor", 30000, &f->auditor) != 0 ||
         kr_create_key(f->app, "bulk-base", KEYRAFT__ALGORITHM__AES_256, NULL, 0, &a) != 0) {
@@ -550,6 +564,13 @@ static void test_create_bulk_cli(void **state)
     assert_non_null(strstr(o.err, "created 5000, existed 0, failed 0"));
     assert_non_null(strstr(o.err, "100%")); /* progress, one line a tenth off a terminal */
     kr_out_free(&o);
+    assert_int_equal(key_count(f), before + 5000);
+    /* 5 entries of ~500 KB passed the 1 MB log budget: a snapshot was taken,
+     * and the node restarts from it with every key. */
+    for (int i = 0; i < 100 && kr_node_raft_snapshots(&f->node) == 0; i++)
+        usleep(50 * 1000);
+    assert_true(kr_node_raft_snapshots(&f->node) > 0);
+    assert_int_equal(kr_node_restart(&f->node), 0);
     assert_int_equal(key_count(f), before + 5000);
     assert_int_equal(kr_read_file(out_path, &text, &len), 0);
     assert_int_equal(count_lines((const char *)text), 5000);

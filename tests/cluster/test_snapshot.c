@@ -451,22 +451,6 @@ static int free_port(void)
     return ntohs(sa.sin_port);
 }
 
-static int raft_has_snapshot(const struct fixture *f)
-{
-    char path[KR_PATH_MAX + 16];
-    snprintf(path, sizeof(path), "%.400s/raft", f->node.dir);
-    DIR *d = opendir(path);
-    if (d == NULL)
-        return 0;
-    int found = 0;
-    struct dirent *ent;
-    while ((ent = readdir(d)) != NULL)
-        if (strncmp(ent->d_name, "snapshot-", 9) == 0)
-            found = 1;
-    closedir(d);
-    return found;
-}
-
 /* A copy of the stopped node |from| in a new directory, serving on new
  * ports: a peer holding the same data, with the same certificates. */
 static void make_twin(const struct kr_node *from, struct kr_node *twin)
@@ -528,9 +512,9 @@ static void test_restart_behind_snapshot_fetches_store(void **state)
     }
     uint64_t applied = node_applied_index(f->admin);
     assert_true(applied > old_index + 8192);
-    for (int i = 0; i < 300 && !raft_has_snapshot(f); i++)
+    for (int i = 0; i < 300 && !kr_node_raft_snapshots(&f->node); i++)
         usleep(100 * 1000);
-    assert_true(raft_has_snapshot(f));
+    assert_true(kr_node_raft_snapshots(&f->node));
     assert_int_equal(kr_node_stop(&f->node), 0);
 
     struct kr_node *twin = &f->twin;

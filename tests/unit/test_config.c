@@ -128,6 +128,9 @@ static const char FULL[] = "# test node\n"
                            "max_connections = 250\n"
                            "list_max = 500\n"
                            "\n"
+                           "[raft]\n"
+                           "snapshot_log_mb = 8\n"
+                           "\n"
                            "[audit]\n"
                            "enabled = false\n"
                            "flush_ms = 50\n"
@@ -195,6 +198,7 @@ static void check_full(const struct fx *f, const struct config *c)
     assert_int_equal(c->audit_max_lag_ms, 700);
     assert_int_equal(c->audit_fail_open_reads, 1);
     assert_int_equal(c->audit_checkpoint_ms, 2500);
+    assert_int_equal(c->raft_snapshot_log_mb, 8);
 }
 
 static void test_load_full_file(void **state)
@@ -253,6 +257,7 @@ static void test_defaults(void **state)
     assert_int_equal(c.audit_max_lag_ms, 3000);
     assert_int_equal(c.audit_fail_open_reads, 0);
     assert_int_equal(c.audit_checkpoint_ms, 10000);
+    assert_int_equal(c.raft_snapshot_log_mb, 64);
 
     struct config d;
     config_defaults(&d);
@@ -305,6 +310,8 @@ static void test_bad_values_refused(void **state)
         {"audit", "checkpoint_ms = 99"},
         {"audit", "checkpoint_ms = 10s"},
         {"audit", "flush = 20"},
+        {"raft", "snapshot_log_mb = 0"},
+        {"raft", "snapshot_log_mb = 65537"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         if (load_with(f, bad[i][0], bad[i][1]) != KR_ECONFIG)
@@ -325,6 +332,8 @@ static void test_bad_values_refused(void **state)
         {"audit", "checkpoint_ms = 100"},
         {"audit", "enabled = no"},
         {"audit", "fail_open_reads = false"},
+        {"raft", "snapshot_log_mb = 1"},
+        {"raft", "snapshot_log_mb = 65536"},
     };
     for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++)
         if (load_with(f, good[i][0], good[i][1]) != 0)
@@ -402,6 +411,7 @@ static void assert_same_config(const struct config *a, const struct config *b)
     assert_int_equal(a->audit_max_lag_ms, b->audit_max_lag_ms);
     assert_int_equal(a->audit_fail_open_reads, b->audit_fail_open_reads);
     assert_int_equal(a->audit_checkpoint_ms, b->audit_checkpoint_ms);
+    assert_int_equal(a->raft_snapshot_log_mb, b->raft_snapshot_log_mb);
 }
 
 static void test_write_then_load_round_trip(void **state)
