@@ -1,6 +1,7 @@
-/* fsm.c: the raft state machine. Each command of an entry commits in its own
- * RocksDB batch together with the fsm position (index, op number), so a crash
- * between two commands of one entry resumes exactly where it stopped. */
+/* fsm.c: the raft state machine. Each command of an entry, or each run of
+ * consecutive creates, commits in its own RocksDB batch together with the fsm
+ * position (index, op number), so a crash between two commits of one entry
+ * resumes exactly where it stopped. */
 #include "fsm_internal.h"
 
 #define KR_LOG_MODULE "fsm"
@@ -289,40 +290,132 @@ int fsm__put_key_record(struct store_batch *b, Keyraft__KeyRecord *rec, uint64_t
     return 0;
 }
 
-static int apply_put_key(struct fsm *fsm, struct store_batch *b, const Keyraft__PutKeyCommand *cmd,
-                         uint64_t index, struct fsm_op_result *res)
+/* Consecutive creates of one entry commit as one RocksDB batch: a bulk
+ * entry of 1,000 creates was 1,000 writes and 4,000 reads, 60% of a leader's
+ * CPU. Store reads do not see the uncommitted batch, so the group remembers
+ * the names, ids and request ids it wrote, and the last domain it found live
+ * (no op that changes a domain joins a group). */
+struct group_slot {
+    uint64_t hash; /* 0: empty */
+    const char *a, *b;
+    uint32_t op;
+    char kind; /* 'N' (domain, name), 'I' key id, 'R' request id */
+};
+
+struct put_group {
+    struct store_batch *b;
+    uint32_t n_ops;   /* ops in the group */
+    uint32_t next_op; /* the op after the group's last */
+    struct group_slot *slots;
+    size_t cap, used; /* cap: 0 or a power of two */
+    const char *live_domain;
+};
+
+static uint64_t group_hash(char kind, const char *a, const char *b)
+{
+    uint64_t h = 1469598103934665603ull;
+    h = (h ^ (uint8_t)kind) * 1099511628211ull;
+    for (const char *p = a; *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    h = (h ^ 0xff) * 1099511628211ull; /* separates a|b from a shifted split */
+    for (const char *p = b; *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    return h ? h : 1;
+}
+
+static const struct group_slot *group_find(const struct put_group *g, char kind, const char *a,
+                                           const char *b)
+{
+    if (g == NULL || g->used == 0)
+        return NULL;
+    uint64_t h = group_hash(kind, a, b);
+    for (size_t i = h & (g->cap - 1);; i = (i + 1) & (g->cap - 1)) {
+        const struct group_slot *s = &g->slots[i];
+        if (s->hash == 0)
+            return NULL;
+        if (s->hash == h && s->kind == kind && strcmp(s->a, a) == 0 && strcmp(s->b, b) == 0)
+            return s;
+    }
+}
+
+static void group_insert(struct group_slot *slots, size_t cap, const struct group_slot *in)
+{
+    size_t i = in->hash & (cap - 1);
+    while (slots[i].hash != 0)
+        i = (i + 1) & (cap - 1);
+    slots[i] = *in;
+}
+
+/* |a| and |b| must live as long as the group (they point into the entry). */
+static int group_add(struct put_group *g, char kind, const char *a, const char *b, uint32_t op)
+{
+    if ((g->used + 1) * 2 > g->cap) {
+        size_t cap = g->cap ? g->cap * 2 : 1024;
+        struct group_slot *slots = calloc(cap, sizeof(*slots));
+        if (slots == NULL)
+            return KR_ENOMEM;
+        for (size_t i = 0; i < g->cap; i++)
+            if (g->slots[i].hash != 0)
+                group_insert(slots, cap, &g->slots[i]);
+        free(g->slots);
+        g->slots = slots;
+        g->cap = cap;
+    }
+    struct group_slot s = {group_hash(kind, a, b), a, b, op, kind};
+    group_insert(g->slots, g->cap, &s);
+    g->used++;
+    return 0;
+}
+
+/* |g| is NULL outside a group. */
+static int apply_put_key(struct fsm *fsm, struct put_group *g, struct store_batch *b,
+                         const Keyraft__PutKeyCommand *cmd, uint64_t index, uint32_t op_no,
+                         struct fsm_op_result *res)
 {
     Keyraft__KeyRecord *rec = cmd->key;
     if (rec == NULL || !fsm_key_id_valid(rec->id) || rec->name[0] == '\0' ||
         rec->domain[0] == '\0' || rec->n_versions == 0)
         return KR_EINVAL;
     snprintf(res->key_id, sizeof(res->key_id), "%s", rec->id);
-    Keyraft__DomainRecord *dom = NULL;
-    int rv = fsm_get_domain(fsm->store, rec->domain, &dom);
-    if (rv != 0)
-        return rv == KR_ENOTFOUND ? KR_ENOTFOUND : rv;
-    int shredded = dom->destroyed;
-    keyraft__domain_record__free_unpacked(dom, NULL);
-    if (shredded)
-        return KR_ESTATE;
+    int rv;
+    if (g == NULL || g->live_domain == NULL || strcmp(g->live_domain, rec->domain) != 0) {
+        Keyraft__DomainRecord *dom = NULL;
+        rv = fsm_get_domain(fsm->store, rec->domain, &dom);
+        if (rv != 0)
+            return rv == KR_ENOTFOUND ? KR_ENOTFOUND : rv;
+        int shredded = dom->destroyed;
+        keyraft__domain_record__free_unpacked(dom, NULL);
+        if (shredded)
+            return KR_ESTATE;
+        if (g != NULL)
+            g->live_domain = rec->domain;
+    }
+    if (group_find(g, 'N', rec->domain, rec->name) != NULL)
+        return KR_EEXIST;
     char existing[FSM_KEY_ID_LEN + 1];
     rv = fsm_find_name(fsm->store, rec->domain, rec->name, existing);
     if (rv == 0)
         return KR_EEXIST;
     if (rv != KR_ENOTFOUND)
         return rv;
+    if (group_find(g, 'I', rec->id, "") != NULL)
+        return KR_EEXIST; /* id collision: the leader's RNG repeated itself */
     Keyraft__KeyRecord *old = NULL;
     rv = fsm_get_key(fsm->store, rec->id, &old);
     if (rv == 0) {
         keyraft__key_record__free_unpacked(old, NULL);
-        return KR_EEXIST; /* id collision: the leader's RNG repeated itself */
+        return KR_EEXIST;
     }
     if (rv != KR_ENOTFOUND)
         return rv;
     rv = fsm__put_key_record(b, rec, index);
-    if (rv == 0)
-        index_put(b, rec, 1);
-    return rv;
+    if (rv != 0)
+        return rv;
+    index_put(b, rec, 1);
+    if (g != NULL && (group_add(g, 'N', rec->domain, rec->name, op_no) != 0 ||
+                      group_add(g, 'I', rec->id, "", op_no) != 0))
+        return KR_ENOMEM;
+    return 0;
 }
 
 static int apply_set_state(struct fsm *fsm, struct store_batch *b,
@@ -687,6 +780,26 @@ static void dedup_record(struct store_batch *b, const char *request_id,
     store_batch_put(b, STORE_CF_META, key, klen, buf, len);
 }
 
+/* Commits |b| with the fsm position: ops [0, next) of entry |index| are done.
+ * The store's applied index moves only when the entry's last op lands. */
+static int commit_through(struct fsm *fsm, struct store_batch *b, uint64_t index, uint32_t next,
+                          uint32_t n_ops)
+{
+    uint8_t pos[12];
+    put_u64be(pos, index);
+    pos[8] = (uint8_t)(next >> 24);
+    pos[9] = (uint8_t)(next >> 16);
+    pos[10] = (uint8_t)(next >> 8);
+    pos[11] = (uint8_t)next;
+    store_batch_put(b, STORE_CF_META, FSM_POS_KEY, sizeof(FSM_POS_KEY) - 1, pos, sizeof(pos));
+    int rv = store_batch_commit(fsm->store, b, next == n_ops ? index : index - 1);
+    if (rv != 0)
+        return rv;
+    fsm->pos_index = index;
+    fsm->pos_op = next;
+    return 0;
+}
+
 static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t index,
                      uint32_t op_no, uint32_t n_ops, struct fsm_op_result *res)
 {
@@ -707,7 +820,7 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
         goto commit; /* only the position moves */
     switch (cmd->op_case) {
     case KEYRAFT__COMMAND__OP_PUT_KEY:
-        st = apply_put_key(fsm, b, cmd->put_key, index, res);
+        st = apply_put_key(fsm, NULL, b, cmd->put_key, index, op_no, res);
         break;
     case KEYRAFT__COMMAND__OP_SET_STATE:
         st = apply_set_state(fsm, b, cmd->set_state, index, res);
@@ -774,22 +887,60 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
     if (cmd->request_id[0] != '\0')
         dedup_record(b, cmd->request_id, res);
 commit:;
-    uint8_t pos[12];
-    put_u64be(pos, index);
-    uint32_t next = op_no + 1;
-    pos[8] = (uint8_t)(next >> 24);
-    pos[9] = (uint8_t)(next >> 16);
-    pos[10] = (uint8_t)(next >> 8);
-    pos[11] = (uint8_t)next;
-    store_batch_put(b, STORE_CF_META, FSM_POS_KEY, sizeof(FSM_POS_KEY) - 1, pos, sizeof(pos));
-    /* The store's applied index moves only when the entry's last op lands. */
-    int rv = store_batch_commit(fsm->store, b, next == n_ops ? index : index - 1);
+    int rv = commit_through(fsm, b, index, op_no + 1, n_ops);
     store_batch_free(b);
-    if (rv != 0)
-        return rv;
-    fsm->pos_index = index;
-    fsm->pos_op = next;
+    return rv;
+}
+
+/* A create joins the current group: only its outcome is known until the
+ * group commits. */
+static int group_put_key(struct fsm *fsm, struct put_group *g, const Keyraft__Command *cmd,
+                         uint64_t index, uint32_t op_no, struct fsm_result *result)
+{
+    struct fsm_op_result *res = &result->ops[op_no];
+    res->index = index;
+    if (g->b == NULL && (g->b = store_batch_new()) == NULL)
+        return KR_ENOMEM;
+    if (cmd->request_id[0] != '\0') {
+        const struct group_slot *same = group_find(g, 'R', cmd->request_id, "");
+        if (same != NULL) {
+            *res = result->ops[same->op]; /* a retry inside the same entry */
+            goto done;
+        }
+        int rv = dedup_lookup(fsm, cmd->request_id, res);
+        if (rv == 0)
+            goto done;
+        if (rv != KR_ENOTFOUND)
+            return rv;
+    }
+    int st = apply_put_key(fsm, g, g->b, cmd->put_key, index, op_no, res);
+    if (st == KR_EIO || st == KR_ENOMEM)
+        return st; /* local failure: raft retries the entry */
+    res->status = st; /* a refused create wrote nothing */
+    if (cmd->request_id[0] != '\0') {
+        dedup_record(g->b, cmd->request_id, res);
+        if (group_add(g, 'R', cmd->request_id, "", op_no) != 0)
+            return KR_ENOMEM;
+    }
+done:
+    g->n_ops++;
+    g->next_op = op_no + 1;
     return 0;
+}
+
+static int group_commit(struct fsm *fsm, struct put_group *g, uint64_t index, uint32_t n_ops)
+{
+    if (g->n_ops == 0)
+        return 0;
+    int rv = commit_through(fsm, g->b, index, g->next_op, n_ops);
+    store_batch_free(g->b);
+    g->b = NULL;
+    g->n_ops = 0;
+    g->used = 0;
+    if (g->slots != NULL)
+        memset(g->slots, 0, g->cap * sizeof(*g->slots));
+    g->live_domain = NULL;
+    return rv;
 }
 
 int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result **out_result)
@@ -820,19 +971,32 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     result->index = index;
     result->n = n;
     uint32_t first = (fsm->pos_index == index) ? fsm->pos_op : 0;
-    for (uint32_t i = 0; i < n; i++) {
+    struct put_group group = {0};
+    for (uint32_t i = 0; i < n && rv == 0; i++) {
+        const Keyraft__Command *cmd = batch->commands[i];
         if (i < first) {
             result->ops[i].status = KR_EUNAVAIL; /* applied before a crash; outcome lost */
             continue;
         }
-        rv = apply_one(fsm, batch->commands[i], index, i, (uint32_t)n, &result->ops[i]);
-        if (rv != 0) {
-            log_error("entry %llu op %u (%s): store failed: %s", (unsigned long long)index, i,
-                      command_op_name(batch->commands[i]), kr_strerror(rv));
-            command_batch_free(batch);
-            free(result);
-            return rv;
+        if (cmd->op_case == KEYRAFT__COMMAND__OP_PUT_KEY && cmd->approval_id[0] == '\0') {
+            rv = group_put_key(fsm, &group, cmd, index, i, result);
+        } else {
+            rv = group_commit(fsm, &group, index, (uint32_t)n);
+            if (rv == 0)
+                rv = apply_one(fsm, cmd, index, i, (uint32_t)n, &result->ops[i]);
         }
+        if (rv != 0)
+            log_error("entry %llu op %u (%s): store failed: %s", (unsigned long long)index, i,
+                      command_op_name(cmd), kr_strerror(rv));
+    }
+    if (rv == 0 && (rv = group_commit(fsm, &group, index, (uint32_t)n)) != 0)
+        log_error("entry %llu: store failed: %s", (unsigned long long)index, kr_strerror(rv));
+    store_batch_free(group.b);
+    free(group.slots);
+    if (rv != 0) {
+        command_batch_free(batch);
+        free(result);
+        return rv;
     }
     command_batch_free(batch);
     free(fsm->last_result);

@@ -1485,6 +1485,67 @@ static void test_crash_mid_entry_resumes_at_position(void **state)
     free(entry);
 }
 
+/* A run of creates commits as one batch: the run still sees its own names,
+ * ids and request ids, and a store failure inside it leaves none of them. */
+static void test_create_run_sees_itself(void **state)
+{
+    struct fx *f = *state;
+    char a[FSM_KEY_ID_LEN + 1], b[FSM_KEY_ID_LEN + 1], c[FSM_KEY_ID_LEN + 1],
+        d[FSM_KEY_ID_LEN + 1], x[FSM_KEY_ID_LEN + 1];
+    make_id(120, a);
+    make_id(121, b);
+    make_id(122, c);
+    make_id(123, d);
+    make_id(124, x);
+    seed_key(f, x, "victim", S_PRE);
+    e_domain(f->e, NULL, "other");
+    e_put_key(f->e, "req-a", a, "run-a", FSM_DEFAULT_DOMAIN, S_PRE);
+    e_put_key(f->e, NULL, b, "run-a", FSM_DEFAULT_DOMAIN, S_PRE);     /* name taken by op 0 */
+    e_put_key(f->e, NULL, a, "run-a2", FSM_DEFAULT_DOMAIN, S_PRE);    /* id taken by op 0 */
+    e_put_key(f->e, "req-a", c, "run-a3", FSM_DEFAULT_DOMAIN, S_PRE); /* retry of op 0 */
+    e_put_key(f->e, NULL, c, "run-a", "other", S_PRE);                /* another domain */
+    e_put_key(f->e, NULL, d, "run-d", "no-such-domain", S_PRE);
+    struct fsm_result *r = apply_entry(f, 3);
+    assert_non_null(r);
+    assert_int_equal(r->n, 7);
+    static const int want[7] = {0, 0, KR_EEXIST, KR_EEXIST, 0, 0, KR_ENOTFOUND};
+    for (size_t i = 0; i < 7; i++)
+        if (r->ops[i].status != want[i])
+            fail_msg("op %zu: status %d, want %d", i, r->ops[i].status, want[i]);
+    assert_string_equal(r->ops[4].key_id, a);
+    assert_int_equal(r->ops[4].index, 3);
+    assert_string_equal(r->ops[5].key_id, c);
+    assert_int_equal(count_family(f->store, STORE_CF_KEYS), 3); /* x, a, c */
+    assert_int_equal(store_applied_index(f->store), 3);
+
+    /* Op 1 of the next run reads a corrupt record: none of the run lands,
+     * and raft's retry after the repair applies each op once. */
+    Keyraft__KeyRecord *saved = get_key(f, x);
+    corrupt_record(f, x);
+    e_put_key(f->e, NULL, b, "run-b", FSM_DEFAULT_DOMAIN, S_PRE);
+    e_put_key(f->e, NULL, x, "run-x", FSM_DEFAULT_DOMAIN, S_PRE);
+    e_put_key(f->e, NULL, d, "run-d", FSM_DEFAULT_DOMAIN, S_PRE);
+    uint8_t *entry = NULL;
+    size_t entry_len = 0;
+    assert_int_equal(command_batch_encode(f->e->cmds, f->e->n, malloc, &entry, &entry_len), 0);
+    memset(f->e, 0, sizeof(*f->e));
+    f->next = 4;
+    assert_int_equal(fsm_apply(f->fsm, entry, entry_len, &r), KR_EIO);
+    char found[FSM_KEY_ID_LEN + 1];
+    assert_int_equal(fsm_find_name(f->store, FSM_DEFAULT_DOMAIN, "run-b", found), KR_ENOTFOUND);
+    assert_int_equal(store_applied_index(f->store), 3);
+    restore_record(f, saved);
+    keyraft__key_record__free_unpacked(saved, NULL);
+    assert_int_equal(fsm_apply(f->fsm, entry, entry_len, &r), 0);
+    assert_non_null(r);
+    assert_int_equal(r->ops[0].status, 0);
+    assert_int_equal(r->ops[1].status, KR_EEXIST); /* x exists */
+    assert_int_equal(r->ops[2].status, 0);
+    assert_int_equal(count_family(f->store, STORE_CF_KEYS), 5);
+    assert_int_equal(store_applied_index(f->store), 4);
+    free(entry);
+}
+
 static void test_retry_without_restart_resumes_too(void **state)
 {
     struct fx *f = *state;
@@ -2199,6 +2260,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_crash_mid_entry_resumes_at_position, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_retry_without_restart_resumes_too, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_create_run_sees_itself, setup, teardown),
         cmocka_unit_test_setup_teardown(test_node_registry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_principal_create_and_merge, setup, teardown),
         cmocka_unit_test_setup_teardown(test_governance_rules, setup, teardown),
