@@ -52,8 +52,14 @@ struct kr_client {
     int timeout_ms;
     uint64_t next_id;
     uint64_t last_index;
+    /* Frames kr_send queued: written together (one TLS record, one send) at
+     * KR_SEND_CORK bytes, by kr_recv or kr_flush. Wiped after each write. */
+    uint8_t *out;
+    size_t out_len, out_cap;
     char err[512];
 };
+
+#define KR_SEND_CORK 16384
 
 /* ---- errors ---------------------------------------------------------------- */
 
@@ -406,8 +412,16 @@ int kr_client_new(const kr_client_config *cfg, kr_client **out_client)
     return kr__client_new_err(cfg, out_client, NULL, 0);
 }
 
+static void out_discard(kr_client *c)
+{
+    if (c->out != NULL)
+        OPENSSL_cleanse(c->out, c->out_len);
+    c->out_len = 0;
+}
+
 static void conn_close(kr_client *c)
 {
+    out_discard(c);
     if (c->ssl != NULL) {
         /* Best effort close_notify: the socket is non-blocking, never waits. */
         ERR_set_mark();
@@ -427,6 +441,10 @@ void kr_client_free(kr_client *client)
     if (client == NULL)
         return;
     conn_close(client);
+    if (client->out != NULL) {
+        OPENSSL_cleanse(client->out, client->out_cap);
+        free(client->out);
+    }
     SSL_CTX_free(client->ctx);
     BIO_meth_free(client->bio_meth);
     endpoints_free(client->eps, client->n_eps);
@@ -676,31 +694,53 @@ static int conn_read(kr_client *c, uint8_t *buf, size_t len, int64_t deadline)
     return 0;
 }
 
-static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadline)
+static int out_flush(kr_client *c, int64_t deadline)
+{
+    if (c->out_len == 0)
+        return 0;
+    int rc = conn_write(c, c->out, c->out_len, deadline);
+    out_discard(c); /* may hold plaintext or key material */
+    return rc;
+}
+
+/* Frames |req| into the send queue; |cork| leaves it there until the queue
+ * reaches KR_SEND_CORK bytes (kr_send), else everything queued is written. */
+static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadline, int cork)
 {
     size_t len = keyraft__request__get_packed_size(req);
-    uint8_t *buf = NULL;
-    int rc;
 
     if (len > KR_MAX_FRAME) {
         kr__client_set_error(c, "request of %zu bytes exceeds the %u byte frame limit", len,
                              KR_MAX_FRAME);
         return KR_ETOOBIG;
     }
-    buf = malloc(len + 4);
-    if (buf == NULL) {
-        kr__client_set_error(c, "out of memory for a %zu byte request", len);
-        return KR_ENOMEM;
+    if (c->out_len + len + 4 > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : KR_SEND_CORK * 2;
+        while (cap < c->out_len + len + 4)
+            cap *= 2;
+        uint8_t *out = malloc(cap);
+        if (out == NULL) {
+            kr__client_set_error(c, "out of memory for a %zu byte request", len);
+            return KR_ENOMEM;
+        }
+        if (c->out != NULL) {
+            memcpy(out, c->out, c->out_len);
+            OPENSSL_cleanse(c->out, c->out_cap);
+            free(c->out);
+        }
+        c->out = out;
+        c->out_cap = cap;
     }
+    uint8_t *buf = c->out + c->out_len;
     buf[0] = (uint8_t)(len >> 24);
     buf[1] = (uint8_t)(len >> 16);
     buf[2] = (uint8_t)(len >> 8);
     buf[3] = (uint8_t)len;
     keyraft__request__pack(req, buf + 4);
-    rc = conn_write(c, buf, len + 4, deadline);
-    OPENSSL_cleanse(buf, len + 4); /* may hold plaintext or key material */
-    free(buf);
-    return rc;
+    c->out_len += len + 4;
+    if (cork && c->out_len < KR_SEND_CORK)
+        return 0;
+    return out_flush(c, deadline);
 }
 
 static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out_resp)
@@ -789,7 +829,7 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
             return rc;
     }
     *phase = PHASE_REQUEST;
-    rc = send_request(c, req, deadline);
+    rc = send_request(c, req, deadline, 0);
     if (rc != 0)
         return rc;
     for (;;) {
@@ -1052,11 +1092,23 @@ int kr_send(kr_client *client, Keyraft__Request *req)
         if (rc != 0)
             goto out;
     }
-    rc = send_request(c, req, deadline);
+    rc = send_request(c, req, deadline, 1);
     if (rc != 0)
         conn_close(c); /* a frame may be cut: the stream is unusable */
 out:
     request_restore(req, saved_request_id, request_id);
+    return rc;
+}
+
+int kr_flush(kr_client *client)
+{
+    if (client == NULL)
+        return KR_EINVAL;
+    if (client->fd < 0)
+        return client->out_len == 0 ? 0 : KR_ECONN;
+    int rc = out_flush(client, now_ms() + client->timeout_ms);
+    if (rc != 0)
+        conn_close(client);
     return rc;
 }
 
@@ -1072,7 +1124,9 @@ int kr_recv(kr_client *client, Keyraft__Response **out_resp)
         kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
         return KR_ECONN;
     }
-    rc = recv_response(c, now_ms() + c->timeout_ms, &resp);
+    rc = out_flush(c, now_ms() + c->timeout_ms);
+    if (rc == 0)
+        rc = recv_response(c, now_ms() + c->timeout_ms, &resp);
     if (rc != 0) {
         conn_close(c); /* what was in flight on it is lost */
         return rc;

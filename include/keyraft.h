@@ -107,13 +107,16 @@ void kr_response_free(Keyraft__Response *resp);
 
 /* Pipelining: many requests in flight on one connection, answered in any
  * order. kr_send prepares |req| as kr_call does (sets req->id, a request_id
- * for a write without one, min_index for a read) and writes it to the open
+ * for a write without one, min_index for a read) and queues it for the open
  * connection, opening one to the endpoint that last answered when there is
- * none; it does not wait for the answer, retry or fail over, so a refusal
+ * none. Queued requests are written together once they reach 16 KB, and by
+ * kr_recv and kr_flush: one TLS record and one send for many small requests.
+ * kr_send does not wait for the answer, retry or fail over, so a refusal
  * (KR_ENOTLEADER) comes back as an answer's status. The writes inside a
  * batch get no request_id from kr_send (kr_call gives them one): give them
  * your own so a resent batch is deduplicated. Returns 0 once the
- * request is written, or a transport code.
+ * request is queued (or written), or a transport code. kr_flush writes what
+ * is queued (0, or a transport code that closes the connection).
  * kr_recv waits up to the client's timeout for the next answer on that
  * connection, whichever request it answers (match resp->id with req->id),
  * and returns 0 with *out_resp (free it with kr_response_free), or a
@@ -123,6 +126,7 @@ void kr_response_free(Keyraft__Response *resp);
  * stops reading a client that does not read), and do not call kr_call while
  * answers are outstanding: it drops answers that are not its own. */
 int kr_send(kr_client *client, Keyraft__Request *req);
+int kr_flush(kr_client *client);
 int kr_recv(kr_client *client, Keyraft__Response **out_resp);
 
 /* A byte buffer owned by the caller. kr_buf_free wipes it before freeing. */

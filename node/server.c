@@ -26,6 +26,8 @@ struct conn;
 struct server {
     uv_loop_t *loop;
     uv_tcp_t listener;
+    uv_check_t flusher;  /* after each poll: one TLS write and one send per connection */
+    struct conn *dirty;  /* connections with replies buffered, linked by next_dirty */
     struct server_config config;
     struct conn *conns; /* doubly linked */
     unsigned n_conns;
@@ -43,6 +45,13 @@ struct conn {
     struct tls_conn *tls;
     struct rpc_reader reader;
     char address[64];
+    /* Replies encoded since the last flush: one SSL_write and one send per
+     * loop pass instead of one each per reply (the write() calls were 42% of
+     * a node's time serving 64-byte encrypts). Cleansed after each flush. */
+    uint8_t *out;
+    size_t out_len, out_cap;
+    struct conn *next_dirty;
+    int is_dirty;
     unsigned refs;          /* 1 for the connection + 1 per request in flight */
     unsigned in_flight;
     int closing;
@@ -64,6 +73,10 @@ static void conn_unref(struct conn *c)
         return;
     tls_conn_free(c->tls);
     rpc_reader_cleanup(&c->reader);
+    if (c->out != NULL) {
+        OPENSSL_cleanse(c->out, c->out_cap);
+        free(c->out);
+    }
     free(c);
 }
 
@@ -87,10 +100,15 @@ static void conn_handle_closed(uv_handle_t *h)
     }
 }
 
+static void conn_flush_replies(struct conn *c);
+
 static void conn_close(struct conn *c)
 {
     if (c->closing)
         return;
+    conn_flush_replies(c); /* a last answer (why we close) goes out first */
+    if (c->closing)
+        return; /* the flush failed and closed it */
     c->closing = 1;
     struct server *s = c->server;
     if (c->prev)
@@ -120,10 +138,15 @@ static void write_done(uv_write_t *req, int status)
     free(w);
 }
 
+/* Reply bytes held for the client: gathered this pass plus queued in libuv. */
+static size_t conn_backlog(struct conn *c)
+{
+    return c->out_len + uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
+}
+
 static int conn_blocked(struct conn *c)
 {
-    return c->in_flight >= MAX_IN_FLIGHT_PER_CONN ||
-           uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > WRITE_QUEUE_HIGH;
+    return c->in_flight >= MAX_IN_FLIGHT_PER_CONN || conn_backlog(c) > WRITE_QUEUE_HIGH;
 }
 
 /* Sends whatever ciphertext TLS produced. */
@@ -149,6 +172,64 @@ static void conn_flush(struct conn *c)
     }
 }
 
+/* Queues a reply's frame for the next flush (this loop pass). */
+static int conn_buffer(struct conn *c, const uint8_t *frame, size_t len)
+{
+    if (c->out_len + len > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 16384;
+        while (cap < c->out_len + len)
+            cap *= 2;
+        uint8_t *out = malloc(cap);
+        if (out == NULL)
+            return KR_ENOMEM;
+        if (c->out != NULL) {
+            memcpy(out, c->out, c->out_len);
+            OPENSSL_cleanse(c->out, c->out_cap);
+            free(c->out);
+        }
+        c->out = out;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, frame, len);
+    c->out_len += len;
+    if (!c->is_dirty) {
+        struct server *s = c->server;
+        c->is_dirty = 1;
+        c->refs++; /* the dirty list holds it until the flush */
+        c->next_dirty = s->dirty;
+        s->dirty = c;
+    }
+    return 0;
+}
+
+/* Encrypts what conn_buffer gathered and hands it to the socket. */
+static void conn_flush_replies(struct conn *c)
+{
+    if (c->closing || c->out_len == 0)
+        return;
+    int rv = tls_conn_write(c->tls, c->out, c->out_len);
+    OPENSSL_cleanse(c->out, c->out_len);
+    c->out_len = 0;
+    if (rv != 0) {
+        conn_close(c);
+        return;
+    }
+    conn_flush(c);
+}
+
+static void on_check_flush(uv_check_t *h)
+{
+    struct server *s = h->data;
+    while (s->dirty != NULL) {
+        struct conn *c = s->dirty;
+        s->dirty = c->next_dirty;
+        c->next_dirty = NULL;
+        c->is_dirty = 0;
+        conn_flush_replies(c);
+        conn_unref(c);
+    }
+}
+
 static void conn_send_response(struct conn *c, const Keyraft__Response *resp)
 {
     uint8_t *frame = NULL;
@@ -170,14 +251,11 @@ static void conn_send_response(struct conn *c, const Keyraft__Response *resp)
             return;
         }
     }
-    int rv = tls_conn_write(c->tls, frame, len);
+    int rv = conn_buffer(c, frame, len);
     OPENSSL_cleanse(frame, len);
     free(frame);
-    if (rv != 0) {
+    if (rv != 0)
         conn_close(c);
-        return;
-    }
-    conn_flush(c);
 }
 
 static void send_error(struct conn *c, uint64_t id, int status, const char *msg)
@@ -204,7 +282,7 @@ static void dispatch_frames(struct conn *c);
 static void conn_resume(struct conn *c)
 {
     if (c->closing || c->reading || c->dispatching || c->in_flight > MAX_IN_FLIGHT_PER_CONN / 2 ||
-        uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp) > WRITE_QUEUE_LOW)
+        conn_backlog(c) > WRITE_QUEUE_LOW)
         return;
     dispatch_frames(c);
     if (!c->closing && !c->reading && !conn_blocked(c) &&
@@ -382,6 +460,8 @@ static void on_connection(uv_stream_t *listener, int status)
     c->reading = 1;
 }
 
+static void listener_closed(uv_handle_t *h);
+
 int server_start(uv_loop_t *loop, const struct server_config *config, struct server **out)
 {
     char host[256];
@@ -403,14 +483,18 @@ int server_start(uv_loop_t *loop, const struct server_config *config, struct ser
     s->config = *config;
     uv_tcp_init(loop, &s->listener);
     s->listener.data = s;
+    uv_check_init(loop, &s->flusher);
+    s->flusher.data = s;
+    uv_check_start(&s->flusher, on_check_flush);
     int rv = uv_tcp_bind(&s->listener, (struct sockaddr *)&addr, 0);
     if (rv == 0)
         rv = uv_listen((uv_stream_t *)&s->listener, 1024, on_connection);
     if (rv != 0) {
         log_error("cannot listen on %s: %s", config->listen, uv_strerror(rv));
         s->stopping = 1;
-        s->closing_handles = 1;
-        uv_close((uv_handle_t *)&s->listener, NULL);
+        s->closing_handles = 2;
+        uv_close((uv_handle_t *)&s->listener, listener_closed);
+        uv_close((uv_handle_t *)&s->flusher, listener_closed);
         *out = s; /* freed by the caller after the loop closes the handle */
         return KR_EUNAVAIL;
     }
@@ -435,8 +519,10 @@ void server_stop(struct server *s, void (*cb)(void *arg), void *arg)
         return;
     }
     s->stopping = 1;
-    s->closing_handles++;
+    s->closing_handles += 2;
     uv_close((uv_handle_t *)&s->listener, listener_closed);
+    on_check_flush(&s->flusher); /* answers already made still go out */
+    uv_close((uv_handle_t *)&s->flusher, listener_closed);
     while (s->conns)
         conn_close(s->conns);
 }

@@ -752,6 +752,14 @@ static void test_pipelined_send_recv(void **state)
         assert_true(req[i].id > (i > 0 ? req[i - 1].id : 0));
         assert_string_equal(req[i].request_id, ""); /* the generated id was the client's own */
     }
+    /* Small requests wait in the client's queue (one write for all of them)
+     * until kr_flush or kr_recv. */
+    usleep(50 * 1000);
+    assert_int_equal(fake_count(&f), 0);
+    assert_int_equal(kr_flush(c), 0);
+    for (int i = 0; i < 500 && fake_count(&f) < N; i++)
+        usleep(10 * 1000);
+    assert_int_equal(fake_count(&f), N);
     for (int i = N - 1; i >= 0; i--) {
         assert_int_equal(kr_recv(c, &resp), 0);
         assert_int_equal(resp->id, req[i].id);
