@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -135,6 +137,47 @@ static void test_gcm_tamper(void **state)
     free(key);
     free(aad);
     free(blob);
+}
+
+/* Nonces come from a pool: 1,000 seals (past a refill) never repeat one, and
+ * a forked child does not hand out the nonces its parent hands out next. */
+static void test_gcm_nonces_unique_across_fork(void **state)
+{
+    (void)state;
+    enum { N = 1000 };
+    uint8_t key[32], blob[64], (*seen)[CRYPTO_GCM_NONCE_LEN] = calloc(N, CRYPTO_GCM_NONCE_LEN);
+    size_t len = 0;
+    assert_non_null(seen);
+    assert_int_equal(crypto_random(key, sizeof(key)), 0);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(crypto_gcm_seal(key, 32, NULL, 0, key, 4, blob, &len), 0);
+        memcpy(seen[i], blob, CRYPTO_GCM_NONCE_LEN);
+        for (int j = 0; j < i; j++)
+            if (memcmp(seen[i], seen[j], CRYPTO_GCM_NONCE_LEN) == 0)
+                fail_msg("seal %d reused the nonce of seal %d", i, j);
+    }
+    free(seen);
+
+    int fds[2];
+    assert_int_equal(pipe(fds), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        uint8_t c[64];
+        size_t clen = 0;
+        int ok = crypto_gcm_seal(key, 32, NULL, 0, key, 4, c, &clen) == 0 &&
+                 write(fds[1], c, CRYPTO_GCM_NONCE_LEN) == CRYPTO_GCM_NONCE_LEN;
+        _exit(ok ? 0 : 1);
+    }
+    uint8_t child[CRYPTO_GCM_NONCE_LEN];
+    assert_int_equal(read(fds[0], child, sizeof(child)), (ssize_t)sizeof(child));
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_int_equal(crypto_gcm_seal(key, 32, NULL, 0, key, 4, blob, &len), 0);
+    assert_memory_not_equal(child, blob, CRYPTO_GCM_NONCE_LEN);
+    close(fds[0]);
+    close(fds[1]);
 }
 
 static void gcm_roundtrip(size_t key_len)
@@ -752,6 +795,7 @@ int main(void)
         cmocka_unit_test(test_check_material_rejects_sec1),
         cmocka_unit_test(test_verify_public_rejects_pkcs1),
         cmocka_unit_test(test_random),
+        cmocka_unit_test(test_gcm_nonces_unique_across_fork),
     };
 
     /* Material must land in the secure heap whenever one exists; when it
