@@ -564,7 +564,8 @@ static json_t *record_json(json_t *o, const Keyraft__AuditRecord *r)
         put(o, "status", json_string(kr_status_name(r->status))) ||
         put_str(o, "message", r->message) || put_str(o, "client", r->client_address) ||
         put(o, "approval_ids", ids) || put_str(o, "domain", r->domain) ||
-        put_str(o, "request_id", r->request_id))
+        put_str(o, "request_id", r->request_id) ||
+        put(o, "count", json_integer(r->count > 1 ? r->count : 1)))
         return NULL;
     if (r->checkpoint != NULL) {
         json_t *c = json_object();
@@ -671,6 +672,8 @@ void cli_audit_entry_line(const Keyraft__AuditEntry *e, char *buf, size_t len)
     }
     for (size_t i = 0; i < r->n_approval_ids; i++)
         line_add(&l, "%s%s", i == 0 ? " approvals=" : ",", r->approval_ids[i]);
+    if (r->count > 1)
+        line_add(&l, " x%u", r->count);
     keyraft__audit_record__free_unpacked(r, NULL);
 }
 

@@ -2243,6 +2243,7 @@ static struct call *call_new(struct service *svc, const struct service_caller *c
     snprintf(call->serial, sizeof(call->serial), "%s", caller->serial ? caller->serial : "");
     call->is_node = caller->is_node;
     call->internal = caller->internal;
+    call->tally = caller->tally;
     return call;
 }
 
@@ -2319,13 +2320,19 @@ struct batch_slot {
 };
 
 struct batch {
+    struct audit_tally *tally; /* the reads' records */
     size_t n;
     size_t outstanding; /* inner calls not answered yet, +1 while they are started */
     int counted;        /* in svc->pending */
     struct batch_slot slots[];
 };
 
-static void batch_free(struct batch *b) { free(b); }
+static void batch_free(struct batch *b)
+{
+    if (b != NULL)
+        gov_audit_tally_free(b->tally);
+    free(b);
+}
 
 static size_t varint_size(uint64_t v)
 {
@@ -2369,6 +2376,7 @@ static void batch_finish(struct call *call)
 {
     struct batch *b = call->batch;
     uint64_t id = call->req->id, top = 0;
+    gov_audit_tally_flush(call, b->tally);
     if (b->counted)
         call->svc->pending--;
     b->counted = 0;
@@ -2468,13 +2476,15 @@ static void op_batch(struct call *call)
         return;
     }
     call->batch = b;
+    b->tally = gov_audit_tally_new(); /* NULL: records are written one by one */
     b->n = n;
     b->outstanding = n + 1; /* inner calls may answer before the loop ends */
     Keyraft__Request **reqs = br->requests;
     br->n_requests = 0; /* each inner request now belongs to its inner call */
     struct service_caller caller = {.principal = call->principal, .roles = call->roles,
                                     .address = call->address, .serial = call->serial,
-                                    .is_node = call->is_node, .internal = call->internal};
+                                    .is_node = call->is_node, .internal = call->internal,
+                                    .tally = b->tally};
     for (size_t i = 0; i < n; i++) {
         Keyraft__Request *sub = reqs[i];
         reqs[i] = NULL;

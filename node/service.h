@@ -43,6 +43,8 @@ struct service_caller {
     const char *serial; /* the certificate's serial number, hex */
     int is_node; /* the certificate is a node's (tls_conn_peer_is_node) */
     int internal; /* the node runs it for an approval: the principal is trusted */
+    struct audit_tally *tally; /* a batch's inner call: its read's record is counted
+                                * there, one record per key and outcome */
 };
 
 /* Called exactly once per request. |resp| and everything it points to is

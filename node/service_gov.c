@@ -207,6 +207,93 @@ static const char *response_key_id(const Keyraft__Response *r, uint32_t *version
     }
 }
 
+#define TALLY_MAX 16 /* distinct records per batch; past it, one each */
+
+struct tally_entry {
+    const char *operation; /* static */
+    char key[AUDIT_FIELD_MAX + 1];
+    uint32_t version;
+    int status;
+    char message[AUDIT_MESSAGE_MAX + 1]; /* the first refusal's reason */
+    char domain[72];
+    uint32_t count;
+};
+
+struct audit_tally {
+    size_t n;
+    struct tally_entry e[TALLY_MAX];
+};
+
+struct audit_tally *gov_audit_tally_new(void) { return calloc(1, sizeof(struct audit_tally)); }
+
+void gov_audit_tally_free(struct audit_tally *tally) { free(tally); }
+
+static void audit_write(struct service *svc, Keyraft__AuditRecord *r)
+{
+    uint8_t buf[AUDIT_RECORD_STACK];
+    size_t len = keyraft__audit_record__get_packed_size(r);
+    if (len > sizeof(buf)) {
+        log_error("audit record of %zu bytes does not fit: a bound is wrong", len);
+        r->message = (char *)"(record cut: too large)";
+        r->key_id = r->request_id = (char *)"";
+        r->n_approval_ids = 0;
+        len = keyraft__audit_record__get_packed_size(r);
+    }
+    keyraft__audit_record__pack(r, buf);
+    audit_log_append(svc->deps.audit, buf, len);
+}
+
+/* 1 when |r| joined a tally entry. */
+static int tally_add(struct audit_tally *t, const Keyraft__AuditRecord *r)
+{
+    for (size_t i = 0; i < t->n; i++) {
+        struct tally_entry *e = &t->e[i];
+        if (e->operation == r->operation && e->version == r->key_version &&
+            e->status == r->status && strcmp(e->key, r->key_id) == 0 &&
+            strcmp(e->domain, r->domain) == 0 && e->count < UINT32_MAX) {
+            e->count++;
+            return 1;
+        }
+    }
+    if (t->n == TALLY_MAX)
+        return 0;
+    struct tally_entry *e = &t->e[t->n++];
+    e->operation = r->operation;
+    snprintf(e->key, sizeof(e->key), "%s", r->key_id);
+    e->version = r->key_version;
+    e->status = r->status;
+    snprintf(e->message, sizeof(e->message), "%s", r->message);
+    snprintf(e->domain, sizeof(e->domain), "%s", r->domain);
+    e->count = 1;
+    return 1;
+}
+
+void gov_audit_tally_flush(struct call *batch, struct audit_tally *tally)
+{
+    if (tally == NULL || batch->svc->deps.audit == NULL)
+        return;
+    char request_b[AUDIT_FIELD_MAX + 1];
+    snprintf(request_b, sizeof(request_b), "%s", batch->req->request_id);
+    for (size_t i = 0; i < tally->n; i++) {
+        struct tally_entry *e = &tally->e[i];
+        Keyraft__AuditRecord r = KEYRAFT__AUDIT_RECORD__INIT;
+        r.time_ms = now_ms();
+        r.node_id = batch->svc->deps.config->node_id;
+        r.principal = batch->principal;
+        r.operation = (char *)e->operation;
+        r.key_id = e->key;
+        r.key_version = e->version;
+        r.status = e->status;
+        r.message = e->message;
+        r.client_address = batch->address;
+        r.domain = e->domain;
+        r.request_id = request_b;
+        r.count = e->count;
+        audit_write(batch->svc, &r);
+    }
+    tally->n = 0;
+}
+
 void gov_audit_call(struct call *call)
 {
     struct service *svc = call->svc;
@@ -255,19 +342,12 @@ void gov_audit_call(struct call *call)
     r.domain = call->audit_domain;
     snprintf(request_b, sizeof(request_b), "%s", req->request_id);
     r.request_id = request_b;
+    if (call->tally != NULL && r.n_approval_ids == 0 && !kr_request_is_write(req) &&
+        tally_add(call->tally, &r))
+        return;
     /* principal < 256, address < 64, domain < 72, operation a field name:
      * with the cut fields above, well under the buffer. */
-    uint8_t buf[AUDIT_RECORD_STACK];
-    size_t len = keyraft__audit_record__get_packed_size(&r);
-    if (len > sizeof(buf)) {
-        log_error("audit record of %zu bytes does not fit: a bound is wrong", len);
-        r.message = (char *)"(record cut: too large)";
-        r.key_id = r.request_id = (char *)"";
-        r.n_approval_ids = 0;
-        len = keyraft__audit_record__get_packed_size(&r);
-    }
-    keyraft__audit_record__pack(&r, buf);
-    audit_log_append(svc->deps.audit, buf, len);
+    audit_write(svc, &r);
 }
 
 /* --- usage counters ------------------------------------------------------------------------- */

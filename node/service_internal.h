@@ -84,6 +84,7 @@ struct call {
     uint32_t audit_version;
     char audit_domain[72];
     struct batch *batch;        /* OP_BATCH: its inner calls and their answers */
+    struct audit_tally *tally;  /* see service_caller.tally */
 };
 
 void *arena_alloc(struct call *call, size_t len);
@@ -149,6 +150,14 @@ int gov_authorize(struct call *call);
 int gov_quorum_gate(struct call *call, const char *key_id);
 /* Records the finished call in the audit trail. */
 void gov_audit_call(struct call *call);
+/* A batch's reads make one audit record per (operation, key, version,
+ * status) with a count, written when the batch ends: at 100 encrypts per
+ * frame one record each outran the audit log. Writes, and reads under an
+ * approval, keep a record each. */
+struct audit_tally *gov_audit_tally_new(void);
+/* Writes the tallied records under |batch|'s principal and request id. */
+void gov_audit_tally_flush(struct call *batch, struct audit_tally *tally);
+void gov_audit_tally_free(struct audit_tally *tally);
 /* Usage limit check before an encryption under |rec|'s version |version|:
  * 0 to go on, -1 when it answered. */
 int gov_usage_check(struct call *call, const Keyraft__KeyRecord *rec, uint32_t version);

@@ -251,7 +251,9 @@ static uint64_t audit_head(kr_client *auditor)
 
 struct audit_seen {
     char op[32];
+    char key[64];
     int status;
+    uint32_t count; /* requests the record stands for */
 };
 
 /* The records of |principal| after |after|, waiting up to 10 s until there
@@ -283,7 +285,9 @@ static size_t audit_after(kr_client *auditor, uint64_t after, const char *princi
                 assert_non_null(r);
                 if (n < cap) {
                     snprintf(out[n].op, sizeof(out[n].op), "%s", r->operation);
+                    snprintf(out[n].key, sizeof(out[n].key), "%s", r->key_id);
                     out[n].status = r->status;
+                    out[n].count = r->count > 1 ? r->count : 1;
                 }
                 n++;
                 keyraft__audit_record__free_unpacked(r, NULL);
@@ -306,7 +310,8 @@ static size_t count_op(const struct audit_seen *s, size_t n, const char *op, int
 {
     size_t c = 0;
     for (size_t i = 0; i < n; i++)
-        c += strcmp(s[i].op, op) == 0 && s[i].status == status;
+        if (strcmp(s[i].op, op) == 0 && s[i].status == status)
+            c += s[i].count;
     return c;
 }
 
@@ -379,6 +384,56 @@ static void test_mixed_batch(void **state)
     assert_int_equal(count_op(seen, n, "batch", 0), 0);
 }
 
+/* A batch's reads of one key with one outcome are one audit record with a
+ * count; its writes keep a record each, and usage counts every encrypt. */
+static void test_batch_reads_tallied(void **state)
+{
+    struct fixture *f = *state;
+    struct reqs r = {0};
+    Keyraft__Response *resp = NULL;
+    Keyraft__KeyAttributes *k = NULL;
+
+    assert_int_equal(kr_get_key(f->app, "name:bulk-base", &k), 0);
+    uint64_t used_before = k->versions[0]->encryptions;
+    kr_key_attributes_free(k);
+    uint64_t head = audit_head(f->auditor);
+    for (int i = 0; i < 100; i++)
+        add_encrypt(&r, "bulk-base", "tally me");
+    for (int i = 0; i < 3; i++)
+        add_get(&r, "no-such-key");
+    add_create(&r, "tally-a");
+    add_create(&r, "tally-b");
+    assert_int_equal(kr_batch(f->app, r.v, r.n, &resp), 0);
+    assert_int_equal(resp->batch->n_responses, 105);
+    for (size_t i = 0; i < 100; i++)
+        assert_int_equal(resp->batch->responses[i]->status, 0);
+    for (size_t i = 100; i < 103; i++)
+        assert_int_equal(resp->batch->responses[i]->status, KR_ENOTFOUND);
+    kr_response_free(resp);
+    reqs_free(&r);
+
+    struct audit_seen seen[16];
+    size_t n = audit_after(f->auditor, head, "app", 4, seen, 16);
+    assert_int_equal(n, 4);
+    assert_int_equal(count_op(seen, n, "encrypt", 0), 100);
+    assert_int_equal(count_op(seen, n, "get", KR_ENOTFOUND), 3);
+    assert_int_equal(count_op(seen, n, "create", 0), 2);
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(seen[i].op, "create") == 0)
+            assert_int_equal(seen[i].count, 1);
+        else if (strcmp(seen[i].op, "encrypt") == 0)
+            assert_int_equal(seen[i].count, 100);
+
+    uint64_t used = used_before, deadline = mono_ms() + 10000;
+    while (used < used_before + 100 && mono_ms() < deadline) {
+        usleep(50 * 1000);
+        assert_int_equal(kr_get_key(f->app, "name:bulk-base", &k), 0);
+        used = k->versions[0]->encryptions;
+        kr_key_attributes_free(k);
+    }
+    assert_int_equal(used, used_before + 100);
+}
+
 static void test_nested_batch_refused(void **state)
 {
     struct fixture *f = *state;
@@ -400,8 +455,8 @@ static void test_nested_batch_refused(void **state)
     reqs_free(&r);
 
     struct audit_seen seen[16];
-    size_t n = audit_after(f->auditor, head, "app", 3, seen, 16);
-    assert_int_equal(n, 3);
+    size_t n = audit_after(f->auditor, head, "app", 2, seen, 16);
+    assert_int_equal(n, 2); /* the two gets of one key are one record */
     assert_int_equal(count_op(seen, n, "get", 0), 2);
     assert_int_equal(count_op(seen, n, "batch", KR_EINVAL), 1);
 }
@@ -698,6 +753,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_mixed_batch),
         cmocka_unit_test(test_nested_batch_refused),
+        cmocka_unit_test(test_batch_reads_tallied),
         cmocka_unit_test(test_batch_count_limit),
         cmocka_unit_test(test_batch_reply_frame),
         cmocka_unit_test(test_creates_share_entries),

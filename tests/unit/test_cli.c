@@ -338,7 +338,7 @@ static void test_audit_json(void **state)
     assert_non_null(j);
     char *s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
     assert_string_equal(
-        s, "{\"approval_ids\":[\"ap1\",\"ap2\"],\"client\":\"10.0.0.5:4242\",\"domain\":"
+        s, "{\"approval_ids\":[\"ap1\",\"ap2\"],\"client\":\"10.0.0.5:4242\",\"count\":1,\"domain\":"
            "\"payments\",\"hash\":\"deadbeef\",\"key_id\":\"k1\",\"message\":\"no grant\","
            "\"node\":2,\"operation\":\"export\",\"prev_hash\":\"0001\",\"principal\":\"alice\","
            "\"request_id\":\"r-1\",\"seq\":7,\"status\":\"KR_EPERM\",\"time\":"
@@ -354,6 +354,20 @@ static void test_audit_json(void **state)
     char small[12];
     cli_audit_entry_line(&e, small, sizeof(small));
     assert_string_equal(small, "7 2023-11-1");
+    free(e.record.data);
+
+    /* A batch's tallied reads say how many requests the record stands for. */
+    r.count = 100;
+    r.n_approval_ids = 0;
+    make_entry(&e, &r, hash, prev);
+    cli_audit_entry_line(&e, line, sizeof(line));
+    assert_string_equal(line, "7 2023-11-14T22:13:20.123Z 2 alice export k1:3 KR_EPERM "
+                              "\"no grant\" x100");
+    j = cli_audit_entry_json(&e);
+    s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
+    assert_non_null(strstr(s, "\"count\":100,"));
+    free(s);
+    json_decref(j);
     free(e.record.data);
 
     /* A checkpoint record, empty strings as they come. */
@@ -374,7 +388,7 @@ static void test_audit_json(void **state)
     s = json_dumps(j, JSON_COMPACT | JSON_SORT_KEYS);
     assert_string_equal(
         s, "{\"approval_ids\":[],\"checkpoint\":{\"hash\":\"0001\",\"node\":1,\"seq\":6,"
-           "\"signature\":\"3045\"},\"client\":\"\",\"domain\":\"\",\"hash\":\"deadbeef\","
+           "\"signature\":\"3045\"},\"client\":\"\",\"count\":1,\"domain\":\"\",\"hash\":\"deadbeef\","
            "\"key_id\":\"\",\"message\":\"\",\"node\":1,\"operation\":\"audit_checkpoint\","
            "\"prev_hash\":\"0001\",\"principal\":\"\",\"request_id\":\"\",\"seq\":7,\"status\":"
            "\"KR_OK\",\"time\":\"1970-01-01T00:00:01.000Z\",\"version\":0}");
