@@ -198,6 +198,43 @@ static int key_access(struct call *call, const Keyraft__KeyRecord *rec)
 
 /* Loads the key a KeyRef names, in the caller's domain. On failure the call
  * has been answered and NULL is returned. */
+static void key_cache_drop(struct key_cache_slot *slot)
+{
+    if (slot->packed != NULL)
+        OPENSSL_cleanse(slot->packed, slot->len);
+    free(slot->packed);
+    memset(slot, 0, sizeof(*slot));
+}
+
+/* fsm_get_key through the service's cache (the loop thread only). */
+static int cached_get_key(struct service *svc, const char *id, Keyraft__KeyRecord **out)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (const char *p = id; *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    struct key_cache_slot *slot = &svc->key_cache[h % KEY_CACHE_SLOTS];
+    uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
+    if (slot->packed == NULL || slot->generation != gen || strcmp(slot->id, id) != 0) {
+        uint8_t *val = NULL;
+        size_t len = 0;
+        int rv = store_get(svc->deps.store, STORE_CF_KEYS, id, strlen(id), &val, &len);
+        if (rv != 0)
+            return rv;
+        key_cache_drop(slot);
+        snprintf(slot->id, sizeof(slot->id), "%s", id);
+        slot->generation = gen;
+        slot->packed = val;
+        slot->len = len;
+    }
+    *out = keyraft__key_record__unpack(NULL, slot->len, slot->packed);
+    if (*out == NULL) {
+        log_error("key record %s does not parse: store corrupted?", id);
+        key_cache_drop(slot);
+        return KR_EIO;
+    }
+    return 0;
+}
+
 Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
 {
     struct store *store = call->svc->deps.store;
@@ -231,7 +268,7 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
         }
     }
     Keyraft__KeyRecord *rec = NULL;
-    rv = fsm_get_key(store, id, &rec);
+    rv = cached_get_key(call->svc, id, &rec);
     if (rv == KR_ENOTFOUND) {
         reply_error(call, KR_ENOTFOUND, "no key with id %s", id);
         return NULL;
@@ -2615,6 +2652,8 @@ void service_free(struct service *svc)
     if (svc == NULL)
         return;
     gov_free(svc);
+    for (size_t i = 0; i < KEY_CACHE_SLOTS; i++)
+        key_cache_drop(&svc->key_cache[i]);
     free(svc);
 }
 

@@ -25,6 +25,8 @@ struct principal_ref {
     Keyraft__PrincipalInfo *info;
 };
 
+#define KEY_CACHE_SLOTS 4096
+
 struct service {
     struct service_deps deps;
     struct call *waiting;      /* reads parked until applied >= their min_index */
@@ -42,6 +44,15 @@ struct service {
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */
     unsigned long domains_epoch;    /* the same, for unloading destroyed domains */
     struct principal_ref *principals[PRINCIPAL_CACHE_SLOTS];
+    /* Packed key records last read, direct-mapped by id, valid while the
+     * keys family's generation is unchanged: a store read and a copy less
+     * per crypto request. They hold only sealed material, as the store does. */
+    struct key_cache_slot {
+        char id[FSM_KEY_ID_LEN + 1];
+        uint64_t generation;
+        uint8_t *packed;
+        size_t len;
+    } key_cache[KEY_CACHE_SLOTS];
 };
 
 /* --- per-call arena: every byte of a response; wiped when the call ends ---- */

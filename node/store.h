@@ -31,6 +31,11 @@ void store_close(struct store *store);
 /* The raft index of the last applied batch (0 for a new store). */
 uint64_t store_applied_index(const struct store *store);
 
+/* Moves whenever a committed batch touched |cf|, and when store_swap replaced
+ * the data: a cache of the family's values is current while it is unchanged.
+ * Any thread. */
+uint64_t store_cf_generation(const struct store *store, enum store_cf cf);
+
 /* Point read. On success *out_value is malloc'd (free()). KR_ENOTFOUND when
  * absent, KR_EIO with the RocksDB error logged. */
 int store_get(struct store *store, enum store_cf cf, const void *key, size_t key_len,

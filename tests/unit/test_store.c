@@ -104,6 +104,29 @@ static void assert_absent(struct store *s, enum store_cf cf, const void *key, si
     assert_int_equal(len, 42);
 }
 
+/* A family's generation moves with each commit that touches it, and only
+ * then: the service's key cache is current exactly while it stands still. */
+static void test_generation_per_family(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    uint64_t keys = store_cf_generation(s, STORE_CF_KEYS);
+    uint64_t names = store_cf_generation(s, STORE_CF_NAMES);
+    put_one(s, STORE_CF_KEYS, "k", "v1", 1);
+    assert_true(store_cf_generation(s, STORE_CF_KEYS) > keys);
+    assert_int_equal(store_cf_generation(s, STORE_CF_NAMES), names);
+    keys = store_cf_generation(s, STORE_CF_KEYS);
+    put_one(s, STORE_CF_NAMES, "n", "k", 2);
+    assert_int_equal(store_cf_generation(s, STORE_CF_KEYS), keys);
+    struct store_batch *b = store_batch_new();
+    store_batch_delete(b, STORE_CF_KEYS, "k", 1);
+    assert_int_equal(store_batch_commit(s, b, 3), 0);
+    store_batch_free(b);
+    assert_true(store_cf_generation(s, STORE_CF_KEYS) > keys);
+    assert_int_equal(store_cf_generation(s, STORE_CF_COUNT), 0); /* no such family */
+    store_close(s);
+}
+
 static void test_new_store_is_empty(void **state)
 {
     struct fixture *f = *state;
@@ -812,6 +835,7 @@ int main(int argc, char **argv)
 
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_new_store_is_empty, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_generation_per_family, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_keeps_data_and_applied_index, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_batch_spans_families, setup, teardown),
