@@ -82,6 +82,11 @@ struct cluster {
     unsigned snapshot_entries;   /* most entries between snapshots */
     uint64_t snapshot_log_bytes; /* log bytes between snapshots */
     uint64_t entry_bytes_avg;    /* running mean of applied entry sizes */
+    unsigned applied_since_snapshot;
+    uv_work_t preflush;
+    int preflushing;             /* a worker is flushing the store */
+    int preflushed;              /* ...or did, since the last snapshot */
+    int flusher_closed;
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -100,6 +105,25 @@ static uint64_t next_index(void *arg)
 #define SNAPSHOT_MIN_ENTRIES 16u
 #define SNAPSHOT_MAX_TRAILING 1024u
 
+static void preflush_work(uv_work_t *w)
+{
+    struct cluster *c = w->data;
+    int rv = store_preflush(c->store);
+    if (rv != 0)
+        log_warn("flush ahead of a raft snapshot failed: %s (the snapshot flushes it all)",
+                 kr_strerror(rv));
+}
+
+static void stop_done_maybe(struct cluster *c);
+
+static void preflush_done(uv_work_t *w, int status)
+{
+    (void)status;
+    struct cluster *c = w->data;
+    c->preflushing = 0;
+    stop_done_maybe(c);
+}
+
 static void snapshot_pace(struct cluster *c, size_t entry_len)
 {
     uint64_t len = entry_len ? entry_len : 1;
@@ -113,6 +137,15 @@ static void snapshot_pace(struct cluster *c, size_t entry_len)
         trailing = SNAPSHOT_MIN_ENTRIES;
     raft_set_snapshot_threshold(&c->raft, threshold);
     raft_set_snapshot_trailing(&c->raft, trailing);
+    /* Three quarters of the way to a snapshot, a worker flushes the store
+     * (once), so the snapshot's own flush on this loop has a quarter left. */
+    c->applied_since_snapshot++;
+    if (!c->preflushed && !c->preflushing && !c->stopping &&
+        c->applied_since_snapshot >= threshold - threshold / 4) {
+        c->preflush.data = c;
+        if (uv_queue_work(c->loop, &c->preflush, preflush_work, preflush_done) == 0)
+            c->preflushing = c->preflushed = 1;
+    }
 }
 
 static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf, void **result)
@@ -141,11 +174,18 @@ void cluster_set_apply_hook(struct cluster *c, void (*hook)(void *arg, uint64_t 
 static int fsm_snapshot_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[], unsigned *n)
 {
     struct cluster *c = raft_fsm->data;
+    uint64_t t0 = uv_hrtime();
     int rv = store_flush(c->store);
     if (rv != 0) {
         log_error("snapshot: store flush failed: %s", kr_strerror(rv));
         return RAFT_IOERR;
     }
+    uint64_t ms = (uv_hrtime() - t0) / 1000000;
+    if (ms >= 300)
+        log_warn("snapshot at %u entries: the store flush held the loop %llu ms",
+                 c->applied_since_snapshot, (unsigned long long)ms);
+    c->applied_since_snapshot = 0;
+    c->preflushed = 0;
     struct raft_buffer *b = raft_malloc(sizeof(*b));
     if (b == NULL)
         return RAFT_NOMEM;
@@ -571,11 +611,21 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     return 0;
 }
 
+/* Stopped once the handles are closed and no flush is running on a worker. */
+static void stop_done_maybe(struct cluster *c)
+{
+    if (!c->flusher_closed || c->preflushing || c->stop_cb == NULL)
+        return;
+    void (*cb)(void *) = c->stop_cb;
+    c->stop_cb = NULL;
+    cb(c->stop_arg);
+}
+
 static void flusher_closed(uv_handle_t *handle)
 {
     struct cluster *c = handle->data;
-    if (c->stop_cb)
-        c->stop_cb(c->stop_arg);
+    c->flusher_closed = 1;
+    stop_done_maybe(c);
 }
 
 static void raft_closed(struct raft *r)

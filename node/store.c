@@ -31,6 +31,7 @@ static const char store_applied_key[] = {'\0', 'a', 'p', 'p', 'l', 'i', 'e', 'd'
 #define STORE_MAX_OPEN_FILES 512
 /* Directory inside the DB dir that store_flush's checkpoint goes through. */
 #define STORE_FLUSH_DIR "flush-checkpoint"
+#define STORE_PREFLUSH_DIR "preflush-checkpoint"
 /* Where store_swap parks the replaced DB dir (next to it) until the new one is open. */
 #define STORE_OLD_SUFFIX ".old"
 
@@ -43,7 +44,8 @@ struct store {
     char *flush_dir;
     uint64_t applied; /* accessed with __atomic: read from any thread */
     uint64_t generation[STORE_CF_COUNT]; /* __atomic: see store_cf_generation */
-    unsigned n_iters; /* open iterators (__atomic): store_swap refuses while any */
+    unsigned n_iters; /* open iterators and preflushes (__atomic): store_swap
+                       * refuses while any */
 };
 
 static void store_bump_all(struct store *store)
@@ -293,6 +295,12 @@ static int store_attach(struct store *store, enum store_open_mode mode)
     }
     /* A checkpoint left by a crash inside store_flush only pins old files. */
     rc = store_remove_dir(store->flush_dir);
+    char *preflush = NULL;
+    if (rc == 0 && asprintf(&preflush, "%s/%s", path, STORE_PREFLUSH_DIR) < 0)
+        rc = KR_ENOMEM;
+    if (rc == 0)
+        rc = store_remove_dir(preflush);
+    free(preflush);
     if (rc != 0)
         goto out;
     uint64_t applied = 0;
@@ -642,6 +650,25 @@ int store_flush(struct store *store)
     return store_remove_dir(store->flush_dir);
 }
 
+int store_preflush(struct store *store)
+{
+    int rc = store_check_open(store, "flush");
+    if (rc != 0)
+        return rc;
+    char *dir = NULL;
+    if (asprintf(&dir, "%s/%s", store->path, STORE_PREFLUSH_DIR) < 0)
+        return KR_ENOMEM;
+    __atomic_add_fetch(&store->n_iters, 1, __ATOMIC_ACQ_REL); /* holds off store_swap */
+    rc = store_remove_dir(dir);
+    if (rc == 0)
+        rc = store_make_checkpoint(store, dir, "flush");
+    if (rc == 0)
+        rc = store_remove_dir(dir);
+    __atomic_sub_fetch(&store->n_iters, 1, __ATOMIC_ACQ_REL);
+    free(dir);
+    return rc;
+}
+
 int store_checkpoint(struct store *store, const char *dir)
 {
     int rc = store_check_open(store, "checkpoint");
@@ -701,7 +728,7 @@ int store_swap(struct store *store, const char *new_db_dir)
         return rc;
     unsigned iters = __atomic_load_n(&store->n_iters, __ATOMIC_ACQUIRE);
     if (iters != 0) {
-        log_error("swap %s: %u iterators still open", store->path, iters);
+        log_error("swap %s: %u iterators or flushes still open", store->path, iters);
         return KR_EBUSY;
     }
     struct stat st;

@@ -55,6 +55,12 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
  * families, waits). Called before raft may compact its log. */
 int store_flush(struct store *store);
 
+/* store_flush from any thread, through its own scratch checkpoint: a worker
+ * runs it ahead of a raft snapshot, so the snapshot's flush on the loop finds
+ * little left (a whole flush at 64 MB of log held the loop over a second, past
+ * the election timeout). One at a time; store_swap refuses meanwhile. */
+int store_preflush(struct store *store);
+
 /* Forward iteration over [lower, upper) of a family; lower and upper may each
  * be NULL (no bound). The iterator sees a consistent snapshot. */
 struct store_iter;
