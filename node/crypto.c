@@ -566,31 +566,59 @@ static int is_rsa(const struct asym_desc *d)
     return d->curve_nid == NID_undef && d->bits != 0;
 }
 
-int crypto_sign(crypto_alg alg, const uint8_t *material, size_t len,
-                const uint8_t *msg, size_t msg_len, uint8_t **out_sig, size_t *out_sig_len)
+struct crypto_signer {
+    const struct asym_desc *desc;
+    EVP_PKEY *pkey;
+};
+
+int crypto_signer_new(crypto_alg alg, const uint8_t *material, size_t len,
+                      crypto_signer **out)
+{
+    const struct asym_desc *d = asym_find(alg);
+    if (d == NULL)
+        return wrong_alg(alg);
+    if (out == NULL)
+        return KR_EINVAL;
+    crypto_signer *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return KR_ENOMEM;
+    ERR_set_mark();
+    int rc = load_private(d, material, len, &s->pkey);
+    ERR_pop_to_mark();
+    if (rc != 0) {
+        free(s);
+        return rc;
+    }
+    s->desc = d;
+    *out = s;
+    return 0;
+}
+
+void crypto_signer_free(crypto_signer *signer)
+{
+    if (signer == NULL)
+        return;
+    EVP_PKEY_free(signer->pkey); /* OpenSSL clears private key material on free */
+    free(signer);
+}
+
+int crypto_signer_sign(crypto_signer *signer, const uint8_t *msg, size_t msg_len,
+                       uint8_t **out_sig, size_t *out_sig_len)
 {
     static const uint8_t empty[1];
-    const struct asym_desc *d = asym_find(alg);
-    EVP_PKEY *pkey = NULL;
     EVP_MD_CTX *mctx = NULL;
     EVP_PKEY_CTX *pctx = NULL;
     uint8_t *sig = NULL;
     size_t sig_len;
-    int size;
-    int rc;
+    int rc = KR_ECRYPTO;
 
-    if (d == NULL)
-        return wrong_alg(alg);
-    if (out_sig == NULL || out_sig_len == NULL || (msg == NULL && msg_len != 0))
+    if (signer == NULL || out_sig == NULL || out_sig_len == NULL || (msg == NULL && msg_len != 0))
         return KR_EINVAL;
     if (msg == NULL)
         msg = empty;
+    const struct asym_desc *d = signer->desc;
     ERR_set_mark();
-    rc = load_private(d, material, len, &pkey);
-    if (rc != 0)
-        goto out;
-    rc = KR_ECRYPTO;
-    size = EVP_PKEY_get_size(pkey);
+    int size = EVP_PKEY_get_size(signer->pkey);
     if (size <= 0)
         goto out;
     sig_len = (size_t)size;
@@ -600,7 +628,7 @@ int crypto_sign(crypto_alg alg, const uint8_t *material, size_t len,
         rc = KR_ENOMEM;
         goto out;
     }
-    if (EVP_DigestSignInit_ex(mctx, &pctx, d->md, NULL, NULL, pkey, NULL) != 1)
+    if (EVP_DigestSignInit_ex(mctx, &pctx, d->md, NULL, NULL, signer->pkey, NULL) != 1)
         goto out;
     if (is_rsa(d) && !set_pss(pctx))
         goto out;
@@ -613,8 +641,20 @@ int crypto_sign(crypto_alg alg, const uint8_t *material, size_t len,
 out:
     free(sig);
     EVP_MD_CTX_free(mctx);
-    EVP_PKEY_free(pkey);
     ERR_pop_to_mark();
+    return rc;
+}
+
+int crypto_sign(crypto_alg alg, const uint8_t *material, size_t len,
+                const uint8_t *msg, size_t msg_len, uint8_t **out_sig, size_t *out_sig_len)
+{
+    crypto_signer *signer = NULL;
+    if (out_sig == NULL || out_sig_len == NULL || (msg == NULL && msg_len != 0))
+        return asym_find(alg) == NULL ? wrong_alg(alg) : KR_EINVAL;
+    int rc = crypto_signer_new(alg, material, len, &signer);
+    if (rc == 0)
+        rc = crypto_signer_sign(signer, msg, msg_len, out_sig, out_sig_len);
+    crypto_signer_free(signer);
     return rc;
 }
 

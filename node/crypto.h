@@ -45,6 +45,17 @@ int crypto_gcm_open(const uint8_t *key, size_t key_len, const uint8_t *aad, size
  * for P-384, DER signature), Ed25519 (pure). *out_sig malloc'd. */
 int crypto_sign(crypto_alg alg, const uint8_t *material, size_t len,
                 const uint8_t *msg, size_t msg_len, uint8_t **out_sig, size_t *out_sig_len);
+/* A signing key parsed once: decoding PKCS#8 took ~0.5 ms per signature
+ * (OpenSSL's decoder), the ECDSA signature itself ~20 us. OpenSSL keeps the
+ * private scalars in its secure heap (secmem). Not thread-safe: one user at
+ * a time. crypto_signer_free wipes and frees (NULL is fine). */
+typedef struct crypto_signer crypto_signer;
+int crypto_signer_new(crypto_alg alg, const uint8_t *material, size_t len,
+                      crypto_signer **out);
+int crypto_signer_sign(crypto_signer *signer, const uint8_t *msg, size_t msg_len,
+                       uint8_t **out_sig, size_t *out_sig_len);
+void crypto_signer_free(crypto_signer *signer);
+
 /* 0 when valid, KR_EAUTH when not. */
 int crypto_verify(crypto_alg alg, const uint8_t *material, size_t len,
                   const uint8_t *msg, size_t msg_len, const uint8_t *sig, size_t sig_len);

@@ -1430,6 +1430,57 @@ static void op_decrypt(struct call *call)
         keyraft__key_record__free_unpacked(rec, NULL);
 }
 
+static void signer_slot_drop(struct signer_slot *slot)
+{
+    crypto_signer_free(slot->signer);
+    memset(slot, 0, sizeof(*slot));
+}
+
+/* The parsed signing key of |v|, from the cache or unsealed and parsed now.
+ * NULL: answered. The domain is checked on every call, as an unseal would. */
+static crypto_signer *signer_for(struct call *call, const Keyraft__KeyRecord *rec,
+                                 const Keyraft__KeyVersionRecord *v)
+{
+    struct service *svc = call->svc;
+    if (v->destroyed || v->sealed.len == 0) {
+        reply_error(call, KR_ESTATE, "version %u of key %s is destroyed", v->version, rec->id);
+        return NULL;
+    }
+    int rv = ensure_domain(svc, rec->domain);
+    if (rv != 0) {
+        reply_error(call, rv, "key %s: its domain's key is not usable here (%s)", rec->id,
+                    kr_strerror(rv));
+        return NULL;
+    }
+    uint64_t h = 1469598103934665603ull;
+    for (const char *p = rec->id; *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    h = (h ^ v->version) * 1099511628211ull;
+    struct signer_slot *slot = &svc->signers[h % SIGNER_CACHE_SLOTS];
+    /* Versions never change their material; the generation check only keeps
+     * the cache from outliving any change to the record. */
+    uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
+    if (slot->signer != NULL && slot->generation == gen && slot->version == v->version &&
+        strcmp(slot->id, rec->id) == 0)
+        return slot->signer;
+    secbuf key = {0};
+    if (unseal_version(call, rec, v, &key) != 0)
+        return NULL;
+    crypto_signer *signer = NULL;
+    rv = crypto_signer_new(rec->algorithm, key.data, key.len, &signer);
+    secbuf_free(&key);
+    if (rv != 0) {
+        reply_error(call, rv, "sign failed: %s", kr_strerror(rv));
+        return NULL;
+    }
+    signer_slot_drop(slot);
+    snprintf(slot->id, sizeof(slot->id), "%s", rec->id);
+    slot->version = v->version;
+    slot->generation = gen;
+    slot->signer = signer;
+    return signer;
+}
+
 static void op_sign(struct call *call, int is_mac)
 {
     const Keyraft__SignRequest *r = is_mac ? call->req->mac : call->req->sign;
@@ -1445,16 +1496,20 @@ static void op_sign(struct call *call, int is_mac)
         check_state(call, rec, can_protect(rec->state), op) != 0)
         goto out;
     const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
-    if (v == NULL || unseal_version(call, rec, v, &key) != 0)
+    if (v == NULL)
         goto out;
     uint8_t mac[64];
     int rv;
     if (is_mac) {
+        if (unseal_version(call, rec, v, &key) != 0)
+            goto out;
         rv = crypto_mac(rec->algorithm, key.data, key.len, r->message.data, r->message.len, mac,
                         &sig_len);
     } else {
-        rv = crypto_sign(rec->algorithm, key.data, key.len, r->message.data, r->message.len,
-                         &sig, &sig_len);
+        crypto_signer *signer = signer_for(call, rec, v);
+        if (signer == NULL)
+            goto out;
+        rv = crypto_signer_sign(signer, r->message.data, r->message.len, &sig, &sig_len);
     }
     if (rv != 0) {
         reply_error(call, rv, "%s failed: %s", op, kr_strerror(rv));
@@ -2654,6 +2709,8 @@ void service_free(struct service *svc)
     gov_free(svc);
     for (size_t i = 0; i < KEY_CACHE_SLOTS; i++)
         key_cache_drop(&svc->key_cache[i]);
+    for (size_t i = 0; i < SIGNER_CACHE_SLOTS; i++)
+        signer_slot_drop(&svc->signers[i]);
     free(svc);
 }
 

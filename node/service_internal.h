@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "crypto.h"
 #include "fsm.h"
 #include "record.pb-c.h"
 #include "command.h"
@@ -26,6 +27,7 @@ struct principal_ref {
 };
 
 #define KEY_CACHE_SLOTS 4096
+#define SIGNER_CACHE_SLOTS 256
 
 struct service {
     struct service_deps deps;
@@ -53,6 +55,15 @@ struct service {
         uint8_t *packed;
         size_t len;
     } key_cache[KEY_CACHE_SLOTS];
+    /* Parsed signing keys by (id, version), valid while the keys family's
+     * generation is unchanged; a hit still passes every state, grant and
+     * domain check. At most SIGNER_CACHE_SLOTS keys are held. */
+    struct signer_slot {
+        char id[FSM_KEY_ID_LEN + 1];
+        uint32_t version;
+        uint64_t generation;
+        crypto_signer *signer;
+    } signers[SIGNER_CACHE_SLOTS];
 };
 
 /* --- per-call arena: every byte of a response; wiped when the call ends ---- */

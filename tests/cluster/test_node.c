@@ -1725,6 +1725,26 @@ static void test_sign_verify(void **state)
     assert_string_equal((const char *)o.out, "invalid\n");
     kr_out_free(&o);
 
+    /* The node keeps parsed signing keys: a rotation signs with version 2
+     * at once, and a deactivated key signs no more. */
+    char *rk = create_cli(n, "sv-rotating", "ec-p256", NULL, NULL);
+    kr_buf rs = {0};
+    assert_int_equal(kr_sign(f->c, rk, (const uint8_t *)"m", 1, &rs), 0);
+    assert_int_equal(check_blob(rs.data, rs.len, 's', rk), 1);
+    kr_buf_free(&rs);
+    run_expect(n, NULL, 0, &o, 0, "rotate", rk, NULL);
+    kr_out_free(&o);
+    assert_int_equal(kr_sign(f->c, rk, (const uint8_t *)"m", 1, &rs), 0);
+    assert_int_equal(check_blob(rs.data, rs.len, 's', rk), 2);
+    int rvalid = -1;
+    assert_int_equal(kr_verify(f->c, rk, (const uint8_t *)"m", 1, rs.data, rs.len, &rvalid), 0);
+    assert_int_equal(rvalid, 1);
+    kr_buf_free(&rs);
+    run_expect(n, NULL, 0, &o, 0, "deactivate", rk, NULL);
+    kr_out_free(&o);
+    assert_int_equal(kr_sign(f->c, rk, (const uint8_t *)"m", 1, &rs), KR_ESTATE);
+    free(rk);
+
     /* wrong key types */
     char *a = create_cli(n, "sv-aes", "aes-256", NULL, NULL);
     run_fails(n, "m", 1, "KR_EKEYTYPE", "sign", a, NULL);

@@ -497,6 +497,25 @@ static void sign_roundtrip(crypto_alg alg, const char *md)
     assert_int_equal(spki2_len, spki_len);
     assert_memory_equal(spki2, spki, spki_len);
 
+    /* A signer parses once and signs many times, each verifiable. */
+    crypto_signer *signer = NULL;
+    assert_int_equal(crypto_signer_new(alg, key.data, key.len, &signer), 0);
+    for (int i = 0; i < 3; i++) {
+        uint8_t *s2 = NULL;
+        size_t s2_len = 0;
+        assert_int_equal(crypto_signer_sign(signer, msg, sizeof(msg), &s2, &s2_len), 0);
+        assert_int_equal(crypto_verify_public(alg, spki, spki_len, msg, sizeof(msg), s2, s2_len),
+                         0);
+        free(s2);
+    }
+    crypto_signer_free(signer);
+    signer = NULL;
+    assert_int_equal(crypto_signer_new(alg, spki, spki_len, &signer), KR_EINVAL);
+    assert_null(signer);
+    assert_int_equal(crypto_signer_new(KEYRAFT__ALGORITHM__AES_256, key.data, key.len, &signer),
+                     KR_EKEYTYPE);
+    crypto_signer_free(NULL);
+
     /* A private key is not a public key and vice versa. */
     assert_int_equal(crypto_verify_public(alg, key.data, key.len, msg, sizeof(msg), sig,
                                           sig_len), KR_EINVAL);
