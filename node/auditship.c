@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "hash.h"
 #include "keyraft.h"
 #include "log.h"
 
@@ -101,12 +102,7 @@ static uint64_t wall_ms(void)
 
 static uint64_t usage_hash(const char *key_id, uint32_t version)
 {
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-    for (const unsigned char *p = (const unsigned char *)key_id; *p; p++)
-        h = (h ^ *p) * 1099511628211ull;
-    for (int i = 0; i < 4; i++)
-        h = (h ^ ((version >> (8 * i)) & 0xff)) * 1099511628211ull;
-    return h;
+    return kr_hash_u32(kr_hash_str(KR_HASH_INIT, key_id), version);
 }
 
 static struct usage_ent *usage_find_locked(struct audit_log *l, const char *key_id,

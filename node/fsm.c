@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "keyraft.h"
 #include "log.h"
 
@@ -313,14 +314,10 @@ struct put_group {
 
 static uint64_t group_hash(char kind, const char *a, const char *b)
 {
-    uint64_t h = 1469598103934665603ull;
-    h = (h ^ (uint8_t)kind) * 1099511628211ull;
-    for (const char *p = a; *p; p++)
-        h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    h = (h ^ 0xff) * 1099511628211ull; /* separates a|b from a shifted split */
-    for (const char *p = b; *p; p++)
-        h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    return h ? h : 1;
+    uint64_t h = kr_hash_bytes(KR_HASH_INIT, &kind, 1);
+    h = kr_hash_bytes(kr_hash_str(h, a), "\xff", 1); /* separates a|b from a shifted split */
+    h = kr_hash_str(h, b);
+    return h ? h : 1; /* 0 marks an empty slot */
 }
 
 static const struct group_slot *group_find(const struct put_group *g, char kind, const char *a,

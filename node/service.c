@@ -12,6 +12,7 @@
 
 #include "audit.h"
 #include "crypto.h"
+#include "hash.h"
 #include "fsm.h"
 #include "hsm.h"
 #include "pki.h"
@@ -209,10 +210,8 @@ static void key_cache_drop(struct key_cache_slot *slot)
 /* fsm_get_key through the service's cache (the loop thread only). */
 static int cached_get_key(struct service *svc, const char *id, Keyraft__KeyRecord **out)
 {
-    uint64_t h = 1469598103934665603ull;
-    for (const char *p = id; *p; p++)
-        h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    struct key_cache_slot *slot = &svc->key_cache[h % KEY_CACHE_SLOTS];
+    struct key_cache_slot *slot =
+        &svc->key_cache[kr_hash_str(KR_HASH_INIT, id) % KEY_CACHE_SLOTS];
     uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
     if (slot->packed == NULL || slot->generation != gen || strcmp(slot->id, id) != 0) {
         uint8_t *val = NULL;
@@ -1452,10 +1451,7 @@ static crypto_signer *signer_for(struct call *call, const Keyraft__KeyRecord *re
                     kr_strerror(rv));
         return NULL;
     }
-    uint64_t h = 1469598103934665603ull;
-    for (const char *p = rec->id; *p; p++)
-        h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    h = (h ^ v->version) * 1099511628211ull;
+    uint64_t h = kr_hash_u32(kr_hash_str(KR_HASH_INIT, rec->id), v->version);
     struct signer_slot *slot = &svc->signers[h % SIGNER_CACHE_SLOTS];
     /* Versions never change their material; the generation check only keeps
      * the cache from outliving any change to the record. */
