@@ -104,20 +104,31 @@ int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **ou
     return 0;
 }
 
-int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len)
+size_t rpc_response_frame_size(const Keyraft__Response *resp)
 {
-    size_t n = keyraft__response__get_packed_size(resp);
-    if (n > UINT32_MAX)
-        return KR_ETOOBIG;
-    uint8_t *buf = malloc(4 + n);
-    if (buf == NULL)
-        return KR_ENOMEM;
+    return 4 + keyraft__response__get_packed_size(resp);
+}
+
+void rpc_encode_response_into(const Keyraft__Response *resp, size_t frame_size, uint8_t *buf)
+{
+    size_t n = frame_size - 4;
     buf[0] = (uint8_t)(n >> 24);
     buf[1] = (uint8_t)(n >> 16);
     buf[2] = (uint8_t)(n >> 8);
     buf[3] = (uint8_t)n;
     keyraft__response__pack(resp, buf + 4);
+}
+
+int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len)
+{
+    size_t size = rpc_response_frame_size(resp);
+    if (size - 4 > UINT32_MAX)
+        return KR_ETOOBIG;
+    uint8_t *buf = malloc(size);
+    if (buf == NULL)
+        return KR_ENOMEM;
+    rpc_encode_response_into(resp, size, buf);
     *out = buf;
-    *out_len = 4 + n;
+    *out_len = size;
     return 0;
 }

@@ -42,5 +42,9 @@ void rpc_request_free(Keyraft__Request *req);
 
 /* Serialises |resp| with its length prefix into a malloc'd buffer. */
 int rpc_encode_response(const Keyraft__Response *resp, uint8_t **out, size_t *out_len);
+/* Bytes the framed |resp| takes (header included), and the same encoding into
+ * |buf|, which holds at least that many: no copy for a caller with room. */
+size_t rpc_response_frame_size(const Keyraft__Response *resp);
+void rpc_encode_response_into(const Keyraft__Response *resp, size_t frame_size, uint8_t *buf);
 
 #endif

@@ -172,8 +172,9 @@ static void conn_flush(struct conn *c)
     }
 }
 
-/* Queues a reply's frame for the next flush (this loop pass). */
-static int conn_buffer(struct conn *c, const uint8_t *frame, size_t len)
+/* Room for |len| more bytes in the reply buffer; queues the connection for
+ * the next flush (this loop pass). Returns where they go, or NULL. */
+static uint8_t *conn_reserve(struct conn *c, size_t len)
 {
     if (c->out_len + len > c->out_cap) {
         size_t cap = c->out_cap ? c->out_cap : 16384;
@@ -181,7 +182,7 @@ static int conn_buffer(struct conn *c, const uint8_t *frame, size_t len)
             cap *= 2;
         uint8_t *out = malloc(cap);
         if (out == NULL)
-            return KR_ENOMEM;
+            return NULL;
         if (c->out != NULL) {
             memcpy(out, c->out, c->out_len);
             OPENSSL_cleanse(c->out, c->out_cap);
@@ -190,8 +191,6 @@ static int conn_buffer(struct conn *c, const uint8_t *frame, size_t len)
         c->out = out;
         c->out_cap = cap;
     }
-    memcpy(c->out + c->out_len, frame, len);
-    c->out_len += len;
     if (!c->is_dirty) {
         struct server *s = c->server;
         c->is_dirty = 1;
@@ -199,7 +198,9 @@ static int conn_buffer(struct conn *c, const uint8_t *frame, size_t len)
         c->next_dirty = s->dirty;
         s->dirty = c;
     }
-    return 0;
+    uint8_t *at = c->out + c->out_len;
+    c->out_len += len;
+    return at;
 }
 
 /* Encrypts what conn_buffer gathered and hands it to the socket. */
@@ -230,32 +231,25 @@ static void on_check_flush(uv_check_t *h)
     }
 }
 
+/* Encodes the reply straight into the connection's buffer. */
 static void conn_send_response(struct conn *c, const Keyraft__Response *resp)
 {
-    uint8_t *frame = NULL;
-    size_t len = 0;
-    if (rpc_encode_response(resp, &frame, &len) != 0) {
-        conn_close(c);
-        return;
-    }
+    Keyraft__Response err = KEYRAFT__RESPONSE__INIT;
+    size_t len = rpc_response_frame_size(resp);
     if (len - 4 > KR_MAX_FRAME) {
         /* Every client refuses frames over KR_MAX_FRAME: say so instead. */
-        OPENSSL_cleanse(frame, len);
-        free(frame);
-        Keyraft__Response err = KEYRAFT__RESPONSE__INIT;
         err.id = resp->id;
         err.status = KR_ETOOBIG;
         err.message = (char *)"the reply would exceed the frame limit: send less data per request";
-        if (rpc_encode_response(&err, &frame, &len) != 0) {
-            conn_close(c);
-            return;
-        }
+        resp = &err;
+        len = rpc_response_frame_size(resp);
     }
-    int rv = conn_buffer(c, frame, len);
-    OPENSSL_cleanse(frame, len);
-    free(frame);
-    if (rv != 0)
+    uint8_t *at = conn_reserve(c, len);
+    if (at == NULL) {
         conn_close(c);
+        return;
+    }
+    rpc_encode_response_into(resp, len, at);
 }
 
 static void send_error(struct conn *c, uint64_t id, int status, const char *msg)
