@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "crypto.h"
 #include "fsm.h"
 #include "hsm.h"
 #include "keyraft.h"
@@ -82,7 +83,7 @@ static int chain_hash(EVP_MD_CTX *ctx, uint64_t seq, const uint8_t prev[AUDIT_HA
     uint8_t seq_be[8];
     put_u64be(seq_be, seq);
     unsigned int out_len = 0;
-    if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) != 1 ||
+    if (EVP_DigestInit_ex(ctx, crypto_sha256(), NULL) != 1 ||
         EVP_DigestUpdate(ctx, CHAIN_TAG, sizeof(CHAIN_TAG) - 1) != 1 ||
         EVP_DigestUpdate(ctx, seq_be, sizeof(seq_be)) != 1 ||
         EVP_DigestUpdate(ctx, prev, AUDIT_HASH_LEN) != 1 ||
@@ -104,7 +105,7 @@ static int checkpoint_digest(uint64_t seq, const uint8_t hash[AUDIT_HASH_LEN],
     put_u64be(buf + sizeof(CHECKPOINT_TAG) - 1, seq);
     memcpy(buf + sizeof(CHECKPOINT_TAG) - 1 + 8, hash, AUDIT_HASH_LEN);
     unsigned int len = 0;
-    if (EVP_Digest(buf, sizeof(buf), out, &len, EVP_sha256(), NULL) != 1 ||
+    if (EVP_Digest(buf, sizeof(buf), out, &len, crypto_sha256(), NULL) != 1 ||
         len != AUDIT_HASH_LEN) {
         ERR_clear_error();
         return KR_ECRYPTO;

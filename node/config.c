@@ -28,6 +28,7 @@ void config_defaults(struct config *config)
     snprintf(config->hsm_mwk_label, sizeof(config->hsm_mwk_label), "keyraft-mwk");
     snprintf(config->hsm_pin_env, sizeof(config->hsm_pin_env), "KEYRAFT_HSM_PIN");
     config->allow_export = 1;
+    config->key_cache_idle_s = 10;
     config->max_frame = KR_MAX_FRAME;
     config->max_connections = 4096;
     config->list_max = 1000;
@@ -100,6 +101,7 @@ static const char *range_hint(const char *section, const char *name)
         {"audit", "fail_open_reads", " (true or false)"},
         {"audit", "checkpoint_ms", " (100 to 86400000)"},
         {"raft", "snapshot_log_mb", " (1 to 65536)"},
+        {"policy", "key_cache_idle_s", " (0 to 3600)"},
     };
     for (size_t i = 0; i < sizeof(hints) / sizeof(hints[0]); i++)
         if (strcmp(section, hints[i][0]) == 0 && strcmp(name, hints[i][1]) == 0)
@@ -155,6 +157,9 @@ static int on_entry(void *user, const char *section, const char *name, const cha
         rv = set_path(ctx, c->hsm_softhsm_conf, sizeof(c->hsm_softhsm_conf), value);
     } else if (MATCH("policy", "allow_export")) {
         rv = parse_bool(value, &c->allow_export);
+    } else if (MATCH("policy", "key_cache_idle_s")) {
+        rv = parse_u64(value, 0, 3600, &u);
+        c->key_cache_idle_s = (uint32_t)u;
     } else if (MATCH("limits", "max_frame")) {
         rv = parse_u64(value, 1024, 64u * 1024 * 1024, &u);
         c->max_frame = (uint32_t)u;
@@ -323,8 +328,10 @@ int config_write(const struct config *c, const char *path)
         fprintf(f, "so_pin_env = %s\n", c->hsm_so_pin_env);
     if (c->hsm_softhsm_conf[0])
         fprintf(f, "softhsm_conf = %s\n", c->hsm_softhsm_conf);
-    fprintf(f, "\n[policy]\nallow_export = %s\n\n[limits]\nmax_frame = %u\nmax_connections = %u\nlist_max = %u\n",
-            c->allow_export ? "true" : "false", c->max_frame, c->max_connections, c->list_max);
+    fprintf(f, "\n[policy]\nallow_export = %s\nkey_cache_idle_s = %u\n\n[limits]\nmax_frame = %u\n"
+            "max_connections = %u\nlist_max = %u\n",
+            c->allow_export ? "true" : "false", c->key_cache_idle_s, c->max_frame,
+            c->max_connections, c->list_max);
     fprintf(f, "\n[raft]\nsnapshot_log_mb = %u\n", c->raft_snapshot_log_mb);
     fprintf(f,
             "\n[audit]\nenabled = %s\nflush_ms = %u\nmax_pending = %u\nmax_lag_ms = %u\n"

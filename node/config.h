@@ -32,6 +32,9 @@ struct config {
     char hsm_so_pin_env[64];              /* [hsm] so_pin_env */
     char hsm_softhsm_conf[CONFIG_PATH_MAX]; /* [hsm] softhsm_conf: sets SOFTHSM2_CONF */
     int allow_export;                     /* [policy] allow_export (default true) */
+    uint32_t key_cache_idle_s;            /* [policy] key_cache_idle_s: an unsealed AES/HMAC
+                                           * version stays in the secure heap until unused
+                                           * this long (0 to 3600, default 10; 0: never kept) */
     uint32_t max_frame;                   /* [limits] max_frame (bytes) */
     uint32_t max_connections;             /* [limits] max_connections */
     uint32_t list_max;                    /* [limits] list_max: cap on one list page */

@@ -32,6 +32,11 @@ int crypto_check_material(crypto_alg alg, const uint8_t *material, size_t len);
 int crypto_key_info(crypto_alg alg, const uint8_t *material, size_t len,
                     char out_kcv[17], uint8_t **out_pub, size_t *out_pub_len);
 
+/* SHA-256, fetched once for the process (an implicit fetch per init costs a
+ * lock and a lookup). */
+struct evp_md_st;
+const struct evp_md_st *crypto_sha256(void);
+
 /* AES-GCM with a 256- or 128-bit key. Output: nonce (12, random) | ct | tag (16). */
 #define CRYPTO_GCM_NONCE_LEN 12
 #define CRYPTO_GCM_TAG_LEN 16

@@ -40,9 +40,26 @@ int keyring_seal(struct keyring *keyring, const char *domain_id, const char *key
                  uint32_t version, crypto_alg alg, const uint8_t *material, size_t len,
                  uint8_t **out_sealed, size_t *out_sealed_len);
 /* Opens a sealed blob into |out| (secure heap; secbuf_free it). KR_EAUTH when
- * the blob was tampered with or is bound to other metadata. */
+ * the blob was tampered with or is bound to other metadata. AES and HMAC
+ * material stays cached (see keyring_cache_expire): opening the same blob
+ * for the same key, version, domain and algorithm again is a copy. */
 int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
                    uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
                    secbuf *out);
+
+/* Unsealed AES and HMAC versions held in the secure heap: at most this many,
+ * each dropped (wiped) when another version takes its slot, when its domain
+ * is unloaded, or by keyring_cache_expire. Thread-safe. */
+#define KEYRING_CACHE_SLOTS 1024
+/* Wipes every cached version not used for |max_idle_ms| (0: all of them):
+ * so a destroyed key, which is never opened again, leaves memory. */
+void keyring_cache_expire(struct keyring *keyring, uint64_t max_idle_ms);
+/* On by default; off wipes what is held and opens every blob on each use. */
+void keyring_cache_enable(struct keyring *keyring, int enabled);
+struct keyring_cache_stats {
+    uint64_t hits, misses;
+    size_t entries;
+};
+void keyring_cache_stats(struct keyring *keyring, struct keyring_cache_stats *out);
 
 #endif

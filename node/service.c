@@ -2684,6 +2684,7 @@ int service_new(const struct service_deps *deps, struct service **out)
     uv_timer_init(deps->loop, &svc->wake);
     svc->wake.data = svc;
     svc->wake_open = 1;
+    keyring_cache_enable(deps->keyring, deps->config->key_cache_idle_s > 0);
     cluster_set_apply_hook(deps->cluster, on_applied, svc);
     *out = svc;
     return 0;
@@ -2772,6 +2773,11 @@ void service_tick(struct service *svc)
 {
     if (svc->waiting != NULL)
         run_waiting(svc, 0); /* deadlines */
+    uint64_t now = now_ms();
+    if (now - svc->last_key_expiry_ms >= 1000) {
+        keyring_cache_expire(svc->deps.keyring, (uint64_t)svc->deps.config->key_cache_idle_s * 1000u);
+        svc->last_key_expiry_ms = now;
+    }
     gov_tick_any(svc);
     if (!cluster_is_leader(svc->deps.cluster))
         return;

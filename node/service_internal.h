@@ -43,6 +43,7 @@ struct service {
     uint64_t started_ms;
     uint64_t last_checkpoint_ms;
     uint64_t last_checkpoint_seq;
+    uint64_t last_key_expiry_ms; /* keyring_cache_expire, once a second */
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */
     unsigned long domains_epoch;    /* the same, for unloading destroyed domains */
     struct principal_ref *principals[PRINCIPAL_CACHE_SLOTS];

@@ -122,6 +122,7 @@ static const char FULL[] = "# test node\n"
                            "\n"
                            "[policy]\n"
                            "allow_export = no\n"
+                           "key_cache_idle_s = 0\n"
                            "\n"
                            "[limits]\n"
                            "max_frame = 1048576\n"
@@ -189,6 +190,7 @@ static void check_full(const struct fx *f, const struct config *c)
     assert_string_equal(c->hsm_pin_env, PIN_VAR);
     expect_path(f, c->hsm_softhsm_conf, "softhsm2.conf");
     assert_int_equal(c->allow_export, 0);
+    assert_int_equal(c->key_cache_idle_s, 0);
     assert_int_equal(c->max_frame, 1048576);
     assert_int_equal(c->max_connections, 250);
     assert_int_equal(c->list_max, 500);
@@ -248,6 +250,7 @@ static void test_defaults(void **state)
     assert_string_equal(c.hsm_pin_file, "");
     assert_string_equal(c.hsm_softhsm_conf, "");
     assert_int_equal(c.allow_export, 1);
+    assert_int_equal(c.key_cache_idle_s, 10);
     assert_int_equal(c.max_frame, KR_MAX_FRAME);
     assert_int_equal(c.max_connections, 4096);
     assert_int_equal(c.list_max, 1000);
@@ -311,6 +314,7 @@ static void test_bad_values_refused(void **state)
         {"audit", "checkpoint_ms = 10s"},
         {"audit", "flush = 20"},
         {"raft", "snapshot_log_mb = 0"},
+        {"policy", "key_cache_idle_s = 3601"},
         {"raft", "snapshot_log_mb = 65537"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)

@@ -388,6 +388,94 @@ static void test_concurrent_use(void **state)
     }
 }
 
+/* Opens k-c version 4 of domain "cached" |times| times, each to |material|. */
+static void open_times(struct keyring *keyring, const uint8_t *sealed, size_t sealed_len,
+                       const uint8_t *material, size_t len, int times)
+{
+    for (int i = 0; i < times; i++) {
+        secbuf out = {NULL, 0};
+        assert_int_equal(
+            keyring_unseal(keyring, "cached", "k-c", 4, AES, sealed, sealed_len, &out), 0);
+        assert_int_equal(out.len, len);
+        assert_memory_equal(out.data, material, len);
+        secbuf_free(&out);
+    }
+}
+
+/* A second open of the same version is served from the cache, but only for
+ * the very same blob and metadata; unloading the domain, an idle expiry or
+ * turning the cache off wipes what it holds. */
+static void test_unsealed_cache(void **state)
+{
+    struct fixture *fx = *state;
+    uint8_t *wrapped = NULL, *sealed = NULL, *ec_sealed = NULL;
+    size_t wrapped_len = 0, sealed_len = 0, ec_len = 0;
+    const uint8_t material[32] = "cached aes-256 material, 32 byt";
+    uint8_t ec[138];
+    memset(ec, 0x5a, sizeof(ec));
+    secbuf out = {NULL, 0};
+    struct keyring_cache_stats st;
+
+    create(fx->keyring, "cached", &wrapped, &wrapped_len);
+    seal(fx->keyring, "cached", "k-c", 4, AES, material, sizeof(material), &sealed, &sealed_len);
+    open_times(fx->keyring, sealed, sealed_len, material, sizeof(material), 3);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 1);
+    assert_int_equal(st.misses, 1);
+    assert_int_equal(st.hits, 2);
+
+    /* Cached or not, a blob moved to other metadata or altered does not open. */
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-d", 4, AES, sealed, sealed_len,
+                                    &out), KR_EAUTH);
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-c", 5, AES, sealed, sealed_len,
+                                    &out), KR_EAUTH);
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-c", 4, HMAC, sealed, sealed_len,
+                                    &out), KR_EAUTH);
+    sealed[sealed_len - 1] ^= 1;
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-c", 4, AES, sealed, sealed_len,
+                                    &out), KR_EAUTH);
+    sealed[sealed_len - 1] ^= 1;
+    assert_null(out.data);
+
+    /* Asymmetric material is not kept. */
+    seal(fx->keyring, "cached", "k-ec", 1, KEYRAFT__ALGORITHM__EC_P256, ec, sizeof(ec),
+         &ec_sealed, &ec_len);
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-ec", 1,
+                                    KEYRAFT__ALGORITHM__EC_P256, ec_sealed, ec_len, &out), 0);
+    secbuf_free(&out);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 1);
+
+    /* Used just now: a 60 s idle bound keeps it, 0 wipes it. */
+    keyring_cache_expire(fx->keyring, 60000);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 1);
+    keyring_cache_expire(fx->keyring, 0);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 0);
+
+    /* Unloading the domain wipes its keys: no open without the domain key. */
+    open_times(fx->keyring, sealed, sealed_len, material, sizeof(material), 1);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 1);
+    assert_int_equal(keyring_unload_domain(fx->keyring, "cached"), 0);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 0);
+    assert_int_equal(keyring_unseal(fx->keyring, "cached", "k-c", 4, AES, sealed, sealed_len,
+                                    &out), KR_ENOTFOUND);
+
+    /* Off: every use opens the blob, nothing is held. */
+    assert_int_equal(keyring_load_domain(fx->keyring, "cached", wrapped, wrapped_len), 0);
+    keyring_cache_enable(fx->keyring, 0);
+    open_times(fx->keyring, sealed, sealed_len, material, sizeof(material), 2);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 0);
+
+    free(wrapped);
+    free(sealed);
+    free(ec_sealed);
+}
+
 int main(void)
 {
     /* As the node does: key material in the secure heap (mlock may be refused
@@ -406,6 +494,7 @@ int main(void)
                                         fixture_down),
         cmocka_unit_test_setup_teardown(test_bad_arguments, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_concurrent_use, fixture_up, fixture_down),
+        cmocka_unit_test_setup_teardown(test_unsealed_cache, fixture_up, fixture_down),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
