@@ -452,7 +452,8 @@ int node_run(const char *config_path, int until_ready)
     log_set_level((enum log_level)log_level_parse(n->config.log_level));
     n->until_ready = until_ready;
     if (secmem_init(SECURE_HEAP_SIZE) != 0)
-        log_warn("secure heap unavailable (RLIMIT_MEMLOCK?): key material uses the normal heap");
+        log_warn("secure heap unavailable (RLIMIT_MEMLOCK?): key material uses the normal heap "
+                 "and no unsealed key is kept between requests");
     if (secmem_harden_process() != 0)
         log_warn("could not disable core dumps");
     signal(SIGPIPE, SIG_IGN);

@@ -2684,7 +2684,9 @@ int service_new(const struct service_deps *deps, struct service **out)
     uv_timer_init(deps->loop, &svc->wake);
     svc->wake.data = svc;
     svc->wake_open = 1;
-    keyring_cache_enable(deps->keyring, deps->config->key_cache_idle_s > 0);
+    /* Unsealed keys are kept only where the memory is locked. */
+    keyring_cache_enable(deps->keyring,
+                         deps->config->key_cache_idle_s > 0 && CRYPTO_secure_malloc_initialized());
     cluster_set_apply_hook(deps->cluster, on_applied, svc);
     *out = svc;
     return 0;
