@@ -2683,6 +2683,8 @@ int service_new(const struct service_deps *deps, struct service **out)
     svc->started_ms = now_ms();
     uv_timer_init(deps->loop, &svc->wake);
     svc->wake.data = svc;
+    uv_timer_init(deps->loop, &svc->audit_flush);
+    svc->audit_flush.data = svc;
     svc->wake_open = 1;
     /* Unsealed keys are kept only where the memory is locked. */
     keyring_cache_enable(deps->keyring,
@@ -2692,12 +2694,24 @@ int service_new(const struct service_deps *deps, struct service **out)
     return 0;
 }
 
+static void on_audit_flush(uv_timer_t *t) { gov_audit_coalesced_flush(t->data); }
+
+void service_audit_flush_later(struct service *svc)
+{
+    if (svc->wake_open && !uv_is_active((uv_handle_t *)&svc->audit_flush))
+        uv_timer_start(&svc->audit_flush, on_audit_flush, AUDIT_COALESCE_MS, 0);
+    else if (!svc->wake_open)
+        gov_audit_coalesced_flush(svc); /* stopping: no timer runs any more */
+}
+
 void service_stop(struct service *svc)
 {
     run_waiting(svc, 1);
+    gov_audit_coalesced_flush(svc);
     if (svc->wake_open) {
         svc->wake_open = 0;
         uv_close((uv_handle_t *)&svc->wake, NULL);
+        uv_close((uv_handle_t *)&svc->audit_flush, NULL);
     }
 }
 
@@ -2706,6 +2720,7 @@ void service_free(struct service *svc)
     if (svc == NULL)
         return;
     gov_free(svc);
+    gov_audit_coalescer_free(svc);
     for (size_t i = 0; i < KEY_CACHE_SLOTS; i++)
         key_cache_drop(&svc->key_cache[i]);
     for (size_t i = 0; i < SIGNER_CACHE_SLOTS; i++)

@@ -44,6 +44,8 @@ struct service {
     uint64_t last_checkpoint_ms;
     uint64_t last_checkpoint_seq;
     uint64_t last_key_expiry_ms; /* keyring_cache_expire, once a second */
+    struct read_coalescer *coalescer; /* audit records of reads sent alone, open */
+    uv_timer_t audit_flush;           /* writes them AUDIT_COALESCE_MS after the first */
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */
     unsigned long domains_epoch;    /* the same, for unloading destroyed domains */
     struct principal_ref *principals[PRINCIPAL_CACHE_SLOTS];
@@ -181,6 +183,13 @@ struct audit_tally *gov_audit_tally_new(void);
 /* Writes the tallied records under |batch|'s principal and request id. */
 void gov_audit_tally_flush(struct call *batch, struct audit_tally *tally);
 void gov_audit_tally_free(struct audit_tally *tally);
+/* Open records of reads sent alone (see coalesce_add): written by
+ * gov_audit_coalesced_flush, which service.c runs AUDIT_COALESCE_MS after
+ * service_audit_flush_later and when the service stops. */
+#define AUDIT_COALESCE_MS 10
+void gov_audit_coalesced_flush(struct service *svc);
+void gov_audit_coalescer_free(struct service *svc);
+void service_audit_flush_later(struct service *svc);
 /* Usage limit check before an encryption under |rec|'s version |version|:
  * 0 to go on, -1 when it answered. */
 int gov_usage_check(struct call *call, const Keyraft__KeyRecord *rec, uint32_t version);
