@@ -71,9 +71,11 @@ struct service {
 
 /* --- per-call arena: every byte of a response; wiped when the call ends ---- */
 
+/* Small allocations are carved from the newest block (ARENA_CHUNK bytes,
+ * zeroed); one past half a chunk gets a block of its own. */
 struct arena_block {
     struct arena_block *next;
-    size_t len;
+    size_t used, cap;
     max_align_t data[];
 };
 
