@@ -2431,9 +2431,17 @@ void service_handle(struct service *svc, const struct service_caller *caller,
     "handled, but its answer does not fit in the batch's reply frame: send it alone (a " \
     "write sent again with the same request_id gets its outcome)"
 
+/* An answer is kept encoded, as the BatchResponse.responses element it will
+ * be: length varint, then the Response (in the batch call's arena). The
+ * reply carries the elements as the BatchResponse's unknown fields, which
+ * protobuf-c writes out verbatim (field 1, length-delimited): on the wire,
+ * the same bytes as a packed repeated field. Copying every answer as a
+ * message and packing it again was a fifth of a node answering batches. */
 struct batch_slot {
     struct call *batch;
-    Keyraft__Response *resp; /* a copy in the batch call's arena; NULL: out of memory */
+    uint8_t *encoded; /* NULL: out of memory */
+    size_t encoded_len;
+    uint64_t commit_index;
 };
 
 struct batch {
@@ -2461,11 +2469,33 @@ static size_t varint_size(uint64_t v)
     return n;
 }
 
+#define BATCH_RESPONSES_FIELD 1 /* BatchResponse.responses */
+
+/* |resp| encoded as one element of BatchResponse.responses, in |call|'s
+ * arena (see struct batch_slot). NULL when out of memory. */
+static uint8_t *batch_encode(struct call *call, const Keyraft__Response *resp, size_t *out_len)
+{
+    size_t len = keyraft__response__get_packed_size(resp);
+    size_t head = varint_size(len);
+    uint8_t *buf = arena_alloc(call, head + len);
+    if (buf == NULL)
+        return NULL;
+    size_t v = len;
+    for (size_t i = 0; i < head; i++, v >>= 7)
+        buf[i] = (uint8_t)((v & 0x7f) | (i + 1 < head ? 0x80 : 0));
+    keyraft__response__pack(resp, buf + head);
+    *out_len = head + len;
+    return buf;
+}
+
+/* Bytes an encoded element takes in the reply: its tag (one byte), then it. */
+static size_t batch_entry_size_encoded(size_t encoded_len) { return 1 + encoded_len; }
+
 /* Bytes |resp| takes as one element of BatchResponse.responses. */
 static size_t batch_entry_size(const Keyraft__Response *resp)
 {
     size_t len = keyraft__response__get_packed_size(resp);
-    return 1 + varint_size(len) + len;
+    return batch_entry_size_encoded(varint_size(len) + len);
 }
 
 /* The reply is one frame: within the configured limit and the one every
@@ -2498,7 +2528,7 @@ static void batch_finish(struct call *call)
         call->svc->pending--;
     b->counted = 0;
     Keyraft__BatchResponse *out = arena_alloc(call, sizeof(*out));
-    Keyraft__Response **list = arena_alloc(call, (b->n ? b->n : 1) * sizeof(*list));
+    ProtobufCMessageUnknownField *list = arena_alloc(call, (b->n ? b->n : 1) * sizeof(*list));
     if (out == NULL || list == NULL) {
         reply_error(call, KR_ENOMEM, "out of memory assembling the answers of a batch of %zu",
                     b->n);
@@ -2510,41 +2540,39 @@ static void batch_finish(struct call *call)
     size_t drop_size = batch_entry_size(&bound), cap = batch_reply_cap(call->svc);
     size_t used = BATCH_REPLY_OVERHEAD, dropped = 0;
     for (size_t i = 0; i < b->n; i++) {
-        Keyraft__Response *r = b->slots[i].resp;
-        if (r == NULL && (r = arena_alloc(call, sizeof(*r))) != NULL) {
-            keyraft__response__init(r);
-            r->id = id;
-            r->status = KR_ENOMEM;
-            r->message = (char *)"handled, but the node ran out of memory keeping its answer";
+        struct batch_slot *slot = &b->slots[i];
+        uint8_t *enc = slot->encoded;
+        size_t enc_len = slot->encoded_len;
+        if (enc == NULL) {
+            Keyraft__Response oom = KEYRAFT__RESPONSE__INIT;
+            oom.id = id;
+            oom.status = KR_ENOMEM;
+            oom.message = (char *)"handled, but the node ran out of memory keeping its answer";
+            enc = batch_encode(call, &oom, &enc_len);
         }
-        if (r == NULL) {
+        if (enc != NULL &&
+            used + batch_entry_size_encoded(enc_len) + (b->n - i - 1) * drop_size > cap) {
+            Keyraft__Response d;
+            batch_dropped(&d, id, slot->commit_index);
+            enc = batch_encode(call, &d, &enc_len);
+            dropped++;
+        }
+        if (enc == NULL) {
             reply_error(call, KR_ENOMEM, "out of memory assembling the answers of a batch "
                         "of %zu", b->n);
             return;
         }
-        size_t size = batch_entry_size(r);
-        if (used + size + (b->n - i - 1) * drop_size > cap) {
-            Keyraft__Response *d = arena_alloc(call, sizeof(*d));
-            if (d == NULL) {
-                reply_error(call, KR_ENOMEM, "out of memory assembling the answers of a batch "
-                            "of %zu", b->n);
-                return;
-            }
-            batch_dropped(d, id, r->commit_index);
-            r = d;
-            size = batch_entry_size(d);
-            dropped++;
-        }
-        used += size;
-        if (r->commit_index > top)
-            top = r->commit_index;
-        list[i] = r;
+        used += batch_entry_size_encoded(enc_len);
+        if (slot->commit_index > top)
+            top = slot->commit_index;
+        list[i] = (ProtobufCMessageUnknownField){BATCH_RESPONSES_FIELD,
+                                                 PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED, enc_len, enc};
     }
     if (dropped > 0)
         log_warn("batch of %zu from %s: %zu answers past the %zu-byte frame limit were "
                  "replaced by KR_ETOOBIG", b->n, call->principal, dropped, cap);
-    out->n_responses = b->n;
-    out->responses = list;
+    out->base.n_unknown_fields = b->n;
+    out->base.unknown_fields = list;
     call->resp.result_case = KEYRAFT__RESPONSE__RESULT_BATCH;
     call->resp.batch = out;
     call->resp.commit_index = top; /* the client's next reads wait for all of its writes */
@@ -2555,8 +2583,9 @@ static void batch_slot_done(void *ctx, const Keyraft__Response *resp)
 {
     struct batch_slot *slot = ctx;
     struct call *call = slot->batch;
-    slot->resp = arena_copy_message(call, &resp->base);
-    if (slot->resp == NULL)
+    slot->encoded = batch_encode(call, resp, &slot->encoded_len);
+    slot->commit_index = resp->commit_index;
+    if (slot->encoded == NULL)
         log_error("batch from %s: out of memory keeping an answer", call->principal);
     if (--call->batch->outstanding == 0)
         batch_finish(call);
