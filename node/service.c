@@ -183,8 +183,8 @@ const char *caller_domain_or(const struct call *call, const char *requested)
  * policies. Answers the call when not. */
 static int key_access(struct call *call, const Keyraft__KeyRecord *rec)
 {
-    snprintf(call->audit_key, sizeof(call->audit_key), "%s", rec->id);
-    snprintf(call->audit_domain, sizeof(call->audit_domain), "%s", rec->domain);
+    copy_cut(call->audit_key, sizeof(call->audit_key), rec->id);
+    copy_cut(call->audit_domain, sizeof(call->audit_domain), rec->domain);
     Keyraft__Request__OpCase op = call->req->op_case;
     if (op == KEYRAFT__REQUEST__OP_SET_POLICY && (call->role_bits & POLICY_ADMIN))
         return 0;
@@ -241,7 +241,7 @@ static int cached_get_key(struct service *svc, const char *id, Keyraft__KeyRecor
         if (rv != 0)
             return rv;
         key_cache_drop(slot);
-        snprintf(slot->id, sizeof(slot->id), "%s", id);
+        copy_cut(slot->id, sizeof(slot->id), id);
         slot->generation = gen;
         slot->packed = val;
         slot->len = len;
@@ -270,7 +270,7 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
                         ref->id);
             return NULL;
         }
-        snprintf(id, sizeof(id), "%s", ref->id);
+        copy_cut(id, sizeof(id), ref->id);
     } else {
         if (strlen(ref->name) > NAME_MAX_LEN) {
             reply_error(call, KR_ENOTFOUND, "no key named '%.64s...' (names are at most %d "
@@ -783,8 +783,8 @@ static int placement_check(struct call *call, const char *domain,
                     d[0] ? d : "(none: the principal has no domain)");
         return -1;
     }
-    snprintf(call->domain, sizeof(call->domain), "%s", d);
-    snprintf(call->audit_domain, sizeof(call->audit_domain), "%s", d);
+    copy_cut(call->domain, sizeof(call->domain), d);
+    copy_cut(call->audit_domain, sizeof(call->audit_domain), d);
     int rv = ensure_domain(call->svc, d);
     if (rv != 0) {
         reply_error(call, rv, "domain %s %s", d,
@@ -961,7 +961,7 @@ static void rotate_after_work(uv_work_t *work, int status)
     uint8_t *pub = NULL, *sealed = NULL;
     size_t pub_len = 0, sealed_len = 0;
     Keyraft__KeyVersionRecord v = KEYRAFT__KEY_VERSION_RECORD__INIT;
-    snprintf(call->key_id, sizeof(call->key_id), "%s", rec->id);
+    copy_cut(call->key_id, sizeof(call->key_id), rec->id);
     int rv = seal_version(call, rec->domain, rec->current_version + 1, &v, kcv, &pub, &pub_len,
                           &sealed, &sealed_len);
     secbuf_free(&call->material);
@@ -1491,7 +1491,7 @@ static crypto_signer *signer_for(struct call *call, const Keyraft__KeyRecord *re
         return NULL;
     }
     signer_slot_drop(slot);
-    snprintf(slot->id, sizeof(slot->id), "%s", rec->id);
+    copy_cut(slot->id, sizeof(slot->id), rec->id);
     slot->version = v->version;
     slot->generation = gen;
     slot->signer = signer;
@@ -2323,15 +2323,6 @@ static void barrier_passed(void *arg, int status)
         return;
     }
     dispatch(call);
-}
-
-/* snprintf("%s") without the format machinery (4 per call, 7% of a node
- * answering batches). NULL copies as "". */
-static void copy_cut(char *dst, size_t cap, const char *src)
-{
-    size_t n = src != NULL ? strnlen(src, cap - 1) : 0;
-    memcpy(dst, src != NULL ? src : "", n);
-    dst[n] = '\0';
 }
 
 /* A call for |req| (owned from here on). NULL when out of memory: then it

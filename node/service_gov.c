@@ -326,10 +326,10 @@ static int coalesce_add(struct call *call, const Keyraft__AuditRecord *r)
     if (c->operation != NULL)
         coalesced_write(svc, c); /* another read had the slot: its record goes now */
     c->operation = r->operation;
-    snprintf(c->principal, sizeof(c->principal), "%s", r->principal);
-    snprintf(c->address, sizeof(c->address), "%s", r->client_address);
-    snprintf(c->key, sizeof(c->key), "%s", r->key_id);
-    snprintf(c->domain, sizeof(c->domain), "%s", r->domain);
+    copy_cut(c->principal, sizeof(c->principal), r->principal);
+    copy_cut(c->address, sizeof(c->address), r->client_address);
+    copy_cut(c->key, sizeof(c->key), r->key_id);
+    copy_cut(c->domain, sizeof(c->domain), r->domain);
     c->version = r->key_version;
     c->count = 1;
     c->first_ms = r->time_ms;
@@ -354,11 +354,11 @@ static int tally_add(struct audit_tally *t, const Keyraft__AuditRecord *r)
         return 0;
     struct tally_entry *e = &t->e[t->n++];
     e->operation = r->operation;
-    snprintf(e->key, sizeof(e->key), "%s", r->key_id);
+    copy_cut(e->key, sizeof(e->key), r->key_id);
     e->version = r->key_version;
     e->status = r->status;
-    snprintf(e->message, sizeof(e->message), "%s", r->message);
-    snprintf(e->domain, sizeof(e->domain), "%s", r->domain);
+    copy_cut(e->message, sizeof(e->message), r->message);
+    copy_cut(e->domain, sizeof(e->domain), r->domain);
     e->count = 1;
     return 1;
 }
@@ -368,7 +368,7 @@ void gov_audit_tally_flush(struct call *batch, struct audit_tally *tally)
     if (tally == NULL || batch->svc->deps.audit == NULL)
         return;
     char request_b[AUDIT_FIELD_MAX + 1];
-    snprintf(request_b, sizeof(request_b), "%s", batch->req->request_id);
+    copy_cut(request_b, sizeof(request_b), batch->req->request_id);
     for (size_t i = 0; i < tally->n; i++) {
         struct tally_entry *e = &tally->e[i];
         Keyraft__AuditRecord r = KEYRAFT__AUDIT_RECORD__INIT;
@@ -409,7 +409,7 @@ void gov_audit_call(struct call *call)
     /* Fields a client chose are cut to a bound: a record always fits. */
     char key_b[AUDIT_FIELD_MAX + 1], approval_b[AUDIT_FIELD_MAX + 1];
     char request_b[AUDIT_FIELD_MAX + 1], message_b[AUDIT_MESSAGE_MAX + 1];
-    snprintf(key_b, sizeof(key_b), "%s", key);
+    copy_cut(key_b, sizeof(key_b), key);
     r.key_id = key_b;
     r.key_version = version;
     r.status = call->resp.status;
@@ -429,13 +429,13 @@ void gov_audit_call(struct call *call)
     else if (approval[0] == '\0' && req->op_case == KEYRAFT__REQUEST__OP_APPROVAL_SHOW)
         approval = req->approval_show->id;
     if (approval != NULL && approval[0] != '\0') {
-        snprintf(approval_b, sizeof(approval_b), "%s", approval);
+        copy_cut(approval_b, sizeof(approval_b), approval);
         approvals[0] = approval_b;
         r.approval_ids = approvals;
         r.n_approval_ids = 1;
     }
     r.domain = call->audit_domain;
-    snprintf(request_b, sizeof(request_b), "%s", req->request_id);
+    copy_cut(request_b, sizeof(request_b), req->request_id);
     r.request_id = request_b;
     if (call->tally != NULL && r.n_approval_ids == 0 && !kr_request_is_write(req) &&
         tally_add(call->tally, &r))
@@ -741,7 +741,7 @@ int gov_quorum_gate(struct call *call, const char *key_id)
     if (held != NULL)
         keyraft__request__free_unpacked(held, NULL);
     if (status == 0)
-        snprintf(call->approval_id, sizeof(call->approval_id), "%s", info->id);
+        copy_cut(call->approval_id, sizeof(call->approval_id), info->id);
     keyraft__approval_record__free_unpacked(a, NULL);
     if (status != 0) {
         reply_error(call, status, "%s", why);
@@ -878,7 +878,7 @@ static void autorun(struct service *svc, const Keyraft__ApprovalRecord *a)
                   a->info->id);
         return;
     }
-    snprintf(ar->approval_id, sizeof(ar->approval_id), "%s", a->info->id);
+    copy_cut(ar->approval_id, sizeof(ar->approval_id), a->info->id);
     req->approval_id = id; /* freed with the request */
     char address[64];
     snprintf(address, sizeof(address), "approval %.40s", a->info->id);
@@ -904,7 +904,7 @@ static void vote_done(void *arg, const struct fsm_op_result *res)
     }
     /* call->approval_id stays for the audit record: a vote does not spend it. */
     char approval[40];
-    snprintf(approval, sizeof(approval), "%s", id);
+    copy_cut(approval, sizeof(approval), id);
     Keyraft__ApprovalRecord *a = NULL;
     if (fsm_get_approval(call->svc->deps.store, approval, &a) == 0 && a->info != NULL &&
         a->info->state == KEYRAFT__APPROVAL_STATE__APPROVAL_APPROVED &&
@@ -912,7 +912,7 @@ static void vote_done(void *arg, const struct fsm_op_result *res)
         autorun(call->svc, a);
     if (a)
         keyraft__approval_record__free_unpacked(a, NULL);
-    snprintf(call->audit_key, sizeof(call->audit_key), "%s", "");
+    copy_cut(call->audit_key, sizeof(call->audit_key), "");
     call->resp.approval_id = arena_strdup(call, approval);
     reply_approval(call, approval, res->index);
 }
@@ -972,7 +972,7 @@ void op_approval_vote(struct call *call, int approve)
     Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
     cmd.op_case = KEYRAFT__COMMAND__OP_VOTE_APPROVAL;
     cmd.vote_approval = &vc;
-    snprintf(call->approval_id, sizeof(call->approval_id), "%s", r->id);
+    copy_cut(call->approval_id, sizeof(call->approval_id), r->id);
     rv = cluster_propose(call->svc->deps.cluster, &cmd, vote_done, call);
     if (rv != 0) {
         call->approval_id[0] = '\0';
@@ -1242,7 +1242,7 @@ void op_domain_create(struct call *call)
         reply_error(call, KR_EINVAL, "a domain id is a name ([A-Za-z0-9._-], 1 to 64 characters)");
         return;
     }
-    snprintf(call->audit_domain, sizeof(call->audit_domain), "%s", id);
+    copy_cut(call->audit_domain, sizeof(call->audit_domain), id);
     Keyraft__DomainRecord *old = NULL;
     if (fsm_get_domain(svc->deps.store, id, &old) == 0) {
         keyraft__domain_record__free_unpacked(old, NULL);

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <uv.h>
 
 #include "crypto.h"
@@ -113,6 +114,16 @@ struct call {
     struct batch *batch;        /* OP_BATCH: its inner calls and their answers */
     struct audit_tally *tally;  /* see service_caller.tally */
 };
+
+/* snprintf(dst, cap, "%s", src) without the format machinery (several per
+ * request on the hot path); NULL copies as "". |cap| >= 1. */
+static inline void copy_cut(char *dst, size_t cap, const char *src)
+{
+    size_t n = src != NULL ? strnlen(src, cap - 1) : 0;
+    if (n > 0)
+        memcpy(dst, src, n);
+    dst[n] = '\0';
+}
 
 void *arena_alloc(struct call *call, size_t len);
 char *arena_strdup(struct call *call, const char *s);
