@@ -28,6 +28,7 @@ static const char store_applied_key[] = {'\0', 'a', 'p', 'p', 'l', 'i', 'e', 'd'
 
 #define STORE_BLOCK_CACHE_BYTES (64u << 20)
 #define STORE_BLOOM_BITS 10.0
+#define STORE_MEMTABLE_BLOOM_RATIO 0.02 /* of the write buffer (64 MB): 1.3 MB a memtable */
 #define STORE_MAX_OPEN_FILES 512
 /* Directory inside the DB dir that store_flush's checkpoint goes through. */
 #define STORE_FLUSH_DIR "flush-checkpoint"
@@ -180,6 +181,13 @@ static rocksdb_options_t *store_make_options(int compression, int create)
     rocksdb_options_set_keep_log_file_num(opts, 5);
     rocksdb_options_set_max_log_file_size(opts, 16u << 20);
     rocksdb_options_set_compression(opts, compression);
+    /* A bloom filter over each memtable's whole keys: a create looks up
+     * names, request ids and key ids that mostly do not exist yet, and each
+     * such miss walked the memtable's skiplist (28% of a leader loading keys
+     * went to memtable lookups). The whole key is the "prefix" (noop
+     * transform); iterators therefore ask for total order (store_iter_new). */
+    rocksdb_options_set_prefix_extractor(opts, rocksdb_slicetransform_create_noop());
+    rocksdb_options_set_memtable_prefix_bloom_size_ratio(opts, STORE_MEMTABLE_BLOOM_RATIO);
 
     rocksdb_cache_t *cache = rocksdb_cache_create_lru(STORE_BLOCK_CACHE_BYTES);
     rocksdb_block_based_table_options_t *table = rocksdb_block_based_options_create();
@@ -691,6 +699,7 @@ int store_probe(const char *dir, uint64_t *out_applied)
     }
     read_opts = rocksdb_readoptions_create();
     rocksdb_readoptions_set_verify_checksums(read_opts, 1);
+    rocksdb_readoptions_set_total_order_seek(read_opts, 1); /* see the prefix extractor */
     rocksdb_readoptions_set_fill_cache(read_opts, 0);
     uint64_t applied = 0;
     rc = store_read_applied(db, cf[(int)STORE_CF_META + 1], read_opts, dir, &applied);
@@ -823,6 +832,9 @@ int store_iter_new(struct store *store, enum store_cf cf, const void *lower, siz
     if (upper != NULL && (iter->upper = store_dup_bytes(upper, upper_len)) == NULL)
         goto out;
     iter->opts = rocksdb_readoptions_create();
+    /* Keys in order across "prefixes": the extractor is there for the
+     * memtable's point-lookup bloom only. */
+    rocksdb_readoptions_set_total_order_seek(iter->opts, 1);
     iter->snapshot = rocksdb_create_snapshot(store->db);
     rocksdb_readoptions_set_snapshot(iter->opts, iter->snapshot);
     if (iter->lower != NULL)
