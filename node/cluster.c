@@ -7,6 +7,7 @@
 #include <raft/uv.h>
 #include <stdio.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -87,6 +88,11 @@ struct cluster {
     int preflushing;             /* a worker is flushing the store */
     int preflushed;              /* ...or did, since the last snapshot */
     int flusher_closed;
+    int raft_closed; /* raft_close's callback ran: raft_uv may be freed once the loop is dry */
+    /* raft_uv's close, wrapped so raft's callback runs once (io_close_once) */
+    void (*io_close_orig)(struct raft_io *io, raft_io_close_cb cb);
+    raft_io_close_cb io_close_cb;
+    int io_closed;
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -482,6 +488,28 @@ static void transport_release(struct cluster *c)
         raft_uv_tcp_close(&c->transport);
 }
 
+/* raft 0.15's raft_uv can report "closed" twice: a segment writer that
+ * finishes closing after the rest calls the close callback again
+ * (cowsql/raft#45), and raft's own callback then frees its memory twice.
+ * `keyraftd init`, which stops right after its first writes, aborted so about
+ * once in 15 runs. raft's callback is passed on once; raft_uv's memory is
+ * freed only after the loop ran dry (cluster_free, cluster_bootstrap). */
+static void io_closed_once(struct raft_io *io)
+{
+    struct cluster *c = (struct cluster *)((char *)io - offsetof(struct cluster, io));
+    if (c->io_closed)
+        return;
+    c->io_closed = 1;
+    c->io_close_cb(io);
+}
+
+static void io_close_once(struct raft_io *io, raft_io_close_cb cb)
+{
+    struct cluster *c = (struct cluster *)((char *)io - offsetof(struct cluster, io));
+    c->io_close_cb = cb;
+    c->io_close_orig(io, io_closed_once);
+}
+
 static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_config *config)
 {
     int rv = make_dir(config->raft_dir);
@@ -505,6 +533,8 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
         transport_release(c);
         return KR_EIO;
     }
+    c->io_close_orig = c->io.close;
+    c->io.close = io_close_once;
     snprintf(c->address, sizeof(c->address), "%s", config->raft_address);
     c->raft_fsm.version = 1;
     c->raft_fsm.data = c;
@@ -521,10 +551,14 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     return 0;
 }
 
+/* raft_uv's memory is freed (raft_uv_close) only once the loop has run dry,
+ * never from raft_close's callback: raft 0.15 can still run a segment
+ * writer's close callback on that memory after it (see io_closed_once).
+ * Freed there, `keyraftd init` crashed in libraft about once in 25 runs. */
 static void bootstrap_closed(struct raft *r)
 {
     struct cluster *c = r->data;
-    raft_uv_close(&c->io);
+    c->raft_closed = 1;
 }
 
 int cluster_bootstrap(const struct cluster_config *config)
@@ -555,6 +589,8 @@ int cluster_bootstrap(const struct cluster_config *config)
     }
     raft_close(&c->raft, bootstrap_closed);
     uv_run(&loop, UV_RUN_DEFAULT);
+    if (c->raft_closed)
+        raft_uv_close(&c->io);
     transport_release(c);
 out:
     uv_loop_close(&loop);
@@ -631,7 +667,9 @@ static void flusher_closed(uv_handle_t *handle)
 static void raft_closed(struct raft *r)
 {
     struct cluster *c = r->data;
-    raft_uv_close(&c->io);
+    if (c->raft_closed)
+        return; /* raft 0.15 may fire its close callback twice */
+    c->raft_closed = 1;
     uv_close((uv_handle_t *)&c->flusher, flusher_closed);
 }
 
@@ -655,6 +693,12 @@ void cluster_free(struct cluster *c)
 {
     if (c == NULL)
         return;
+    /* After the loop ran dry (see bootstrap_closed); if raft never closed,
+     * its memory is left rather than freed under live handles. */
+    if (c->raft_closed)
+        raft_uv_close(&c->io);
+    else
+        log_error("cluster freed before raft closed: leaving its memory");
     transport_release(c);
     fsm_free(c->fsm);
     free(c->queue);

@@ -604,6 +604,10 @@ void kr_node_dump_log(const struct kr_node *node, size_t max)
     free(log);
 }
 
+static unsigned init_crashes;
+
+unsigned kr_node_init_crashes(void) { return init_crashes; }
+
 int kr_node_init(struct kr_node *node)
 {
     char bin[KR_PATH_MAX], listen[64], raft[64], log[KR_PATH_MAX + 16];
@@ -655,6 +659,8 @@ int kr_node_init(struct kr_node *node)
         }
         fprintf(stderr, "harness: keyraftd init (attempt %d, ports %d/%d) exited %d:\n%s%s\n",
                 attempt + 1, node->port, node->raft_port, rc, (const char *)o.out, o.err);
+        if (o.status >= 128 || o.status < 0)
+            init_crashes++; /* a port taken meanwhile is a retry; a signal is a bug */
         kr_out_free(&o);
         kr_rm_rf(node->dir);
     }

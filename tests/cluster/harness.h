@@ -45,6 +45,9 @@ const char *kr_build_dir(void);
  * `keyraftd init` there (output in DIR/init.log). Retries with new ports when
  * init fails. 0 or -1 (the reason printed). */
 int kr_node_init(struct kr_node *node);
+/* How many `keyraftd init` runs of kr_node_init died by a signal or hung
+ * (each was retried, so only this count shows it). */
+unsigned kr_node_init_crashes(void);
 
 /* Starts keyraftd --data DIR (output appended to DIR/node.log) and waits up
  * to 20 s until it answers a status request as leader. 0 or -1. */
