@@ -304,7 +304,10 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
     return rec;
 }
 
-static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__KeyRecord *rec)
+/* |fresh|: a record not committed yet, so no encryption is counted under
+ * it (no usage read). */
+static Keyraft__KeyAttributes *attributes_of_record(struct call *call,
+                                                    const Keyraft__KeyRecord *rec, int fresh)
 {
     Keyraft__KeyAttributes *a = arena_alloc(call, sizeof(*a));
     if (a == NULL)
@@ -342,7 +345,8 @@ static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__K
         vi->version = v->version;
         vi->created_at = v->created_at;
         vi->destroyed = v->destroyed;
-        if (audit_usage_get(call->svc->deps.store, rec->id, v->version, &vi->encryptions) != 0)
+        if (fresh ||
+            audit_usage_get(call->svc->deps.store, rec->id, v->version, &vi->encryptions) != 0)
             vi->encryptions = 0;
         vi->kcv = arena_strdup(call, v->kcv);
         if (vi->kcv == NULL)
@@ -372,6 +376,11 @@ static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__K
         a->tags[i] = t;
     }
     return a;
+}
+
+static Keyraft__KeyAttributes *attributes_of(struct call *call, const Keyraft__KeyRecord *rec)
+{
+    return attributes_of_record(call, rec, 0);
 }
 
 static void reply_key(struct call *call, const Keyraft__KeyRecord *rec, uint64_t commit_index)
@@ -597,6 +606,17 @@ void write_done(void *arg, const struct fsm_op_result *res)
         reply_error(call, res->status, "%s", why);
         return;
     }
+    /* A new key applied as proposed (the FSM only stamps the index): answer
+     * from the proposal. A retry answered by deduplication names the first
+     * attempt's key, whose record is read back like any other. */
+    if (call->created != NULL && strcmp(res->key_id, call->created->id) == 0) {
+        call->created->commit_index = res->index;
+        call->resp.result_case = KEYRAFT__RESPONSE__RESULT_KEY;
+        call->resp.key = call->created;
+        call->resp.commit_index = res->index;
+        call_finish(call);
+        return;
+    }
     Keyraft__KeyRecord *rec = NULL;
     int rv = fsm_get_key(call->svc->deps.store, res->key_id, &rec);
     if (rv != 0) {
@@ -743,6 +763,8 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
     rec.n_tags = n_tags;
     rec.tags = tag_ptrs;
     rec.exportable = !non_exportable;
+    /* The answer, made now while the record is at hand (NULL: read back). */
+    call->created = attributes_of_record(call, &rec, 1);
     Keyraft__PutKeyCommand put = KEYRAFT__PUT_KEY_COMMAND__INIT;
     put.key = &rec;
     Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;

@@ -105,6 +105,7 @@ struct call {
     int work_status;
     char key_id[FSM_KEY_ID_LEN + 1];
     Keyraft__KeyRecord *rec;    /* loaded record (rotate) */
+    Keyraft__KeyAttributes *created; /* create/import: the answer, in the arena */
     char domain[72];            /* the domain a new key goes to */
     char approval_id[40];       /* a validated approval this call consumes */
     /* what the audit record names */
