@@ -158,6 +158,53 @@ void keyring_cache_expire(struct keyring *keyring, uint64_t max_idle_ms)
     pthread_mutex_unlock(&keyring->cache_lock);
 }
 
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The domain, key id and version key_aad put in |aad|; 0 if it is not one. */
+static int key_aad_parse(const uint8_t *aad, size_t len, char domain[KEYRING_ID_MAX + 1],
+                         char key_id[KEYRING_ID_MAX + 1], uint32_t *version)
+{
+    size_t off = sizeof(key_aad_prefix) - 1;
+    char *out[2] = {domain, key_id};
+    for (int i = 0; i < 2; i++) {
+        if (len < off + 4)
+            return 0;
+        uint32_t n = get_u32(aad + off);
+        off += 4;
+        if (n == 0 || n > KEYRING_ID_MAX || len < off + n)
+            return 0;
+        memcpy(out[i], aad + off, n);
+        out[i][n] = '\0';
+        off += n;
+    }
+    if (len != off + 8)
+        return 0;
+    *version = get_u32(aad + off);
+    return 1;
+}
+
+void keyring_cache_sweep(struct keyring *keyring, keyring_still_sealed_cb still_sealed,
+                         void *arg)
+{
+    if (keyring == NULL)
+        return;
+    char domain[KEYRING_ID_MAX + 1], key_id[KEYRING_ID_MAX + 1];
+    uint32_t version = 0;
+    pthread_mutex_lock(&keyring->cache_lock);
+    for (size_t i = 0; i < KEYRING_CACHE_SLOTS && keyring->cache_entries > 0; i++) {
+        struct unsealed *u = &keyring->cache[i];
+        if (u->ident == NULL)
+            continue;
+        if (!key_aad_parse(u->ident, u->aad_len, domain, key_id, &version) ||
+            !still_sealed(arg, domain, key_id, version, u->ident + u->aad_len, u->sealed_len))
+            unsealed_drop(keyring, u);
+    }
+    pthread_mutex_unlock(&keyring->cache_lock);
+}
+
 void keyring_cache_enable(struct keyring *keyring, int enabled)
 {
     __atomic_store_n(&keyring->cache_enabled, enabled != 0, __ATOMIC_RELAXED);
@@ -265,7 +312,6 @@ int keyring_new(struct hsm *hsm, struct keyring **out)
         return KR_EINTERNAL;
     }
     keyring->hsm = hsm;
-    keyring->cache_enabled = 1;
     *out = keyring;
     return 0;
 }

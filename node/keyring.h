@@ -54,7 +54,17 @@ int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *k
 /* Wipes every cached version not used for |max_idle_ms| (0: all of them):
  * so a destroyed key, which is never opened again, leaves memory. */
 void keyring_cache_expire(struct keyring *keyring, uint64_t max_idle_ms);
-/* On by default; off wipes what is held and opens every blob on each use. */
+/* Asks |still_sealed| about every cached version (its domain, key id,
+ * version and the sealed blob it was opened from) and wipes those it answers
+ * 0 for: run it after commits so a destroyed version leaves memory at once
+ * rather than when idle. Called with the cache locked: no keyring calls. */
+typedef int (*keyring_still_sealed_cb)(void *arg, const char *domain_id, const char *key_id,
+                                       uint32_t version, const uint8_t *sealed,
+                                       size_t sealed_len);
+void keyring_cache_sweep(struct keyring *keyring, keyring_still_sealed_cb still_sealed,
+                         void *arg);
+/* Off by default (the owner knows whether memory is locked); off wipes what
+ * is held and opens every blob on each use. */
 void keyring_cache_enable(struct keyring *keyring, int enabled);
 struct keyring_cache_stats {
     uint64_t hits, misses;

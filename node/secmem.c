@@ -11,18 +11,24 @@
 /* Smallest secure-heap chunk; OpenSSL rounds it up to its free-list node size. */
 #define SECMEM_MIN_CHUNK 16
 
+static int heap_locked; /* secmem_init got a heap locked in memory */
+
 int secmem_init(size_t size)
 {
     /* OpenSSL asserts (aborts) on a size that is not a power of two. */
     if (size < 4 * SECMEM_MIN_CHUNK || (size & (size - 1)) != 0)
         return KR_EINVAL;
     if (CRYPTO_secure_malloc_initialized())
-        return 0;
+        return secmem_locked() ? 0 : KR_ENOMEM;
     /* 1: locked and guarded; 2: guarded and kept out of core dumps, but mlock
      * failed (RLIMIT_MEMLOCK). The heap stays in use either way. */
     int rc = CRYPTO_secure_malloc_init(size, SECMEM_MIN_CHUNK);
+    if (rc == 1)
+        __atomic_store_n(&heap_locked, 1, __ATOMIC_RELEASE);
     return rc == 1 ? 0 : KR_ENOMEM;
 }
+
+int secmem_locked(void) { return __atomic_load_n(&heap_locked, __ATOMIC_ACQUIRE); }
 
 void *secmem_alloc(size_t len)
 {

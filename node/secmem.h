@@ -10,6 +10,9 @@
  * threads start. Returns 0, or KR_ENOMEM when the heap cannot be locked (the
  * caller decides whether to run without: see RLIMIT_MEMLOCK). */
 int secmem_init(size_t size);
+/* 1 when secmem_init set up a heap that is locked in memory (mlock held):
+ * only then may key material be kept beyond one request. */
+int secmem_locked(void);
 
 /* Zeroed secure allocation; NULL on failure. Free with secmem_free. */
 void *secmem_alloc(size_t len);

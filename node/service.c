@@ -2758,8 +2758,7 @@ int service_new(const struct service_deps *deps, struct service **out)
     svc->audit_flush.data = svc;
     svc->wake_open = 1;
     /* Unsealed keys are kept only where the memory is locked. */
-    keyring_cache_enable(deps->keyring,
-                         deps->config->key_cache_idle_s > 0 && CRYPTO_secure_malloc_initialized());
+    keyring_cache_enable(deps->keyring, deps->config->key_cache_idle_s > 0 && secmem_locked());
     cluster_set_apply_hook(deps->cluster, on_applied, svc);
     *out = svc;
     return 0;
@@ -2857,6 +2856,22 @@ static void domain_done(void *arg, const struct fsm_op_result *res)
         log_warn("creating the default domain: %s; retrying", kr_strerror(res->status));
 }
 
+/* keyring_cache_sweep's question: is this version still live, sealed as
+ * cached? A destroyed version, a destroyed key or one that is gone is not. */
+static int key_version_still_sealed(void *arg, const char *domain_id, const char *key_id,
+                                    uint32_t version, const uint8_t *sealed, size_t sealed_len)
+{
+    struct service *svc = arg;
+    Keyraft__KeyRecord *rec = NULL;
+    if (!fsm_key_id_valid(key_id) || fsm_get_key(svc->deps.store, key_id, &rec) != 0)
+        return 0;
+    const Keyraft__KeyVersionRecord *v = find_version(rec, version);
+    int live = v != NULL && !v->destroyed && strcmp(rec->domain, domain_id) == 0 &&
+               v->sealed.len == sealed_len && memcmp(v->sealed.data, sealed, sealed_len) == 0;
+    keyraft__key_record__free_unpacked(rec, NULL);
+    return live;
+}
+
 void service_tick(struct service *svc)
 {
     if (svc->waiting != NULL)
@@ -2865,6 +2880,14 @@ void service_tick(struct service *svc)
     if (now - svc->last_key_expiry_ms >= 1000) {
         keyring_cache_expire(svc->deps.keyring, (uint64_t)svc->deps.config->key_cache_idle_s * 1000u);
         svc->last_key_expiry_ms = now;
+        /* After commits to the keys (a store read per cached version, once a
+         * second at most): a version destroyed through any node leaves this
+         * node's memory within a second. */
+        uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
+        if (gen != svc->swept_generation) {
+            keyring_cache_sweep(svc->deps.keyring, key_version_still_sealed, svc);
+            svc->swept_generation = gen;
+        }
     }
     gov_tick_any(svc);
     if (!cluster_is_leader(svc->deps.cluster))

@@ -251,8 +251,8 @@ static void audit_write(struct service *svc, Keyraft__AuditRecord *r)
  * and domain; open records are written AUDIT_COALESCE_MS after the first
  * read they count (time_ms is that first read's). Serving 64-byte encrypts,
  * a record per read was a fifth of the node (packing, shipping, raft, one
- * RocksDB row each). Refusals, writes, and requests a client named stay one
- * record each. */
+ * RocksDB row each). Refusals, writes, exports and requests a client named
+ * stay one record each. */
 #define COALESCE_SLOTS 256
 
 struct coalesced_read {
@@ -440,8 +440,10 @@ void gov_audit_call(struct call *call)
     if (call->tally != NULL && r.n_approval_ids == 0 && !kr_request_is_write(req) &&
         tally_add(call->tally, &r))
         return;
+    /* An export hands out a key's own material: always a record of its own. */
     if (call->tally == NULL && r.n_approval_ids == 0 && r.status == 0 &&
-        req->request_id[0] == '\0' && !kr_request_is_write(req) && coalesce_add(call, &r))
+        req->request_id[0] == '\0' && !kr_request_is_write(req) &&
+        req->op_case != KEYRAFT__REQUEST__OP_EXPORT && coalesce_add(call, &r))
         return;
     /* principal < 256, address < 64, domain < 72, operation a field name:
      * with the cut fields above, well under the buffer. */

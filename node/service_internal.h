@@ -45,6 +45,7 @@ struct service {
     uint64_t last_checkpoint_ms;
     uint64_t last_checkpoint_seq;
     uint64_t last_key_expiry_ms; /* keyring_cache_expire, once a second */
+    uint64_t swept_generation;   /* keys family generation at the last cache sweep */
     struct read_coalescer *coalescer; /* audit records of reads sent alone, open */
     uv_timer_t audit_flush;           /* writes them AUDIT_COALESCE_MS after the first */
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */

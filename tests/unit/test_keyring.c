@@ -416,8 +416,13 @@ static void test_unsealed_cache(void **state)
     secbuf out = {NULL, 0};
     struct keyring_cache_stats st;
 
+    /* Off until its owner turns it on. */
     create(fx->keyring, "cached", &wrapped, &wrapped_len);
     seal(fx->keyring, "cached", "k-c", 4, AES, material, sizeof(material), &sealed, &sealed_len);
+    open_times(fx->keyring, sealed, sealed_len, material, sizeof(material), 1);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 0);
+    keyring_cache_enable(fx->keyring, 1);
     open_times(fx->keyring, sealed, sealed_len, material, sizeof(material), 3);
     keyring_cache_stats(fx->keyring, &st);
     assert_int_equal(st.entries, 1);
@@ -476,6 +481,64 @@ static void test_unsealed_cache(void **state)
     free(ec_sealed);
 }
 
+/* The sweep sees each cached version as it was sealed and wipes those its
+ * callback says are no longer live (a destroyed version). */
+struct sweep_seen {
+    const uint8_t *live_sealed; /* the blob that stays */
+    size_t live_len;
+    int calls, matched;
+};
+
+static int sweep_keep_live(void *arg, const char *domain_id, const char *key_id,
+                           uint32_t version, const uint8_t *sealed, size_t sealed_len)
+{
+    struct sweep_seen *seen = arg;
+    seen->calls++;
+    int live = strcmp(domain_id, "swept") == 0 && strcmp(key_id, "k-live") == 0 &&
+               version == 2 && sealed_len == seen->live_len &&
+               memcmp(sealed, seen->live_sealed, sealed_len) == 0;
+    seen->matched += live;
+    return live;
+}
+
+static void test_unsealed_cache_sweep(void **state)
+{
+    struct fixture *fx = *state;
+    uint8_t *wrapped = NULL, *live = NULL, *gone = NULL;
+    size_t wrapped_len = 0, live_len = 0, gone_len = 0;
+    const uint8_t material[32] = "material swept or kept, 32 byte";
+    secbuf out = {NULL, 0};
+    struct keyring_cache_stats st;
+
+    keyring_cache_enable(fx->keyring, 1);
+    create(fx->keyring, "swept", &wrapped, &wrapped_len);
+    seal(fx->keyring, "swept", "k-live", 2, AES, material, sizeof(material), &live, &live_len);
+    seal(fx->keyring, "swept", "k-gone", 1, HMAC, material, sizeof(material), &gone, &gone_len);
+    assert_int_equal(keyring_unseal(fx->keyring, "swept", "k-live", 2, AES, live, live_len, &out), 0);
+    secbuf_free(&out);
+    assert_int_equal(keyring_unseal(fx->keyring, "swept", "k-gone", 1, HMAC, gone, gone_len, &out), 0);
+    secbuf_free(&out);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 2);
+
+    struct sweep_seen seen = {live, live_len, 0, 0};
+    keyring_cache_sweep(fx->keyring, sweep_keep_live, &seen);
+    assert_int_equal(seen.calls, 2);
+    assert_int_equal(seen.matched, 1);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, 1);
+    /* The live one is still a hit; the swept one opens again from its blob. */
+    uint64_t hits = st.hits;
+    assert_int_equal(keyring_unseal(fx->keyring, "swept", "k-live", 2, AES, live, live_len, &out), 0);
+    secbuf_free(&out);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.hits, hits + 1);
+
+    free(wrapped);
+    free(live);
+    free(gone);
+}
+
 int main(void)
 {
     /* As the node does: key material in the secure heap (mlock may be refused
@@ -495,6 +558,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_arguments, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_concurrent_use, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_unsealed_cache, fixture_up, fixture_down),
+        cmocka_unit_test_setup_teardown(test_unsealed_cache_sweep, fixture_up, fixture_down),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -30,6 +30,7 @@ static void test_alloc_without_init(void **state)
 {
     (void)state;
     assert_false(CRYPTO_secure_malloc_initialized());
+    assert_false(secmem_locked());
     uint8_t *p = secmem_alloc(64);
     assert_non_null(p);
     assert_true(all_zero(p, 64));
@@ -59,7 +60,9 @@ static void test_init_and_secure_alloc(void **state)
     /* KR_ENOMEM: mlock refused (RLIMIT_MEMLOCK); the guarded heap is still used. */
     assert_true(rc == 0 || rc == KR_ENOMEM);
     assert_true(CRYPTO_secure_malloc_initialized());
-    assert_int_equal(secmem_init(HEAP_SIZE), 0); /* already set up: no-op */
+    /* Locked only when mlock held: nothing may then be kept past a request. */
+    assert_int_equal(secmem_locked(), rc == 0);
+    assert_int_equal(secmem_init(HEAP_SIZE), rc); /* already set up: the same answer */
 
     uint8_t *p = secmem_alloc(32);
     assert_non_null(p);
