@@ -494,9 +494,14 @@ static void transport_release(struct cluster *c)
  * `keyraftd init`, which stops right after its first writes, aborted so about
  * once in 15 runs. raft's callback is passed on once; raft_uv's memory is
  * freed only after the loop ran dry (cluster_free, cluster_bootstrap). */
+static struct cluster *cluster_of_io(struct raft_io *io)
+{
+    return (struct cluster *)((char *)io - offsetof(struct cluster, io));
+}
+
 static void io_closed_once(struct raft_io *io)
 {
-    struct cluster *c = (struct cluster *)((char *)io - offsetof(struct cluster, io));
+    struct cluster *c = cluster_of_io(io);
     if (c->io_closed)
         return;
     c->io_closed = 1;
@@ -505,7 +510,7 @@ static void io_closed_once(struct raft_io *io)
 
 static void io_close_once(struct raft_io *io, raft_io_close_cb cb)
 {
-    struct cluster *c = (struct cluster *)((char *)io - offsetof(struct cluster, io));
+    struct cluster *c = cluster_of_io(io);
     c->io_close_cb = cb;
     c->io_close_orig(io, io_closed_once);
 }
@@ -667,9 +672,7 @@ static void flusher_closed(uv_handle_t *handle)
 static void raft_closed(struct raft *r)
 {
     struct cluster *c = r->data;
-    if (c->raft_closed)
-        return; /* raft 0.15 may fire its close callback twice */
-    c->raft_closed = 1;
+    c->raft_closed = 1; /* once: io_closed_once */
     uv_close((uv_handle_t *)&c->flusher, flusher_closed);
 }
 

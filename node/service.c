@@ -2578,8 +2578,8 @@ static void batch_finish(struct call *call)
         used += batch_entry_size_encoded(enc_len);
         if (slot->commit_index > top)
             top = slot->commit_index;
-        list[i] = (ProtobufCMessageUnknownField){BATCH_RESPONSES_FIELD,
-                                                 PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED, enc_len, enc};
+        list[i] = (ProtobufCMessageUnknownField){
+            BATCH_RESPONSES_FIELD, PROTOBUF_C_WIRE_TYPE_LENGTH_PREFIXED, enc_len, enc};
     }
     if (dropped > 0)
         log_warn("batch of %zu from %s: %zu answers past the %zu-byte frame limit were "
@@ -2878,7 +2878,8 @@ void service_tick(struct service *svc)
         run_waiting(svc, 0); /* deadlines */
     uint64_t now = now_ms();
     if (now - svc->last_key_expiry_ms >= 1000) {
-        keyring_cache_expire(svc->deps.keyring, (uint64_t)svc->deps.config->key_cache_idle_s * 1000u);
+        uint64_t idle_ms = (uint64_t)svc->deps.config->key_cache_idle_s * 1000u;
+        keyring_cache_expire(svc->deps.keyring, idle_ms);
         svc->last_key_expiry_ms = now;
         /* After commits to the keys (a store read per cached version, once a
          * second at most): a version destroyed through any node leaves this

@@ -914,7 +914,7 @@ static void vote_done(void *arg, const struct fsm_op_result *res)
         autorun(call->svc, a);
     if (a)
         keyraft__approval_record__free_unpacked(a, NULL);
-    copy_cut(call->audit_key, sizeof(call->audit_key), "");
+    call->audit_key[0] = '\0';
     call->resp.approval_id = arena_strdup(call, approval);
     reply_approval(call, approval, res->index);
 }
