@@ -545,6 +545,42 @@ void store_batch_delete(struct store_batch *batch, enum store_cf cf, const void 
     store_batch_add(batch, BATCH_OP_DELETE, cf, key, key_len, NULL, 0);
 }
 
+static int batch_op_cmp(const void *pa, const void *pb, void *arg)
+{
+    const struct store_batch *batch = arg;
+    const struct batch_op *a = &batch->ops[*(const size_t *)pa];
+    const struct batch_op *b = &batch->ops[*(const size_t *)pb];
+    if (a->cf != b->cf)
+        return a->cf < b->cf ? -1 : 1;
+    size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
+    int c = memcmp(batch->data + a->key_off, batch->data + b->key_off, n);
+    if (c != 0)
+        return c;
+    if (a->key_len != b->key_len)
+        return a->key_len < b->key_len ? -1 : 1;
+    /* Same key: the order recorded, so the last write still wins. */
+    return *(const size_t *)pa < *(const size_t *)pb ? -1 : 1;
+}
+
+/* The batch's operations in (family, key) order, ties in recorded order;
+ * NULL for none or out of memory. A memtable skiplist insert starts from
+ * where the previous one ended: keys in order find their place in a few
+ * steps, while random ones (key ids, index rows) walk the whole height,
+ * a cache miss per level (memtable inserts were a third of a loaded
+ * cluster's CPU). The ops are one atomic batch, so their order is free. */
+static size_t *batch_sorted_order(struct store_batch *batch)
+{
+    if (batch->n_ops == 0)
+        return NULL;
+    size_t *order = reallocarray(NULL, batch->n_ops, sizeof(*order));
+    if (order == NULL)
+        return NULL;
+    for (size_t i = 0; i < batch->n_ops; i++)
+        order[i] = i;
+    qsort_r(order, batch->n_ops, sizeof(*order), batch_op_cmp, batch);
+    return order;
+}
+
 int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t applied_index)
 {
     if (batch->err != 0) {
@@ -555,11 +591,14 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
     int rc = store_check_open(store, "commit");
     if (rc != 0)
         return rc;
+    size_t *order = batch_sorted_order(batch);
+    if (order == NULL && batch->n_ops > 0)
+        return KR_ENOMEM;
     rc = KR_EIO;
     char *err = NULL;
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
     for (size_t i = 0; i < batch->n_ops; i++) {
-        const struct batch_op *op = &batch->ops[i];
+        const struct batch_op *op = &batch->ops[order[i]];
         const char *key = (const char *)batch->data + op->key_off;
         if (op->kind == BATCH_OP_PUT)
             rocksdb_writebatch_put_cf(wb, store_handle(store, op->cf), key, op->key_len,
@@ -588,6 +627,7 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
 out:
     rocksdb_free(err);
     rocksdb_writebatch_destroy(wb);
+    free(order);
     return rc;
 }
 

@@ -211,6 +211,37 @@ static void test_batch_spans_families(void **state)
     store_close(s);
 }
 
+/* Commit orders a batch's operations by key (store.c): writes to one key
+ * must still land in the order recorded, however many other keys sort
+ * between them. */
+static void test_batch_last_write_wins_in_sorted_commit(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_NAMES, "k050", "before", 1);
+    struct store_batch *b = store_batch_new();
+    assert_non_null(b);
+    char key[16], val[16];
+    for (int round = 0; round < 3; round++) {
+        for (int i = 99; i >= 0; i--) { /* descending: the sort reverses them */
+            snprintf(key, sizeof(key), "k%03d", i);
+            snprintf(val, sizeof(val), "r%d-%d", round, i);
+            store_batch_put(b, STORE_CF_NAMES, key, strlen(key), val, strlen(val));
+        }
+        store_batch_delete(b, STORE_CF_NAMES, "k050", 4);
+        store_batch_put(b, STORE_CF_KEYS, "k050", 4, val, strlen(val));
+    }
+    store_batch_put(b, STORE_CF_NAMES, "k007", 4, "last", 4);
+    assert_int_equal(store_batch_commit(s, b, 2), 0);
+    store_batch_free(b);
+    assert_absent(s, STORE_CF_NAMES, "k050", 4);
+    assert_value(s, STORE_CF_NAMES, "k007", 4, "last");
+    assert_value(s, STORE_CF_NAMES, "k099", 4, "r2-99");
+    assert_value(s, STORE_CF_NAMES, "k000", 4, "r2-0");
+    assert_value(s, STORE_CF_KEYS, "k050", 4, "r2-0");
+    store_close(s);
+}
+
 static void test_bad_batch_writes_nothing(void **state)
 {
     struct fixture *f = *state;
@@ -839,6 +870,8 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_reopen_keeps_data_and_applied_index, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_batch_spans_families, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_batch_last_write_wins_in_sorted_commit, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_bad_batch_writes_nothing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_iter_bounds_binary_keys, setup, teardown),
         cmocka_unit_test_setup_teardown(test_iter_sees_snapshot, setup, teardown),
