@@ -195,18 +195,12 @@ static rocksdb_options_t *store_make_options(int compression, int create)
     /* The table options take ownership of the filter policy. */
     rocksdb_block_based_options_set_filter_policy(
         table, rocksdb_filterpolicy_create_bloom_full(STORE_BLOOM_BITS));
-    rocksdb_block_based_options_set_cache_index_and_filter_blocks(table, 1);
-    /* One full filter per SST grows to megabytes past ~1M keys, more than a
-     * shard of the block cache holds (64 MB / 64 shards): every point read
-     * then re-read and checksummed it, and a leader loading 10M keys stalled
-     * for seconds at 1.6M. Partitioned filters and index keep each cached
-     * piece near 4 KB; only their small top levels stay pinned. */
-    rocksdb_block_based_options_set_index_type(table,
-                                               rocksdb_block_based_table_index_type_two_level_index_search);
-    rocksdb_block_based_options_set_partition_filters(table, 1);
-    rocksdb_block_based_options_set_metadata_block_size(table, 4096);
-    rocksdb_block_based_options_set_pin_top_level_index_and_filter(table, 1);
-    rocksdb_block_based_options_set_cache_index_and_filter_blocks_with_high_priority(table, 1);
+    /* Filters and indexes live in each open table reader, not in the block
+     * cache: a create's lookups are mostly misses answered by filters, and
+     * through the cache each probe took a shard lock and a hash lookup, and a
+     * filter larger than a shard was re-read at every probe. Held this way
+     * they cost memory once per open SST (at 10M keys ~10 bits a row). */
+    rocksdb_block_based_options_set_cache_index_and_filter_blocks(table, 0);
     rocksdb_options_set_block_based_table_factory(opts, table);
     rocksdb_block_based_options_destroy(table);
     rocksdb_cache_destroy(cache); /* the table factory holds its own reference */
