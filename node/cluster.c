@@ -111,6 +111,7 @@ static uint64_t next_index(void *arg)
  * for lagging followers are half of that. */
 #define SNAPSHOT_MIN_ENTRIES 16u
 #define SNAPSHOT_MAX_TRAILING 1024u
+#define SNAPSHOT_SECOND_FLUSH_MIN 64u
 
 static void preflush_work(uv_work_t *w)
 {
@@ -152,11 +153,20 @@ static void snapshot_pace(struct cluster *c, size_t entry_len)
     unsigned due = c->preflushed == 0   ? threshold - threshold / 4
                    : c->preflushed == 1 ? threshold - threshold / 16
                                         : UINT_MAX;
-    if (!c->preflushing && !c->stopping && c->applied_since_snapshot >= due) {
+    /* A second flush started just before the snapshot would only make the
+     * snapshot's flush wait for it: skip it then, and for small thresholds. */
+    if (c->preflushed == 1 && !c->preflushing && c->applied_since_snapshot >= due &&
+        (threshold < SNAPSHOT_SECOND_FLUSH_MIN ||
+         c->applied_since_snapshot >= threshold - threshold / 32))
+        c->preflushed = 2;
+    else if (!c->preflushing && !c->stopping && c->applied_since_snapshot >= due) {
         c->preflush.data = c;
+        store_preflush_hold(c->store);
         if (uv_queue_work(c->loop, &c->preflush, preflush_work, preflush_done) == 0) {
             c->preflushing = 1;
             c->preflushed++;
+        } else {
+            store_preflush_release(c->store);
         }
     }
 }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -30,6 +31,7 @@ static const char store_applied_key[] = {'\0', 'a', 'p', 'p', 'l', 'i', 'e', 'd'
 #define STORE_BLOOM_BITS 10.0
 #define STORE_MEMTABLE_BLOOM_RATIO 0.02 /* of the write buffer (64 MB): 1.3 MB a memtable */
 #define STORE_MAX_OPEN_FILES 512
+#define STORE_SWAP_FLUSH_WAIT_MS 60000u
 /* Directory inside the DB dir that store_flush's checkpoint goes through. */
 #define STORE_FLUSH_DIR "flush-checkpoint"
 #define STORE_PREFLUSH_DIR "preflush-checkpoint"
@@ -45,8 +47,8 @@ struct store {
     char *flush_dir;
     uint64_t applied; /* accessed with __atomic: read from any thread */
     uint64_t generation[STORE_CF_COUNT]; /* __atomic: see store_cf_generation */
-    unsigned n_iters; /* open iterators and preflushes (__atomic): store_swap
-                       * refuses while any */
+    unsigned n_iters;    /* open iterators (__atomic): store_swap refuses while any */
+    unsigned n_preflush; /* held preflushes (__atomic): store_swap waits for them */
 };
 
 static void store_bump_all(struct store *store)
@@ -199,7 +201,10 @@ static rocksdb_options_t *store_make_options(int compression, int create)
      * cache: a create's lookups are mostly misses answered by filters, and
      * through the cache each probe took a shard lock and a hash lookup, and a
      * filter larger than a shard was re-read at every probe. Held this way
-     * they cost memory once per open SST (at 10M keys ~10 bits a row). */
+     * they cost memory once per open SST: ~10 bits a row of filter plus the
+     * index, ~40 MB a node at 10M keys. Past STORE_MAX_OPEN_FILES tables (about
+     * 30 GB of SSTs) readers are evicted and a reopened one reads its filter
+     * and index whole again. */
     rocksdb_block_based_options_set_cache_index_and_filter_blocks(table, 0);
     rocksdb_options_set_block_based_table_factory(opts, table);
     rocksdb_block_based_options_destroy(table);
@@ -547,13 +552,14 @@ static int batch_op_cmp(const void *pa, const void *pb, void *arg)
     if (a->cf != b->cf)
         return a->cf < b->cf ? -1 : 1;
     size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
-    int c = memcmp(batch->data + a->key_off, batch->data + b->key_off, n);
+    int c = n > 0 ? memcmp(batch->data + a->key_off, batch->data + b->key_off, n) : 0;
     if (c != 0)
         return c;
     if (a->key_len != b->key_len)
         return a->key_len < b->key_len ? -1 : 1;
     /* Same key: the order recorded, so the last write still wins. */
-    return *(const size_t *)pa < *(const size_t *)pb ? -1 : 1;
+    size_t ia = *(const size_t *)pa, ib = *(const size_t *)pb;
+    return (ia > ib) - (ia < ib);
 }
 
 /* The batch's operations in (family, key) order, ties in recorded order;
@@ -586,8 +592,11 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
     if (rc != 0)
         return rc;
     size_t *order = batch_sorted_order(batch);
-    if (order == NULL && batch->n_ops > 0)
+    if (order == NULL && batch->n_ops > 0) {
+        log_error("commit at index %" PRIu64 ": out of memory ordering %zu operations",
+                  applied_index, batch->n_ops);
         return KR_ENOMEM;
+    }
     rc = KR_EIO;
     char *err = NULL;
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
@@ -692,22 +701,33 @@ int store_flush(struct store *store)
     return store_remove_dir(store->flush_dir);
 }
 
+void store_preflush_hold(struct store *store)
+{
+    __atomic_add_fetch(&store->n_preflush, 1, __ATOMIC_ACQ_REL);
+}
+
+void store_preflush_release(struct store *store)
+{
+    __atomic_sub_fetch(&store->n_preflush, 1, __ATOMIC_ACQ_REL);
+}
+
 int store_preflush(struct store *store)
 {
     int rc = store_check_open(store, "flush");
-    if (rc != 0)
-        return rc;
     char *dir = NULL;
-    if (asprintf(&dir, "%s/%s", store->path, STORE_PREFLUSH_DIR) < 0)
-        return KR_ENOMEM;
-    __atomic_add_fetch(&store->n_iters, 1, __ATOMIC_ACQ_REL); /* holds off store_swap */
+    if (rc == 0 && asprintf(&dir, "%s/%s", store->path, STORE_PREFLUSH_DIR) < 0)
+        rc = KR_ENOMEM;
+    if (rc != 0) {
+        store_preflush_release(store);
+        return rc;
+    }
     rc = store_remove_dir(dir);
     if (rc == 0)
         rc = store_make_checkpoint(store, dir, "flush");
     if (rc == 0)
         rc = store_remove_dir(dir);
-    __atomic_sub_fetch(&store->n_iters, 1, __ATOMIC_ACQ_REL);
     free(dir);
+    store_preflush_release(store);
     return rc;
 }
 
@@ -769,9 +789,21 @@ int store_swap(struct store *store, const char *new_db_dir)
     int rc = store_check_open(store, "swap");
     if (rc != 0)
         return rc;
+    /* A worker's flush ends on its own (seconds at most); refusing instead
+     * failed a snapshot restore that happened to meet one. */
+    uint64_t waited_ms = 0;
+    while (__atomic_load_n(&store->n_preflush, __ATOMIC_ACQUIRE) != 0 &&
+           waited_ms < STORE_SWAP_FLUSH_WAIT_MS) {
+        nanosleep(&(struct timespec){.tv_nsec = 5 * 1000 * 1000}, NULL);
+        waited_ms += 5;
+    }
+    if (waited_ms > 0)
+        log_info("swap %s: waited %" PRIu64 " ms for a flush to end", store->path, waited_ms);
     unsigned iters = __atomic_load_n(&store->n_iters, __ATOMIC_ACQUIRE);
-    if (iters != 0) {
-        log_error("swap %s: %u iterators or flushes still open", store->path, iters);
+    unsigned flushes = __atomic_load_n(&store->n_preflush, __ATOMIC_ACQUIRE);
+    if (iters != 0 || flushes != 0) {
+        log_error("swap %s: %u iterators and %u flushes still open", store->path, iters,
+                  flushes);
         return KR_EBUSY;
     }
     struct stat st;

@@ -58,7 +58,12 @@ int store_flush(struct store *store);
 /* store_flush from any thread, through its own scratch checkpoint: a worker
  * runs it ahead of a raft snapshot, so the snapshot's flush on the loop finds
  * little left (a whole flush at 64 MB of log held the loop over a second, past
- * the election timeout). One at a time; store_swap refuses meanwhile. */
+ * the election timeout). One at a time. The owner's thread calls
+ * store_preflush_hold before handing the work over; store_preflush ends the
+ * hold, store_preflush_release ends one whose work never ran. store_swap waits
+ * for held preflushes to end. */
+void store_preflush_hold(struct store *store);
+void store_preflush_release(struct store *store);
 int store_preflush(struct store *store);
 
 /* Forward iteration over [lower, upper) of a family; lower and upper may each

@@ -9,11 +9,13 @@
 #include <errno.h>
 #include <ftw.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keyraft.h"
@@ -707,6 +709,61 @@ static void test_swap_replaces_data_keeps_struct(void **state)
     store_close(s);
 }
 
+struct late_flush {
+    struct store *store;
+    int rc;
+};
+
+static void *late_flush_main(void *arg)
+{
+    struct late_flush *lf = arg;
+    nanosleep(&(struct timespec){.tv_nsec = 300 * 1000 * 1000}, NULL);
+    lf->rc = store_preflush(lf->store);
+    return NULL;
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* A snapshot restore swaps the store while a worker's flush, handed over
+ * before, has not finished (or not started): the swap waits for it instead
+ * of failing or pulling the DB from under it. */
+static void test_swap_waits_for_a_held_flush(void **state)
+{
+    struct fixture *f = *state;
+    char other[160], incoming[160];
+    snprintf(other, sizeof(other), "%s/other", f->dir);
+    snprintf(incoming, sizeof(incoming), "%s/db.incoming", f->dir);
+    make_db(other, "new-key", "new-value", 40);
+    struct store *o = open_ok(other);
+    assert_int_equal(store_checkpoint(o, incoming), 0);
+    store_close(o);
+
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_KEYS, "old-key", "old-value", 3);
+    /* A hold whose work never ran is released and costs the swap nothing. */
+    store_preflush_hold(s);
+    store_preflush_release(s);
+    store_preflush_hold(s);
+    struct late_flush lf = {s, -1};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, late_flush_main, &lf), 0);
+    uint64_t t0 = mono_ms();
+    assert_int_equal(store_swap(s, incoming), 0);
+    uint64_t waited = mono_ms() - t0;
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(lf.rc, 0);
+    assert_true(waited >= 250);
+    assert_int_equal(store_applied_index(s), 40);
+    assert_value(s, STORE_CF_KEYS, "new-key", 7, "new-value");
+    assert_absent(s, STORE_CF_KEYS, "old-key", 7);
+    store_close(s);
+}
+
 static void test_failed_swap_leaves_the_old_data(void **state)
 {
     struct fixture *f = *state;
@@ -884,6 +941,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_checkpoint_is_a_consistent_copy, setup, teardown),
         cmocka_unit_test_setup_teardown(test_probe_refuses_what_is_not_a_store, setup, teardown),
         cmocka_unit_test_setup_teardown(test_swap_replaces_data_keeps_struct, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_swap_waits_for_a_held_flush, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_swap_leaves_the_old_data, setup, teardown),
         cmocka_unit_test_setup_teardown(test_interrupted_swap_is_repaired, setup, teardown),
     };
