@@ -153,13 +153,14 @@ static void snapshot_pace(struct cluster *c, size_t entry_len)
     unsigned due = c->preflushed == 0   ? threshold - threshold / 4
                    : c->preflushed == 1 ? threshold - threshold / 16
                                         : UINT_MAX;
+    if (c->preflushing || c->stopping || c->applied_since_snapshot < due)
+        return;
     /* A second flush started just before the snapshot would only make the
      * snapshot's flush wait for it: skip it then, and for small thresholds. */
-    if (c->preflushed == 1 && !c->preflushing && c->applied_since_snapshot >= due &&
-        (threshold < SNAPSHOT_SECOND_FLUSH_MIN ||
-         c->applied_since_snapshot >= threshold - threshold / 32))
+    if (c->preflushed == 1 && (threshold < SNAPSHOT_SECOND_FLUSH_MIN ||
+                               c->applied_since_snapshot >= threshold - threshold / 32)) {
         c->preflushed = 2;
-    else if (!c->preflushing && !c->stopping && c->applied_since_snapshot >= due) {
+    } else {
         c->preflush.data = c;
         store_preflush_hold(c->store);
         if (uv_queue_work(c->loop, &c->preflush, preflush_work, preflush_done) == 0) {

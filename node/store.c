@@ -684,6 +684,17 @@ out:
  * atomic_flush flushes only that family, which could persist data without
  * its applied index. A checkpoint flushes all families atomically and waits;
  * the checkpoint itself (hard links in the DB dir) is then removed. */
+/* Flushes every family through a scratch checkpoint in |dir| (removed after). */
+static int store_flush_through(struct store *store, const char *dir)
+{
+    int rc = store_remove_dir(dir);
+    if (rc == 0)
+        rc = store_make_checkpoint(store, dir, "flush");
+    if (rc == 0)
+        rc = store_remove_dir(dir);
+    return rc;
+}
+
 int store_flush(struct store *store)
 {
     int rc = store_check_open(store, "flush");
@@ -692,13 +703,7 @@ int store_flush(struct store *store)
     int dirty = store_has_unflushed(store);
     if (dirty <= 0)
         return dirty;
-    rc = store_remove_dir(store->flush_dir);
-    if (rc != 0)
-        return rc;
-    rc = store_make_checkpoint(store, store->flush_dir, "flush");
-    if (rc != 0)
-        return rc;
-    return store_remove_dir(store->flush_dir);
+    return store_flush_through(store, store->flush_dir);
 }
 
 void store_preflush_hold(struct store *store)
@@ -721,11 +726,7 @@ int store_preflush(struct store *store)
         store_preflush_release(store);
         return rc;
     }
-    rc = store_remove_dir(dir);
-    if (rc == 0)
-        rc = store_make_checkpoint(store, dir, "flush");
-    if (rc == 0)
-        rc = store_remove_dir(dir);
+    rc = store_flush_through(store, dir);
     free(dir);
     store_preflush_release(store);
     return rc;
