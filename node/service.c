@@ -101,6 +101,7 @@ uint64_t now_ms(void)
 /* --- replies ------------------------------------------------------------------ */
 
 static void batch_free(struct batch *b);
+static void key_ref_put(struct key_ref *ref);
 
 void call_finish(struct call *call)
 {
@@ -113,8 +114,7 @@ void call_finish(struct call *call)
     gov_release(call);
     arena_free(call);
     secbuf_free(&call->material);
-    if (call->rec)
-        keyraft__key_record__free_unpacked(call->rec, NULL);
+    key_ref_put(call->key);
     batch_free(call->batch);
     rpc_request_free(call->req);
     free(call);
@@ -218,44 +218,51 @@ static int key_access(struct call *call, const Keyraft__KeyRecord *rec)
     return -1;
 }
 
-/* Loads the key a KeyRef names, in the caller's domain. On failure the call
- * has been answered and NULL is returned. */
+static void key_ref_put(struct key_ref *ref)
+{
+    if (ref == NULL || --ref->refs > 0)
+        return;
+    Keyraft__KeyRecord *rec = ref->rec;
+    for (size_t i = 0; i < rec->n_versions; i++) /* as the store's copy is: sealed */
+        OPENSSL_cleanse(rec->versions[i]->sealed.data, rec->versions[i]->sealed.len);
+    keyraft__key_record__free_unpacked(rec, NULL);
+    free(ref);
+}
+
 static void key_cache_drop(struct key_cache_slot *slot)
 {
-    if (slot->packed != NULL)
-        OPENSSL_cleanse(slot->packed, slot->len);
-    free(slot->packed);
+    key_ref_put(slot->ref);
     memset(slot, 0, sizeof(*slot));
 }
 
-/* fsm_get_key through the service's cache (the loop thread only). */
-static int cached_get_key(struct service *svc, const char *id, Keyraft__KeyRecord **out)
+/* fsm_get_key through the service's cache (the loop thread only); |*out|
+ * holds a reference for the caller. */
+static int cached_get_key(struct service *svc, const char *id, struct key_ref **out)
 {
     struct key_cache_slot *slot =
         &svc->key_cache[kr_hash_str(KR_HASH_INIT, id) % KEY_CACHE_SLOTS];
     uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
-    if (slot->packed == NULL || slot->generation != gen || strcmp(slot->id, id) != 0) {
-        uint8_t *val = NULL;
-        size_t len = 0;
-        int rv = store_get(svc->deps.store, STORE_CF_KEYS, id, strlen(id), &val, &len);
-        if (rv != 0)
+    if (slot->ref == NULL || slot->generation != gen || strcmp(slot->id, id) != 0) {
+        struct key_ref *ref = calloc(1, sizeof(*ref));
+        if (ref == NULL)
+            return KR_ENOMEM;
+        int rv = fsm_get_key(svc->deps.store, id, &ref->rec);
+        if (rv != 0) {
+            free(ref);
             return rv;
+        }
         key_cache_drop(slot);
         copy_cut(slot->id, sizeof(slot->id), id);
         slot->generation = gen;
-        slot->packed = val;
-        slot->len = len;
+        slot->ref = ref;
+        ref->refs = 1;
     }
-    *out = keyraft__key_record__unpack(NULL, slot->len, slot->packed);
-    if (*out == NULL) {
-        log_error("key record %s does not parse: store corrupted?", id);
-        key_cache_drop(slot);
-        return KR_EIO;
-    }
+    slot->ref->refs++;
+    *out = slot->ref;
     return 0;
 }
 
-Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
+const Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
 {
     struct store *store = call->svc->deps.store;
     char id[FSM_KEY_ID_LEN + 1];
@@ -287,8 +294,11 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
             return NULL;
         }
     }
-    Keyraft__KeyRecord *rec = NULL;
-    rv = cached_get_key(call->svc, id, &rec);
+    /* An operation run again (an export once its approval is spent) loads
+     * again; the earlier loan ends. */
+    key_ref_put(call->key);
+    call->key = NULL;
+    rv = cached_get_key(call->svc, id, &call->key);
     if (rv == KR_ENOTFOUND) {
         reply_error(call, KR_ENOTFOUND, "no key with id %s", id);
         return NULL;
@@ -297,11 +307,9 @@ Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref)
         reply_error(call, rv, "reading key %s: %s", id, kr_strerror(rv));
         return NULL;
     }
-    if (key_access(call, rec) != 0) {
-        keyraft__key_record__free_unpacked(rec, NULL);
+    if (key_access(call, call->key->rec) != 0)
         return NULL;
-    }
-    return rec;
+    return call->key->rec;
 }
 
 /* |fresh|: a record not committed yet, so no encryption is counted under
@@ -906,7 +914,7 @@ static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__Ke
 {
     if (require_leader(call) != 0 || reply_if_retry(call))
         return;
-    Keyraft__KeyRecord *rec = load_key(call, ref);
+    const Keyraft__KeyRecord *rec = load_key(call, ref);
     if (rec == NULL)
         return;
     /* A compromised key stays marked compromised once destroyed. */
@@ -919,13 +927,10 @@ static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__Ke
     if (!ok) {
         reply_error(call, KR_ESTATE, "key %s is %s: cannot %s it%s", rec->id,
                     kr_state_name(rec->state), op, hint);
-        keyraft__key_record__free_unpacked(rec, NULL);
         return;
     }
-    if (gov_quorum_gate(call, rec->id) != 0) {
-        keyraft__key_record__free_unpacked(rec, NULL);
+    if (gov_quorum_gate(call, rec->id) != 0)
         return;
-    }
     Keyraft__Command cmd = KEYRAFT__COMMAND__INIT;
     Keyraft__SetStateCommand ss = KEYRAFT__SET_STATE_COMMAND__INIT;
     Keyraft__DestroyKeyCommand dk = KEYRAFT__DESTROY_KEY_COMMAND__INIT;
@@ -944,7 +949,6 @@ static void set_state(struct call *call, const Keyraft__KeyRef *ref, Keyraft__Ke
         cmd.set_state = &ss;
     }
     propose(call, &cmd);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_revoke(struct call *call)
@@ -978,7 +982,7 @@ static void rotate_after_work(uv_work_t *work, int status)
     }
     if (require_leader(call) != 0)
         return;
-    Keyraft__KeyRecord *rec = call->rec;
+    const Keyraft__KeyRecord *rec = call->key->rec; /* lent by load_key in op_rotate */
     char kcv[17] = "";
     uint8_t *pub = NULL, *sealed = NULL;
     size_t pub_len = 0, sealed_len = 0;
@@ -1008,16 +1012,14 @@ static void op_rotate(struct call *call)
 {
     if (require_leader(call) != 0 || reply_if_retry(call))
         return;
-    Keyraft__KeyRecord *rec = load_key(call, call->req->rotate->key);
+    const Keyraft__KeyRecord *rec = load_key(call, call->req->rotate->key);
     if (rec == NULL)
         return;
     if (rec->state != KEYRAFT__KEY_STATE__ACTIVE && rec->state != KEYRAFT__KEY_STATE__PRE_ACTIVE) {
         reply_error(call, KR_ESTATE, "key %s is %s: only active or pre-active keys rotate",
                     rec->id, kr_state_name(rec->state));
-        keyraft__key_record__free_unpacked(rec, NULL);
         return;
     }
-    call->rec = rec;
     call->alg = rec->algorithm;
     call->work.data = call;
     int rv = uv_queue_work(call->svc->deps.loop, &call->work, generate_work, rotate_after_work);
@@ -1032,17 +1034,16 @@ static void op_rotate(struct call *call)
 
 static void op_get(struct call *call)
 {
-    Keyraft__KeyRecord *rec = load_key(call, call->req->get->key);
+    const Keyraft__KeyRecord *rec = load_key(call, call->req->get->key);
     if (rec == NULL)
         return;
     reply_key(call, rec, 0);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_export(struct call *call)
 {
     const Keyraft__ExportKeyRequest *r = call->req->export;
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
     secbuf mat = {0};
@@ -1089,7 +1090,6 @@ static void op_export(struct call *call)
     call_finish(call);
 out:
     secbuf_free(&mat);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 struct list_plan {
@@ -1352,30 +1352,29 @@ static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const ui
 static void op_encrypt(struct call *call)
 {
     const Keyraft__EncryptRequest *r = call->req->encrypt;
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
     Keyraft__EncryptResponse *er = arena_alloc(call, sizeof(*er));
     if (er == NULL) {
         reply_error(call, KR_ENOMEM, "out of memory");
-        goto out;
+        return;
     }
     keyraft__encrypt_response__init(er);
     if (encrypt_to(call, rec, r->plaintext.data, r->plaintext.len, &r->aad, &er->ciphertext,
                    &er->version) != 0)
-        goto out;
+        return;
     er->key_id = arena_strdup(call, rec->id);
     call->resp.result_case = KEYRAFT__RESPONSE__RESULT_ENCRYPT;
     call->resp.encrypt = er;
     call_finish(call);
-out:
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 /* Resolves the key a blob names and checks it matches |ref| when given. */
-static Keyraft__KeyRecord *blob_key(struct call *call, const ProtobufCBinaryData *blob,
-                                    enum blob_kind kind, const Keyraft__KeyRef *ref,
-                                    const Keyraft__KeyVersionRecord **out_v, size_t *out_hdr)
+static const Keyraft__KeyRecord *blob_key(struct call *call, const ProtobufCBinaryData *blob,
+                                          enum blob_kind kind, const Keyraft__KeyRef *ref,
+                                          const Keyraft__KeyVersionRecord **out_v,
+                                          size_t *out_hdr)
 {
     char id[FSM_KEY_ID_LEN + 1];
     uint32_t version = 0;
@@ -1389,19 +1388,17 @@ static Keyraft__KeyRecord *blob_key(struct call *call, const ProtobufCBinaryData
     }
     Keyraft__KeyRef by_id = KEYRAFT__KEY_REF__INIT;
     by_id.id = id;
-    Keyraft__KeyRecord *rec = load_key(call, &by_id);
+    const Keyraft__KeyRecord *rec = load_key(call, &by_id);
     if (rec == NULL)
         return NULL;
     if (ref != NULL && ((ref->id[0] && strcmp(ref->id, rec->id) != 0) ||
                         (!ref->id[0] && ref->name[0] && strcmp(ref->name, rec->name) != 0))) {
         reply_error(call, KR_EAUTH, "made by key %s, not by the key named in the request", id);
-        keyraft__key_record__free_unpacked(rec, NULL);
         return NULL;
     }
     const Keyraft__KeyVersionRecord *v = find_version(rec, version);
     if (v == NULL) {
         reply_error(call, KR_ENOTFOUND, "key %s has no version %u", id, version);
-        keyraft__key_record__free_unpacked(rec, NULL);
         return NULL;
     }
     *out_v = v;
@@ -1410,12 +1407,12 @@ static Keyraft__KeyRecord *blob_key(struct call *call, const ProtobufCBinaryData
 }
 
 static int decrypt_blob(struct call *call, const ProtobufCBinaryData *ct,
-                        const ProtobufCBinaryData *aad, Keyraft__KeyRecord **out_rec,
+                        const ProtobufCBinaryData *aad, const Keyraft__KeyRecord **out_rec,
                         ProtobufCBinaryData *out_pt, uint32_t *out_version)
 {
     const Keyraft__KeyVersionRecord *v = NULL;
     size_t hdr = 0;
-    Keyraft__KeyRecord *rec = blob_key(call, ct, BLOB_CIPHERTEXT, NULL, &v, &hdr);
+    const Keyraft__KeyRecord *rec = blob_key(call, ct, BLOB_CIPHERTEXT, NULL, &v, &hdr);
     if (rec == NULL)
         return -1;
     *out_rec = rec;
@@ -1455,7 +1452,7 @@ static int decrypt_blob(struct call *call, const ProtobufCBinaryData *ct,
 static void op_decrypt(struct call *call)
 {
     const Keyraft__DecryptRequest *r = call->req->decrypt;
-    Keyraft__KeyRecord *rec = NULL;
+    const Keyraft__KeyRecord *rec = NULL;
     Keyraft__DecryptResponse *dr = arena_alloc(call, sizeof(*dr));
     if (dr == NULL) {
         reply_error(call, KR_ENOMEM, "out of memory");
@@ -1468,8 +1465,6 @@ static void op_decrypt(struct call *call)
         call->resp.decrypt = dr;
         call_finish(call);
     }
-    if (rec)
-        keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void signer_slot_drop(struct signer_slot *slot)
@@ -1524,7 +1519,7 @@ static void op_sign(struct call *call, int is_mac)
 {
     const Keyraft__SignRequest *r = is_mac ? call->req->mac : call->req->sign;
     const char *op = is_mac ? "mac" : "sign";
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
     secbuf key = {0};
@@ -1574,7 +1569,6 @@ static void op_sign(struct call *call, int is_mac)
 out:
     free(sig);
     secbuf_free(&key);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_verify(struct call *call, int is_mac)
@@ -1583,7 +1577,7 @@ static void op_verify(struct call *call, int is_mac)
     const char *op = is_mac ? "verify-mac" : "verify";
     const Keyraft__KeyVersionRecord *v = NULL;
     size_t hdr = 0;
-    Keyraft__KeyRecord *rec =
+    const Keyraft__KeyRecord *rec =
         blob_key(call, &r->signature, is_mac ? BLOB_MAC : BLOB_SIGNATURE, r->key, &v, &hdr);
     if (rec == NULL)
         return;
@@ -1620,7 +1614,6 @@ static void op_verify(struct call *call, int is_mac)
     call_finish(call);
 out:
     secbuf_free(&key);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_data_key(struct call *call)
@@ -1631,31 +1624,29 @@ static void op_data_key(struct call *call)
         reply_error(call, KR_EINVAL, "data key bits must be 128 or 256");
         return;
     }
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
     Keyraft__DataKeyResponse *dr = arena_alloc(call, sizeof(*dr));
     uint8_t *pt = arena_alloc(call, bits / 8);
     if (dr == NULL || pt == NULL) {
         reply_error(call, KR_ENOMEM, "out of memory");
-        goto out;
+        return;
     }
     keyraft__data_key_response__init(dr);
     int rv = crypto_random(pt, bits / 8);
     if (rv != 0) {
         reply_error(call, rv, "random: %s", kr_strerror(rv));
-        goto out;
+        return;
     }
     if (encrypt_to(call, rec, pt, bits / 8, &r->aad, &dr->wrapped, &dr->version) != 0)
-        goto out;
+        return;
     dr->plaintext.data = pt;
     dr->plaintext.len = bits / 8;
     dr->key_id = arena_strdup(call, rec->id);
     call->resp.result_case = KEYRAFT__RESPONSE__RESULT_DATA_KEY;
     call->resp.data_key = dr;
     call_finish(call);
-out:
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_wrap(struct call *call)
@@ -1665,7 +1656,7 @@ static void op_wrap(struct call *call)
         reply_error(call, KR_EINVAL, "wrap takes 1..65536 bytes of key material");
         return;
     }
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
     secbuf key = {0};
@@ -1695,7 +1686,6 @@ static void op_wrap(struct call *call)
     call_finish(call);
 out:
     secbuf_free(&key);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_unwrap(struct call *call)
@@ -1703,7 +1693,7 @@ static void op_unwrap(struct call *call)
     const Keyraft__UnwrapRequest *r = call->req->unwrap;
     const Keyraft__KeyVersionRecord *v = NULL;
     size_t hdr = 0;
-    Keyraft__KeyRecord *rec = blob_key(call, &r->wrapped, BLOB_WRAP, r->key, &v, &hdr);
+    const Keyraft__KeyRecord *rec = blob_key(call, &r->wrapped, BLOB_WRAP, r->key, &v, &hdr);
     if (rec == NULL)
         return;
     secbuf key = {0};
@@ -1734,7 +1724,6 @@ static void op_unwrap(struct call *call)
     call_finish(call);
 out:
     secbuf_free(&key);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void op_random(struct call *call)

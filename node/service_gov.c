@@ -1344,13 +1344,11 @@ void op_set_policy(struct call *call)
         reply_error(call, KR_EINVAL, "key policy: an owner group or a grant is required");
         return;
     }
-    Keyraft__KeyRecord *rec = load_key(call, r->key);
+    const Keyraft__KeyRecord *rec = load_key(call, r->key);
     if (rec == NULL)
         return;
-    if (gov_quorum_gate(call, rec->id) != 0) {
-        keyraft__key_record__free_unpacked(rec, NULL);
+    if (gov_quorum_gate(call, rec->id) != 0)
         return;
-    }
     struct key_policy_copy policy;
     key_policy_rebuild(r->policy, &policy);
     Keyraft__SetKeyPolicyCommand sp = KEYRAFT__SET_KEY_POLICY_COMMAND__INIT;
@@ -1360,7 +1358,6 @@ void op_set_policy(struct call *call)
     cmd.op_case = KEYRAFT__COMMAND__OP_SET_KEY_POLICY;
     cmd.set_key_policy = &sp;
     propose_then(call, &cmd, write_done);
-    keyraft__key_record__free_unpacked(rec, NULL);
 }
 
 static void reply_rules(struct call *call, uint64_t commit_index)

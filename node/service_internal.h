@@ -27,6 +27,14 @@ struct principal_ref {
     Keyraft__PrincipalInfo *info;
 };
 
+/* A key record as the service caches it: parsed once, shared, never changed.
+ * A call holds a reference, so a record dropped from the cache lives until
+ * its last call ends. */
+struct key_ref {
+    unsigned refs;
+    Keyraft__KeyRecord *rec;
+};
+
 #define KEY_CACHE_SLOTS 4096
 #define SIGNER_CACHE_SLOTS 256
 
@@ -51,14 +59,14 @@ struct service {
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */
     unsigned long domains_epoch;    /* the same, for unloading destroyed domains */
     struct principal_ref *principals[PRINCIPAL_CACHE_SLOTS];
-    /* Packed key records last read, direct-mapped by id, valid while the
-     * keys family's generation is unchanged: a store read and a copy less
-     * per crypto request. They hold only sealed material, as the store does. */
+    /* Parsed key records last read, direct-mapped by id, valid while the
+     * keys family's generation is unchanged: a store read, a parse and a
+     * free less per crypto request. They hold only sealed material, as the
+     * store does. */
     struct key_cache_slot {
         char id[FSM_KEY_ID_LEN + 1];
         uint64_t generation;
-        uint8_t *packed;
-        size_t len;
+        struct key_ref *ref; /* the cache's own reference */
     } key_cache[KEY_CACHE_SLOTS];
     /* Parsed signing keys by (id, version), valid while the keys family's
      * generation is unchanged; a hit still passes every state, grant and
@@ -105,7 +113,7 @@ struct call {
     secbuf material;
     int work_status;
     char key_id[FSM_KEY_ID_LEN + 1];
-    Keyraft__KeyRecord *rec;    /* loaded record (rotate) */
+    struct key_ref *key;        /* the record load_key lent this call, to its end */
     Keyraft__KeyAttributes *created; /* create/import: the answer, in the arena */
     char domain[72];            /* the domain a new key goes to */
     char approval_id[40];       /* a validated approval this call consumes */
@@ -140,8 +148,10 @@ int require_leader(struct call *call);
  * |done| answers. */
 void propose_then(struct call *call, Keyraft__Command *cmd, cluster_done_cb done);
 /* Loads the key a KeyRef names, in a domain the caller may see, and checks
- * the caller may run the call's operation on it. NULL: answered. */
-Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref);
+ * the caller may run the call's operation on it. NULL: answered. The record
+ * is shared and lent to the call until it ends (call_finish): read it, never
+ * change or free it. A second load by the same call ends the first loan. */
+const Keyraft__KeyRecord *load_key(struct call *call, const Keyraft__KeyRef *ref);
 int ensure_domain(struct service *svc, const char *domain);
 /* 1 when the caller's registry entry lists |domain|. */
 int caller_in_domain(const struct call *call, const char *domain);
