@@ -100,25 +100,22 @@ static struct unsealed *cache_slot(struct keyring *keyring, const uint8_t *aad, 
     return &keyring->cache[kr_hash_bytes(KR_HASH_INIT, aad, aad_len) % KEYRING_CACHE_SLOTS];
 }
 
-/* 1 and a copy of the material in |out| on a hit. */
-static int cache_get(struct keyring *keyring, const uint8_t *aad, size_t aad_len,
-                     const uint8_t *sealed, size_t sealed_len, secbuf *out)
+/* The entry holding exactly this blob for this AAD, or NULL; counts the
+ * hit or miss. Caller holds cache_lock. */
+static struct unsealed *cache_find_locked(struct keyring *keyring, const uint8_t *aad,
+                                          size_t aad_len, const uint8_t *sealed,
+                                          size_t sealed_len)
 {
-    int hit = 0;
-    pthread_mutex_lock(&keyring->cache_lock);
     struct unsealed *u = cache_slot(keyring, aad, aad_len);
     if (u->ident != NULL && u->aad_len == aad_len && u->sealed_len == sealed_len &&
         memcmp(u->ident, aad, aad_len) == 0 &&
-        memcmp(u->ident + aad_len, sealed, sealed_len) == 0 &&
-        secbuf_copy(out, u->material.data, u->material.len) == 0) {
+        memcmp(u->ident + aad_len, sealed, sealed_len) == 0) {
         u->last_used_ms = monotonic_ms();
         keyring->cache_hits++;
-        hit = 1;
-    } else {
-        keyring->cache_misses++;
+        return u;
     }
-    pthread_mutex_unlock(&keyring->cache_lock);
-    return hit;
+    keyring->cache_misses++;
+    return NULL;
 }
 
 /* Best effort: with no memory the next unseal opens the blob again. */
@@ -486,30 +483,15 @@ out:
     return rc;
 }
 
-int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
-                   uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
-                   secbuf *out)
+/* Opens the blob under its domain key into |out| and caches it when
+ * |cache|. */
+static int unseal_open(struct keyring *keyring, const char *domain_id, const char *key_id,
+                       uint32_t version, const uint8_t *aad, size_t aad_len,
+                       const uint8_t *sealed, size_t sealed_len, int cache, secbuf *out)
 {
-    uint8_t aad[KEY_AAD_MAX];
     secbuf material = {NULL, 0};
     size_t material_len = 0;
-    int rc;
-
-    if (keyring == NULL || !id_valid(domain_id) || !id_valid(key_id) ||
-        (sealed == NULL && sealed_len > 0) || out == NULL)
-        return KR_EINVAL;
-    if (sealed_len < KEYRING_SEAL_OVERHEAD) {
-        log_error("key %s version %u: sealed blob of %zu bytes is truncated", key_id, version,
-                  sealed_len);
-        return KR_EAUTH;
-    }
-    size_t aad_len = key_aad(aad, domain_id, key_id, version, alg);
-    int cache = cacheable(keyring, alg, sealed_len);
-    /* A hit needs the domain still loaded, as an open would. */
-    if (cache && keyring_has_domain(keyring, domain_id) &&
-        cache_get(keyring, aad, aad_len, sealed, sealed_len, out))
-        return 0;
-    rc = secbuf_alloc(&material, sealed_len - KEYRING_SEAL_OVERHEAD);
+    int rc = secbuf_alloc(&material, sealed_len - KEYRING_SEAL_OVERHEAD);
     if (rc != 0)
         return rc;
 
@@ -543,6 +525,63 @@ int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *k
     material.data = NULL;
     material.len = 0;
 out:
+    secbuf_free(&material);
+    return rc;
+}
+
+/* keyring_unseal's use: a copy of the material in the secure heap. */
+struct copy_out {
+    secbuf *out;
+    int rv;
+};
+
+static void copy_material(void *arg, const uint8_t *material, size_t len)
+{
+    struct copy_out *c = arg;
+    c->rv = secbuf_copy(c->out, material, len);
+}
+
+int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
+                   uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
+                   secbuf *out)
+{
+    if (out == NULL)
+        return KR_EINVAL;
+    struct copy_out c = {out, 0};
+    int rc = keyring_use(keyring, domain_id, key_id, version, alg, sealed, sealed_len,
+                         copy_material, &c);
+    return rc != 0 ? rc : c.rv;
+}
+
+int keyring_use(struct keyring *keyring, const char *domain_id, const char *key_id,
+                uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
+                keyring_use_fn use, void *arg)
+{
+    uint8_t aad[KEY_AAD_MAX];
+    if (keyring == NULL || !id_valid(domain_id) || !id_valid(key_id) ||
+        (sealed == NULL && sealed_len > 0) || use == NULL)
+        return KR_EINVAL;
+    if (sealed_len < KEYRING_SEAL_OVERHEAD) {
+        log_error("key %s version %u: sealed blob of %zu bytes is truncated", key_id, version,
+                  sealed_len);
+        return KR_EAUTH;
+    }
+    size_t aad_len = key_aad(aad, domain_id, key_id, version, alg);
+    int cache = cacheable(keyring, alg, sealed_len);
+    if (cache && keyring_has_domain(keyring, domain_id)) {
+        pthread_mutex_lock(&keyring->cache_lock);
+        struct unsealed *u = cache_find_locked(keyring, aad, aad_len, sealed, sealed_len);
+        if (u != NULL)
+            use(arg, u->material.data, u->material.len);
+        pthread_mutex_unlock(&keyring->cache_lock);
+        if (u != NULL)
+            return 0;
+    }
+    secbuf material = {NULL, 0};
+    int rc = unseal_open(keyring, domain_id, key_id, version, aad, aad_len, sealed,
+                         sealed_len, cache, &material);
+    if (rc == 0)
+        use(arg, material.data, material.len);
     secbuf_free(&material);
     return rc;
 }

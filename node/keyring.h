@@ -46,6 +46,14 @@ int keyring_seal(struct keyring *keyring, const char *domain_id, const char *key
 int keyring_unseal(struct keyring *keyring, const char *domain_id, const char *key_id,
                    uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
                    secbuf *out);
+/* keyring_unseal without the copy: runs |use| on the material, which is
+ * valid only during the call. A cached version is used in place, with the
+ * cache locked: |use| makes no keyring call. The return is the unseal's
+ * status; |use| reports its own through |arg|, and is not run on failure. */
+typedef void (*keyring_use_fn)(void *arg, const uint8_t *material, size_t len);
+int keyring_use(struct keyring *keyring, const char *domain_id, const char *key_id,
+                uint32_t version, crypto_alg alg, const uint8_t *sealed, size_t sealed_len,
+                keyring_use_fn use, void *arg);
 
 /* Unsealed AES and HMAC versions held in the secure heap: at most this many,
  * each dropped (wiped) when another version takes its slot, when its domain

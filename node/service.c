@@ -435,18 +435,24 @@ int ensure_domain(struct service *svc, const char *domain)
     return rv;
 }
 
-/* Opens one version's material into |out|. Answers the call on failure. */
-static int unseal_version(struct call *call, const Keyraft__KeyRecord *rec,
-                          const Keyraft__KeyVersionRecord *v, secbuf *out)
+/* Opens one version's material: into |out|, or, with |use|, in place (see
+ * keyring_use). Answers the call on failure. */
+static int open_version(struct call *call, const Keyraft__KeyRecord *rec,
+                        const Keyraft__KeyVersionRecord *v, secbuf *out, keyring_use_fn use,
+                        void *use_arg)
 {
     if (v->destroyed || v->sealed.len == 0) {
         reply_error(call, KR_ESTATE, "version %u of key %s is destroyed", v->version, rec->id);
         return -1;
     }
+    struct keyring *keyring = call->svc->deps.keyring;
     int rv = ensure_domain(call->svc, rec->domain);
-    if (rv == 0)
-        rv = keyring_unseal(call->svc->deps.keyring, rec->domain, rec->id, v->version,
-                            rec->algorithm, v->sealed.data, v->sealed.len, out);
+    if (rv == 0 && use != NULL)
+        rv = keyring_use(keyring, rec->domain, rec->id, v->version, rec->algorithm,
+                         v->sealed.data, v->sealed.len, use, use_arg);
+    else if (rv == 0)
+        rv = keyring_unseal(keyring, rec->domain, rec->id, v->version, rec->algorithm,
+                            v->sealed.data, v->sealed.len, out);
     if (rv != 0) {
         log_error("key %s version %u: cannot unseal: %s", rec->id, v->version, kr_strerror(rv));
         reply_error(call, rv == KR_EAUTH ? KR_EINTERNAL : rv,
@@ -455,6 +461,21 @@ static int unseal_version(struct call *call, const Keyraft__KeyRecord *rec,
         return -1;
     }
     return 0;
+}
+
+/* Opens one version's material into |out|. Answers the call on failure. */
+static int unseal_version(struct call *call, const Keyraft__KeyRecord *rec,
+                          const Keyraft__KeyVersionRecord *v, secbuf *out)
+{
+    return open_version(call, rec, v, out, NULL, NULL);
+}
+
+/* Runs |use| on one version's material, valid only during the call, with no
+ * copy when the keyring holds it. Answers the call when it cannot be opened. */
+static int use_version(struct call *call, const Keyraft__KeyRecord *rec,
+                       const Keyraft__KeyVersionRecord *v, keyring_use_fn use, void *use_arg)
+{
+    return open_version(call, rec, v, NULL, use, use_arg);
 }
 
 /* --- self-describing blobs ----------------------------------------------------- */
@@ -1308,6 +1329,25 @@ static int aad_join(struct call *call, const uint8_t *hdr, size_t hdr_len,
     return 0;
 }
 
+/* A GCM seal or open run by keyring_use on the key's material. */
+struct gcm_job {
+    int seal;
+    const uint8_t *aad, *in;
+    size_t aad_len, in_len;
+    uint8_t *out;
+    size_t out_len;
+    int rv;
+};
+
+static void gcm_job_run(void *arg, const uint8_t *key, size_t key_len)
+{
+    struct gcm_job *job = arg;
+    job->rv = job->seal ? crypto_gcm_seal(key, key_len, job->aad, job->aad_len, job->in,
+                                          job->in_len, job->out, &job->out_len)
+                        : crypto_gcm_open(key, key_len, job->aad, job->aad_len, job->in,
+                                          job->in_len, job->out, &job->out_len);
+}
+
 /* Encrypts |pt| under the current version of an AES key into the arena. */
 static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const uint8_t *pt,
                       size_t pt_len, const ProtobufCBinaryData *aad, ProtobufCBinaryData *out,
@@ -1317,7 +1357,6 @@ static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const ui
         check_state(call, rec, can_protect(rec->state), "encrypt") != 0)
         return -1;
     const Keyraft__KeyVersionRecord *v = find_version(rec, rec->current_version);
-    secbuf key = {0};
     if (v == NULL) {
         reply_error(call, KR_EINTERNAL, "key %s lacks its current version %u", rec->id,
                     rec->current_version);
@@ -1325,25 +1364,27 @@ static int encrypt_to(struct call *call, const Keyraft__KeyRecord *rec, const ui
     }
     call->audit_version = v->version;
     /* Every AES-GCM encryption counts toward the version's usage limit. */
-    if (gov_usage_check(call, rec, v->version) != 0 || unseal_version(call, rec, v, &key) != 0)
+    if (gov_usage_check(call, rec, v->version) != 0)
         return -1;
     size_t hdr_len = 0;
     uint8_t *buf = with_header(call, BLOB_CIPHERTEXT, rec->id, v->version,
                                pt_len + CRYPTO_GCM_NONCE_LEN + CRYPTO_GCM_TAG_LEN, &hdr_len);
     uint8_t *full_aad = NULL;
-    size_t full_aad_len = 0;
-    int rv = buf ? aad_join(call, buf, hdr_len, aad, &full_aad, &full_aad_len) : KR_ENOMEM;
-    size_t body = 0;
-    if (rv == 0)
-        rv = crypto_gcm_seal(key.data, key.len, full_aad, full_aad_len, pt, pt_len,
-                             buf + hdr_len, &body);
-    secbuf_free(&key);
-    if (rv != 0) {
-        reply_error(call, rv, "encryption failed: %s", kr_strerror(rv));
+    struct gcm_job job = {.seal = 1, .in = pt, .in_len = pt_len};
+    if (buf == NULL || aad_join(call, buf, hdr_len, aad, &full_aad, &job.aad_len) != 0) {
+        reply_error(call, KR_ENOMEM, "out of memory");
+        return -1;
+    }
+    job.aad = full_aad;
+    job.out = buf + hdr_len;
+    if (use_version(call, rec, v, gcm_job_run, &job) != 0)
+        return -1;
+    if (job.rv != 0) {
+        reply_error(call, job.rv, "encryption failed: %s", kr_strerror(job.rv));
         return -1;
     }
     out->data = buf;
-    out->len = hdr_len + body;
+    out->len = hdr_len + job.out_len;
     *out_version = v->version;
     gov_usage_count(call, rec->id, v->version);
     return 0;
@@ -1423,18 +1464,17 @@ static int decrypt_blob(struct call *call, const ProtobufCBinaryData *ct,
         reply_error(call, KR_EINVAL, "ciphertext truncated");
         return -1;
     }
-    secbuf key = {0};
-    if (unseal_version(call, rec, v, &key) != 0)
+    uint8_t *pt = arena_alloc(call, ct->len - hdr), *full_aad = NULL;
+    struct gcm_job job = {.seal = 0, .in = ct->data + hdr, .in_len = ct->len - hdr, .out = pt};
+    if (pt == NULL || aad_join(call, ct->data, hdr, aad, &full_aad, &job.aad_len) != 0) {
+        reply_error(call, KR_ENOMEM, "out of memory");
         return -1;
-    uint8_t *full_aad = NULL;
-    size_t full_aad_len = 0;
-    uint8_t *pt = arena_alloc(call, ct->len - hdr);
-    int rv = pt ? aad_join(call, ct->data, hdr, aad, &full_aad, &full_aad_len) : KR_ENOMEM;
-    size_t pt_len = 0;
-    if (rv == 0)
-        rv = crypto_gcm_open(key.data, key.len, full_aad, full_aad_len, ct->data + hdr,
-                             ct->len - hdr, pt, &pt_len);
-    secbuf_free(&key);
+    }
+    job.aad = full_aad;
+    if (use_version(call, rec, v, gcm_job_run, &job) != 0)
+        return -1;
+    int rv = job.rv;
+    size_t pt_len = job.out_len;
     if (rv == KR_EAUTH) {
         reply_error(call, KR_EAUTH, "decryption failed: wrong AAD or a tampered ciphertext");
         return -1;

@@ -481,6 +481,73 @@ static void test_unsealed_cache(void **state)
     free(ec_sealed);
 }
 
+/* What keyring_use handed its callback. */
+struct use_seen {
+    int calls;
+    size_t len;
+    uint8_t material[64];
+};
+
+static void use_record(void *arg, const uint8_t *material, size_t len)
+{
+    struct use_seen *seen = arg;
+    seen->calls++;
+    seen->len = len;
+    if (len <= sizeof(seen->material))
+        memcpy(seen->material, material, len);
+}
+
+/* keyring_use hands over the same material keyring_unseal copies out: opened
+ * on a miss (then cached), in place on a hit, and never for a blob that
+ * does not open or a domain that is not loaded. */
+static void test_use_in_place(void **state)
+{
+    struct fixture *fx = *state;
+    uint8_t *wrapped = NULL, *sealed = NULL;
+    size_t wrapped_len = 0, sealed_len = 0;
+    const uint8_t material[32] = "in-place aes-256 material, 32 b";
+    struct keyring_cache_stats st;
+    struct use_seen seen = {0};
+
+    create(fx->keyring, "inplace", &wrapped, &wrapped_len);
+    seal(fx->keyring, "inplace", "k-u", 2, AES, material, sizeof(material), &sealed, &sealed_len);
+    for (int cached = 0; cached <= 1; cached++) {
+        keyring_cache_enable(fx->keyring, cached);
+        for (int i = 1; i <= 3; i++) {
+            assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 2, AES, sealed,
+                                         sealed_len, use_record, &seen), 0);
+            assert_int_equal(seen.len, sizeof(material));
+            assert_memory_equal(seen.material, material, sizeof(material));
+        }
+        keyring_cache_stats(fx->keyring, &st);
+        assert_int_equal(st.entries, cached ? 1 : 0);
+    }
+    assert_int_equal(seen.calls, 6);
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.misses, 1); /* the first use with the cache on; then hits */
+    assert_int_equal(st.hits, 2);
+
+    /* Other metadata, an altered blob, no domain: an error, and |use| never runs. */
+    seen.calls = 0;
+    assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 3, AES, sealed, sealed_len,
+                                 use_record, &seen), KR_EAUTH);
+    sealed[CRYPTO_GCM_NONCE_LEN] ^= 1;
+    assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 2, AES, sealed, sealed_len,
+                                 use_record, &seen), KR_EAUTH);
+    sealed[CRYPTO_GCM_NONCE_LEN] ^= 1;
+    assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 2, AES, sealed, 8, use_record,
+                                 &seen), KR_EAUTH);
+    assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 2, AES, sealed, sealed_len,
+                                 NULL, &seen), KR_EINVAL);
+    assert_int_equal(keyring_unload_domain(fx->keyring, "inplace"), 0);
+    assert_int_equal(keyring_use(fx->keyring, "inplace", "k-u", 2, AES, sealed, sealed_len,
+                                 use_record, &seen), KR_ENOTFOUND);
+    assert_int_equal(seen.calls, 0);
+
+    free(wrapped);
+    free(sealed);
+}
+
 /* The sweep sees each cached version as it was sealed and wipes those its
  * callback says are no longer live (a destroyed version). */
 struct sweep_seen {
@@ -559,6 +626,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_concurrent_use, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_unsealed_cache, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_unsealed_cache_sweep, fixture_up, fixture_down),
+        cmocka_unit_test_setup_teardown(test_use_in_place, fixture_up, fixture_down),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
