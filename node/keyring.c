@@ -95,9 +95,21 @@ static int cacheable(struct keyring *keyring, crypto_alg alg, size_t sealed_len)
            sealed_len - KEYRING_SEAL_OVERHEAD <= KEYRING_CACHE_MATERIAL_MAX;
 }
 
-static struct unsealed *cache_slot(struct keyring *keyring, const uint8_t *aad, size_t aad_len)
+/* Two-way: a version may sit in either entry of its bucket, so two hot
+ * versions whose hashes meet do not evict each other on every use (16 hot
+ * keys in a direct-mapped table of 1,024 collide one time in nine). */
+#define CACHE_WAYS 2
+
+static struct unsealed *cache_bucket(struct keyring *keyring, const uint8_t *aad,
+                                     size_t aad_len)
 {
-    return &keyring->cache[kr_hash_bytes(KR_HASH_INIT, aad, aad_len) % KEYRING_CACHE_SLOTS];
+    uint64_t h = kr_hash_bytes(KR_HASH_INIT, aad, aad_len);
+    return &keyring->cache[(h % (KEYRING_CACHE_SLOTS / CACHE_WAYS)) * CACHE_WAYS];
+}
+
+static int holds_aad(const struct unsealed *u, const uint8_t *aad, size_t aad_len)
+{
+    return u->ident != NULL && u->aad_len == aad_len && memcmp(u->ident, aad, aad_len) == 0;
 }
 
 /* The entry holding exactly this blob for this AAD, or NULL; counts the
@@ -106,13 +118,15 @@ static struct unsealed *cache_find_locked(struct keyring *keyring, const uint8_t
                                           size_t aad_len, const uint8_t *sealed,
                                           size_t sealed_len)
 {
-    struct unsealed *u = cache_slot(keyring, aad, aad_len);
-    if (u->ident != NULL && u->aad_len == aad_len && u->sealed_len == sealed_len &&
-        memcmp(u->ident, aad, aad_len) == 0 &&
-        memcmp(u->ident + aad_len, sealed, sealed_len) == 0) {
-        u->last_used_ms = monotonic_ms();
-        keyring->cache_hits++;
-        return u;
+    struct unsealed *bucket = cache_bucket(keyring, aad, aad_len);
+    for (int way = 0; way < CACHE_WAYS; way++) {
+        struct unsealed *u = &bucket[way];
+        if (holds_aad(u, aad, aad_len) && u->sealed_len == sealed_len &&
+            memcmp(u->ident + aad_len, sealed, sealed_len) == 0) {
+            u->last_used_ms = monotonic_ms();
+            keyring->cache_hits++;
+            return u;
+        }
     }
     keyring->cache_misses++;
     return NULL;
@@ -134,7 +148,18 @@ static void cache_put(struct keyring *keyring, const uint8_t *aad, size_t aad_le
     fresh.sealed_len = sealed_len;
     fresh.last_used_ms = monotonic_ms();
     pthread_mutex_lock(&keyring->cache_lock);
-    struct unsealed *u = cache_slot(keyring, aad, aad_len);
+    /* The entry for this AAD if one is held (another blob of it), else an
+     * empty one, else the one used least recently. */
+    struct unsealed *bucket = cache_bucket(keyring, aad, aad_len), *u = &bucket[0];
+    for (int way = 0; way < CACHE_WAYS; way++) {
+        struct unsealed *w = &bucket[way];
+        if (holds_aad(w, aad, aad_len)) {
+            u = w;
+            break;
+        }
+        if (u->ident != NULL && (w->ident == NULL || w->last_used_ms < u->last_used_ms))
+            u = w;
+    }
     unsealed_drop(keyring, u);
     *u = fresh;
     keyring->cache_entries++;

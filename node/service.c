@@ -236,13 +236,19 @@ static void key_cache_drop(struct key_cache_slot *slot)
 }
 
 /* fsm_get_key through the service's cache (the loop thread only); |*out|
- * holds a reference for the caller. */
+ * holds a reference for the caller. A record sits in either entry of its
+ * pair, so two hot keys whose hashes meet do not evict each other on every
+ * request (16 keys in 4,096 direct-mapped entries collide one time in 34). */
 static int cached_get_key(struct service *svc, const char *id, struct key_ref **out)
 {
-    struct key_cache_slot *slot =
-        &svc->key_cache[kr_hash_str(KR_HASH_INIT, id) % KEY_CACHE_SLOTS];
+    struct key_cache_slot *pair =
+        &svc->key_cache[(kr_hash_str(KR_HASH_INIT, id) % (KEY_CACHE_SLOTS / 2)) * 2];
     uint64_t gen = store_cf_generation(svc->deps.store, STORE_CF_KEYS);
-    if (slot->ref == NULL || slot->generation != gen || strcmp(slot->id, id) != 0) {
+    struct key_cache_slot *slot = NULL;
+    for (int way = 0; way < 2 && slot == NULL; way++)
+        if (pair[way].ref != NULL && strcmp(pair[way].id, id) == 0)
+            slot = &pair[way];
+    if (slot == NULL || slot->generation != gen) {
         struct key_ref *ref = calloc(1, sizeof(*ref));
         if (ref == NULL)
             return KR_ENOMEM;
@@ -251,12 +257,17 @@ static int cached_get_key(struct service *svc, const char *id, struct key_ref **
             free(ref);
             return rv;
         }
+        if (slot == NULL) /* not held: the empty entry, else the one used least lately */
+            slot = pair[0].ref == NULL || (pair[1].ref != NULL && pair[0].used <= pair[1].used)
+                       ? &pair[0]
+                       : &pair[1];
         key_cache_drop(slot);
         copy_cut(slot->id, sizeof(slot->id), id);
         slot->generation = gen;
         slot->ref = ref;
         ref->refs = 1;
     }
+    slot->used = ++svc->key_cache_clock;
     slot->ref->refs++;
     *out = slot->ref;
     return 0;

@@ -66,8 +66,10 @@ struct service {
     struct key_cache_slot {
         char id[FSM_KEY_ID_LEN + 1];
         uint64_t generation;
+        uint64_t used;       /* key_cache_clock at the last hit */
         struct key_ref *ref; /* the cache's own reference */
-    } key_cache[KEY_CACHE_SLOTS];
+    } key_cache[KEY_CACHE_SLOTS]; /* two-way: a record sits in either of a pair */
+    uint64_t key_cache_clock;
     /* Parsed signing keys by (id, version), valid while the keys family's
      * generation is unchanged; a hit still passes every state, grant and
      * domain check. At most SIGNER_CACHE_SLOTS keys are held. */

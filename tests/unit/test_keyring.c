@@ -548,6 +548,48 @@ static void test_use_in_place(void **state)
     free(sealed);
 }
 
+/* A working set of hot versions far below the cache's size is opened once
+ * each, however often it is used: two whose hashes meet share their bucket
+ * instead of evicting each other on every use. The ids are fixed, so the
+ * hashes are: two of these 16 share a slot of a direct-mapped table of the
+ * same size (picked so; they fail the test there). */
+#define HOT_KEYS 16
+static void test_cache_hot_set_stays(void **state)
+{
+    struct fixture *fx = *state;
+    uint8_t *wrapped = NULL, *sealed[HOT_KEYS] = {0};
+    size_t wrapped_len = 0, sealed_len[HOT_KEYS] = {0};
+    uint8_t material[32];
+    struct keyring_cache_stats st;
+    struct use_seen seen = {0};
+    char id[32];
+
+    create(fx->keyring, "hot", &wrapped, &wrapped_len);
+    keyring_cache_enable(fx->keyring, 1);
+    for (int k = 0; k < HOT_KEYS; k++) {
+        snprintf(id, sizeof(id), "hot79-%d", k);
+        memset(material, k, sizeof(material));
+        seal(fx->keyring, "hot", id, 1, AES, material, sizeof(material), &sealed[k],
+             &sealed_len[k]);
+    }
+    for (int round = 0; round < 4; round++) {
+        for (int k = 0; k < HOT_KEYS; k++) {
+            snprintf(id, sizeof(id), "hot79-%d", k);
+            assert_int_equal(keyring_use(fx->keyring, "hot", id, 1, AES, sealed[k],
+                                         sealed_len[k], use_record, &seen), 0);
+            memset(material, k, sizeof(material));
+            assert_memory_equal(seen.material, material, sizeof(material));
+        }
+    }
+    keyring_cache_stats(fx->keyring, &st);
+    assert_int_equal(st.entries, HOT_KEYS);
+    assert_int_equal(st.misses, HOT_KEYS);
+    assert_int_equal(st.hits, 3 * HOT_KEYS);
+    for (int k = 0; k < HOT_KEYS; k++)
+        free(sealed[k]);
+    free(wrapped);
+}
+
 /* The sweep sees each cached version as it was sealed and wipes those its
  * callback says are no longer live (a destroyed version). */
 struct sweep_seen {
@@ -627,6 +669,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unsealed_cache, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_unsealed_cache_sweep, fixture_up, fixture_down),
         cmocka_unit_test_setup_teardown(test_use_in_place, fixture_up, fixture_down),
+        cmocka_unit_test_setup_teardown(test_cache_hot_set_stays, fixture_up, fixture_down),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
