@@ -133,9 +133,11 @@ void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_
 
 int fsm_key_id_valid(const char *id)
 {
+    /* Checked on every request naming a key: no strchr per character. */
     size_t i = 0;
     for (; id[i] != '\0'; i++)
-        if (i >= FSM_KEY_ID_LEN || strchr(HEX, id[i]) == NULL)
+        if (i >= FSM_KEY_ID_LEN ||
+            !((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f')))
             return 0;
     return i == FSM_KEY_ID_LEN;
 }

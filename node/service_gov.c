@@ -413,7 +413,7 @@ void gov_audit_call(struct call *call)
     r.key_id = key_b;
     r.key_version = version;
     r.status = call->resp.status;
-    snprintf(message_b, sizeof(message_b), "%s",
+    copy_cut(message_b, sizeof(message_b),
              call->resp.status != 0 && call->resp.message ? call->resp.message : "");
     r.message = message_b;
     r.client_address = call->address;

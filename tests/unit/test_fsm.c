@@ -1377,6 +1377,10 @@ static void test_schema_helpers(void **state)
     assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba98765")); /* 33 */
     assert_false(fsm_key_id_valid("BEEF000123456789abcdeffedcba9876"));
     assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba987g"));
+    /* the characters just outside 0-9 and a-f */
+    assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba987/"));
+    assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba987:"));
+    assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba987`"));
     assert_false(fsm_key_id_valid("../../000123456789abcdeffedcba98"));
 
     uint8_t buf[16];
