@@ -447,7 +447,9 @@ int kc_leader(const struct kc_cluster *c, unsigned mask, unsigned timeout_ms)
         uint64_t ids[KC_MAX_NODES] = {0};
         for (size_t i = 0; i < c->n; i++) {
             struct kc_status st;
-            if ((mask != 0 && !(mask & (1u << i))) || c->nodes[i].cut ||
+            /* A removed node still running hears no leader and campaigns
+             * (leader id 0): it would never agree. */
+            if ((mask != 0 && !(mask & (1u << i))) || c->nodes[i].cut || c->nodes[i].removed ||
                 !kr_node_alive(&c->nodes[i].n))
                 continue;
             if (kc_status(&c->nodes[i], &st) != 0) {

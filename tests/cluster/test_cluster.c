@@ -36,8 +36,11 @@
  * for our polling: 3 s, 5 s under ASan. */
 #define CUT_OFF_BOUND_MS (2 * ELECTION_TIMEOUT_MS + 1000 * SLOW)
 /* A leader stopped with SIGTERM hands over: a new leader well inside one
- * election timeout (an election could not be this fast). */
-#define HANDOFF_BOUND_MS ELECTION_TIMEOUT_MS
+ * election timeout (an election could not be this fast). Under ASan the
+ * target's catching up and our status polling take longer (1.1-1.3 s in 3
+ * of 10 runs on a 2-core machine): half a timeout more there, which checks a
+ * prompt hand-over but no longer rules out a quick election. */
+#define HANDOFF_BOUND_MS (ELECTION_TIMEOUT_MS + (SLOW > 1 ? ELECTION_TIMEOUT_MS / 2 : 0))
 /* kill -9 of the leader: followers notice after 1-2 s, elect, and the
  * client's retries (backoff up to 1 s) find the new leader. */
 #define FAILOVER_BOUND_MS 8000
@@ -214,8 +217,10 @@ static size_t other_than(const struct fixture *f, int idx)
     return 0;
 }
 
-/* One key read through |cl| (a client of one node, short deadline): the
- * node's own answer. */
+/* One key read through |cl| (a client of one node): the node's own answer.
+ * Sent with kr_send, so it is one attempt: kr_call would retry a refusal
+ * until its deadline, and on a slow (sanitized) build report that retry's
+ * timeout instead of the refusal. */
 static int probe_with(kr_client *cl, char *msg, size_t msg_len)
 {
     Keyraft__Request req = KEYRAFT__REQUEST__INIT;
@@ -225,18 +230,21 @@ static int probe_with(kr_client *cl, char *msg, size_t msg_len)
     lr.limit = 1;
     req.op_case = KEYRAFT__REQUEST__OP_LIST;
     req.list = &lr;
-    int rc = kr_call(cl, &req, &resp);
+    int rc = kr_send(cl, &req);
+    if (rc == 0)
+        rc = kr_recv(cl, &resp);
     if (rc == 0)
         rc = resp->status;
     if (msg != NULL)
-        snprintf(msg, msg_len, "%s", kr_client_last_error(cl));
+        snprintf(msg, msg_len, "%s",
+                 resp != NULL && resp->message != NULL && resp->message[0] != '\0'
+                     ? resp->message
+                     : kr_strerror(rc));
     kr_response_free(resp);
     return rc;
 }
 
-/* The same with a client of its own and a deadline long enough for the
- * answer: a deadline hit while retrying replaces a refusal with
- * KR_ETIMEDOUT. */
+/* The same with a client of its own. */
 static int probe_node(const struct kc_node *node, char *msg, size_t msg_len)
 {
     kr_client *cl = NULL;
@@ -917,6 +925,9 @@ static void test_membership(void **state)
     int leader = leader_or_fail(f, 0);
     int gone = leader == 3 ? 2 : 3; /* node 4, or node 3 when 4 leads */
     cluster_cmd(f, "remove", f->c.nodes[gone].id, 0, NULL, NULL);
+    /* Out of the cluster now, though still running: whether it saw the
+     * entry that removed it is a race, and if not it campaigns. */
+    f->c.nodes[gone].removed = 1;
     want[gone] = '-';
     wait_roles(f, want);
     f->removed[gone] = 1;
