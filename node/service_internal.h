@@ -59,7 +59,7 @@ struct service {
     unsigned long principals_epoch; /* fsm_governance_epoch() the cache matches */
     unsigned long domains_epoch;    /* the same, for unloading destroyed domains */
     struct principal_ref *principals[PRINCIPAL_CACHE_SLOTS];
-    /* Parsed key records last read, direct-mapped by id, valid while the
+    /* Parsed key records last read, two-way by id, valid while the
      * keys family's generation is unchanged: a store read, a parse and a
      * free less per crypto request. They hold only sealed material, as the
      * store does. */

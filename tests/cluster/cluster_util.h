@@ -25,7 +25,7 @@ struct kc_node {
     int raft_listen_port; /* where keyraftd binds raft behind its proxy; 0: no proxy */
     struct tcp_proxy *proxy;
     int cut;              /* its proxy is cut */
-    int removed;          /* removed from the membership: no longer asked who leads */
+    int removed;          /* left the membership for good: not restarted or asked who leads */
 };
 
 struct kc_cluster {

@@ -59,7 +59,6 @@ struct fixture {
     struct kc_writer w;     /* at most one writer; stopped after each test */
     int writer_live;
     uint64_t t_test;        /* when the test's setup began */
-    int removed[KC_MAX_NODES]; /* left the cluster for good (membership test) */
 };
 
 /* ---- fixtures ------------------------------------------------------------------------ */
@@ -108,7 +107,7 @@ static int cluster_ready(void **state)
     f->t_test = kc_now_ms();
     for (size_t i = 0; i < f->c.n; i++) {
         struct kc_node *node = &f->c.nodes[i];
-        if (f->removed[i])
+        if (f->c.nodes[i].removed)
             continue;
         if (node->cut)
             kc_cut(node, 0);
@@ -128,7 +127,7 @@ static int cluster_ready(void **state)
         return -1;
     }
     for (size_t i = 0; i < f->c.n; i++)
-        if (!f->removed[i] && kc_wait_serving(&f->c.nodes[i], 15000) != 0)
+        if (!f->c.nodes[i].removed && kc_wait_serving(&f->c.nodes[i], 15000) != 0)
             return -1;
     return crashed ? -1 : 0;
 }
@@ -211,7 +210,7 @@ static int leader_or_fail(struct fixture *f, unsigned mask)
 static size_t other_than(const struct fixture *f, int idx)
 {
     for (size_t i = 0; i < f->c.n; i++)
-        if ((int)i != idx && !f->removed[i])
+        if ((int)i != idx && !f->c.nodes[i].removed)
             return i;
     fail_msg("no member other than node %d", idx + 1);
     return 0;
@@ -925,12 +924,11 @@ static void test_membership(void **state)
     int leader = leader_or_fail(f, 0);
     int gone = leader == 3 ? 2 : 3; /* node 4, or node 3 when 4 leads */
     cluster_cmd(f, "remove", f->c.nodes[gone].id, 0, NULL, NULL);
-    /* Out of the cluster now, though still running: whether it saw the
-     * entry that removed it is a race, and if not it campaigns. */
+    /* Out of the cluster for good, though still running: whether it saw
+     * the entry that removed it is a race, and if not it campaigns. */
     f->c.nodes[gone].removed = 1;
     want[gone] = '-';
     wait_roles(f, want);
-    f->removed[gone] = 1;
     assert_int_equal(kr_node_stop(&f->c.nodes[gone].n), 0);
     kr_json *j = cli_cluster_list(f);
     assert_int_equal(kr_json_len(kr_json_get(j, "nodes")), 4);
@@ -943,7 +941,7 @@ static void test_membership(void **state)
     /* down to one voter: the leader; then it can be neither removed nor demoted */
     leader = leader_or_fail(f, 0);
     for (size_t i = 0; i < 4; i++) {
-        if ((int)i == leader || f->removed[i])
+        if ((int)i == leader || f->c.nodes[i].removed)
             continue;
         cluster_cmd(f, "demote", f->c.nodes[i].id, 0, NULL, NULL);
         want[i] = 's';
@@ -961,7 +959,7 @@ static void test_membership(void **state)
                      0);
     uint64_t index = kr_client_last_index(cl);
     for (size_t i = 0; i < f->c.n; i++)
-        if (!f->removed[i])
+        if (!f->c.nodes[i].removed)
             assert_key_on(&f->c.nodes[i], attrs, index);
     kr_key_attributes_free(attrs);
     kr_client_free(cl);
