@@ -309,22 +309,8 @@ char *kr_chomp_dup(const char *s, size_t len)
 
 /* Runs |argv| with stdin from |in|, capturing stdout/stderr, killed after
  * |timeout_ms|. Returns the exit code (128+sig; -1 on timeout or failure). */
-/* In a CLI child: a slow ASan unwinder on every malloc (which the node's
- * LSan suppressions need, see tests/lsan.supp) makes each short-lived CLI
- * run twice as slow and buys nothing there; leaks are still reported. */
-static void cli_fast_unwind(void)
-{
-    const char *cur = getenv("ASAN_OPTIONS");
-    char opts[1024];
-
-    if (cur == NULL || strstr(cur, "fast_unwind_on_malloc=0") == NULL)
-        return;
-    snprintf(opts, sizeof(opts), "%s:fast_unwind_on_malloc=1", cur);
-    setenv("ASAN_OPTIONS", opts, 1);
-}
-
 static int run_capture(const char *const *argv, const void *in, size_t in_len,
-                       struct kr_out *out, int timeout_ms, int fast_unwind)
+                       struct kr_out *out, int timeout_ms)
 {
     int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1};
     size_t cap_o = 4096, cap_e = 4096, in_off = 0;
@@ -348,8 +334,6 @@ static int run_capture(const char *const *argv, const void *in, size_t in_len,
         goto fail;
     if (pid == 0) {
         child_prepare(parent);
-        if (fast_unwind)
-            cli_fast_unwind();
         dup2(pin[0], 0);
         dup2(pout[1], 1);
         dup2(perr[1], 2);
@@ -519,7 +503,7 @@ int kr_cli_as_argv(const struct kr_node *node, const char *principal, const void
     for (int i = 0; argv[i] != NULL && i < MAX_CLI_ARGS; i++)
         full[n++] = argv[i];
     full[n] = NULL;
-    return run_capture(full, stdin_data, stdin_len, out, CLI_TIMEOUT_MS, 1);
+    return run_capture(full, stdin_data, stdin_len, out, CLI_TIMEOUT_MS);
 }
 
 int kr_cli(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
@@ -539,7 +523,7 @@ int kr_cli(const struct kr_node *node, const void *stdin_data, size_t stdin_len,
 
 int kr_run(const char *const *argv, struct kr_out *out, int timeout_ms)
 {
-    return run_capture(argv, NULL, 0, out, timeout_ms, 0);
+    return run_capture(argv, NULL, 0, out, timeout_ms);
 }
 
 /* ---- nodes ------------------------------------------------------------------------- */
@@ -631,7 +615,7 @@ int kr_node_init(struct kr_node *node)
         snprintf(raft, sizeof(raft), "127.0.0.1:%d", node->raft_port);
         const char *argv[] = {bin,    "init",   "--data", node->dir, "--listen",
                               listen, "--raft-address", raft, NULL};
-        int rc = run_capture(argv, NULL, 0, &o, 60000, 0);
+        int rc = run_capture(argv, NULL, 0, &o, 60000);
         snprintf(log, sizeof(log), "%s/init.log", node->dir);
         FILE *f = fopen(log, "w");
         if (f != NULL) {

@@ -2320,7 +2320,9 @@ static void test_protocol_semantics(void **state)
     assert_int_equal(attrs->commit_index, kr_client_last_index(f->c));
     kr_key_attributes_free(attrs);
 
-    /* a read needing an index the node has not reached: refused, promptly */
+    /* a read needing an index the node has not reached: refused once the
+     * node's bounded wait (5 s) is over, saying why. One attempt (kr_send):
+     * kr_call would ask again until its own deadline. */
     Keyraft__Request g = KEYRAFT__REQUEST__INIT;
     Keyraft__GetKeyRequest gr = KEYRAFT__GET_KEY_REQUEST__INIT;
     Keyraft__KeyRef gref = KEYRAFT__KEY_REF__INIT;
@@ -2329,7 +2331,15 @@ static void test_protocol_semantics(void **state)
     g.op_case = KEYRAFT__REQUEST__OP_GET;
     g.get = &gr;
     g.min_index = 1000000000ULL;
-    Keyraft__Response *resp = lib_call(f->c, &g, KR_EUNAVAIL);
+    Keyraft__Response *resp = NULL;
+    uint64_t asked_ms = kc_now_ms();
+    assert_int_equal(kr_send(f->c, &g), 0);
+    assert_int_equal(kr_recv(f->c, &resp), 0);
+    uint64_t waited_ms = kc_now_ms() - asked_ms;
+    assert_int_equal(resp->status, KR_EUNAVAIL);
+    assert_non_null(strstr(resp->message, "the request needs 1000000000"));
+    if (waited_ms < 4500 || waited_ms > 10000)
+        fail_msg("refused after %llu ms, want the node's 5 s wait", (unsigned long long)waited_ms);
     kr_response_free(resp);
 
     /* limits: 64 tags fit, 65 do not; names up to 256 printable characters */
@@ -2849,7 +2859,7 @@ static int wait_write(struct fixture *f, int *counter, int want_ok, unsigned ms)
 }
 
 /* Records that cannot be shipped stop the node. The recorder is made to ship
- * only every 3 s but to fail closed once a record waits 100 ms: right after a
+ * only every 1.5 s but to fail closed once a record waits 100 ms: right after a
  * batch is shipped a request runs, 300 ms later the next is refused and says
  * why (reads too, unless fail_open_reads), and once the next batch is
  * committed requests run again. */
@@ -2863,7 +2873,7 @@ static void test_audit_fail_closed(void **state)
     for (int open_reads = 1; open_reads >= 0; open_reads--) {
         char section[256];
         snprintf(section, sizeof(section),
-                 "[audit]\nenabled = true\nflush_ms = 3000\nmax_pending = 100000\n"
+                 "[audit]\nenabled = true\nflush_ms = 1500\nmax_pending = 100000\n"
                  "max_lag_ms = 100\nfail_open_reads = %s\ncheckpoint_ms = 10000\n",
                  open_reads ? "true" : "false");
         kr_client_free(f->c);
