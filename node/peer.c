@@ -348,6 +348,7 @@ static void on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         handshake_done(tn);
     }
     uint8_t plain[PEER_READ_CHUNK];
+    size_t filled = 0; /* wiped up to the most any read filled, not all 64 KB */
     while (tn->state == TUNNEL_PREAMBLE || tn->state == TUNNEL_OPEN) {
         int n = tls_conn_read(tn->tls, plain, sizeof(plain));
         if (n == 0)
@@ -356,6 +357,8 @@ static void on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             tunnel_close(tn, RAFT_NOCONNECTION);
             break;
         }
+        if ((size_t)n > filled)
+            filled = (size_t)n;
         size_t off = 0;
         if (tn->state == TUNNEL_PREAMBLE)
             off = take_preamble(tn, plain, (size_t)n);
@@ -363,7 +366,7 @@ static void on_tcp_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             stream_write(tn, (uv_stream_t *)&tn->inner, plain + off, (size_t)n - off) != 0)
             tunnel_close(tn, RAFT_NOCONNECTION);
     }
-    OPENSSL_cleanse(plain, sizeof(plain));
+    OPENSSL_cleanse(plain, filled);
 }
 
 static void on_timeout(uv_timer_t *t)
