@@ -56,8 +56,15 @@ struct kr_client {
      * KR_SEND_CORK bytes, by kr_recv or kr_flush. Wiped after each write. */
     uint8_t *out;
     size_t out_len, out_cap;
+    /* Answers read ahead: bytes [in_start, in_len) of |in| are plaintext
+     * received and not yet returned (the answers that came in one record).
+     * Wiped as each frame is consumed and when the connection closes. */
+    uint8_t *in;
+    size_t in_start, in_len, in_cap;
     char err[512];
 };
+
+#define KR_READ_CHUNK 16384 /* one TLS record's plaintext at most */
 
 #define KR_SEND_CORK 16384
 
@@ -419,9 +426,17 @@ static void out_discard(kr_client *c)
     c->out_len = 0;
 }
 
+static void in_discard(kr_client *c)
+{
+    if (c->in != NULL)
+        OPENSSL_cleanse(c->in, c->in_len);
+    c->in_start = c->in_len = 0;
+}
+
 static void conn_close(kr_client *c)
 {
     out_discard(c);
+    in_discard(c); /* what was read ahead belonged to this connection */
     if (c->ssl != NULL) {
         /* Best effort close_notify: the socket is non-blocking, never waits. */
         ERR_set_mark();
@@ -444,6 +459,10 @@ void kr_client_free(kr_client *client)
     if (client->out != NULL) {
         OPENSSL_cleanse(client->out, client->out_cap);
         free(client->out);
+    }
+    if (client->in != NULL) {
+        OPENSSL_cleanse(client->in, client->in_cap);
+        free(client->in);
     }
     SSL_CTX_free(client->ctx);
     BIO_meth_free(client->bio_meth);
@@ -668,32 +687,6 @@ static int conn_write(kr_client *c, const uint8_t *buf, size_t len, int64_t dead
     return 0;
 }
 
-static int conn_read(kr_client *c, uint8_t *buf, size_t len, int64_t deadline)
-{
-    int rc = 0;
-
-    while (len > 0) {
-        short events = 0;
-        int chunk = len > INT32_MAX ? INT32_MAX : (int)len;
-        ERR_clear_error();
-        int ret = SSL_read(c->ssl, buf, chunk);
-        if (ret > 0) {
-            buf += ret;
-            len -= (size_t)ret;
-            continue;
-        }
-        if (!ssl_result(c, ret, "receive from", &events, &rc))
-            return rc;
-        rc = wait_fd(c->fd, events, deadline);
-        if (rc != 0) {
-            kr__client_set_error(c, "no answer from %s:%s in %d ms", c->eps[c->conn_ep].host,
-                                 c->eps[c->conn_ep].port, c->timeout_ms);
-            return rc;
-        }
-    }
-    return 0;
-}
-
 static int out_flush(kr_client *c, int64_t deadline)
 {
     if (c->out_len == 0)
@@ -743,43 +736,98 @@ static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadl
     return out_flush(c, deadline);
 }
 
-static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out_resp)
+/* Room for |want| more bytes after the unread ones: the unread tail moves
+ * to the front (the bytes it leaves are wiped) and the buffer grows. */
+static int in_reserve(kr_client *c, size_t want)
 {
-    uint8_t hdr[4];
-    uint8_t *buf = NULL;
-    uint32_t len;
-    int rc;
-
-    rc = conn_read(c, hdr, sizeof(hdr), deadline);
-    if (rc != 0)
-        return rc;
-    len = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-    if (len > KR_MAX_FRAME) {
-        kr__client_set_error(c, "%s:%s sent a %u byte frame, over the %u byte limit",
-                             c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len,
-                             KR_MAX_FRAME);
-        return KR_ETOOBIG;
+    size_t unread = c->in_len - c->in_start;
+    if (c->in_start > 0) {
+        memmove(c->in, c->in + c->in_start, unread);
+        OPENSSL_cleanse(c->in + unread, c->in_len - unread);
+        c->in_start = 0;
+        c->in_len = unread;
     }
-    buf = malloc(len > 0 ? len : 1);
-    if (buf == NULL) {
-        kr__client_set_error(c, "out of memory for a %u byte response", len);
+    if (c->in_cap - c->in_len >= want)
+        return 0;
+    size_t cap = c->in_cap ? c->in_cap : KR_READ_CHUNK;
+    while (cap - c->in_len < want)
+        cap *= 2;
+    uint8_t *in = malloc(cap);
+    if (in == NULL) {
+        kr__client_set_error(c, "out of memory for a %zu byte read buffer", cap);
         return KR_ENOMEM;
     }
-    rc = conn_read(c, buf, len, deadline);
-    if (rc != 0)
-        goto out;
-    Keyraft__Response *resp = keyraft__response__unpack(NULL, len, buf);
-    if (resp == NULL) {
-        kr__client_set_error(c, "%s:%s sent a malformed response of %u bytes",
-                             c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len);
-        rc = KR_EPROTO;
-        goto out;
+    if (c->in != NULL) {
+        memcpy(in, c->in, c->in_len);
+        OPENSSL_cleanse(c->in, c->in_cap);
+        free(c->in);
     }
-    *out_resp = resp;
-out:
-    OPENSSL_cleanse(buf, len);
-    free(buf);
-    return rc;
+    c->in = in;
+    c->in_cap = cap;
+    return 0;
+}
+
+/* The next answer. Answers already read ahead are returned without a
+ * syscall; frames queued by kr_send are written only when the client would
+ * otherwise wait for the node, so a burst of answers is followed by one
+ * write carrying the requests made in reply to all of them. */
+static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out_resp)
+{
+    for (;;) {
+        size_t avail = c->in_len - c->in_start;
+        size_t need = 4;
+        if (avail >= 4) {
+            const uint8_t *p = c->in + c->in_start;
+            uint32_t len = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+            if (len > KR_MAX_FRAME) {
+                kr__client_set_error(c, "%s:%s sent a %u byte frame, over the %u byte limit",
+                                     c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len,
+                                     KR_MAX_FRAME);
+                return KR_ETOOBIG;
+            }
+            need = 4 + (size_t)len;
+            if (avail >= need) {
+                Keyraft__Response *resp = keyraft__response__unpack(NULL, len, p + 4);
+                OPENSSL_cleanse(c->in + c->in_start, need);
+                c->in_start += need;
+                if (c->in_start == c->in_len)
+                    c->in_start = c->in_len = 0;
+                if (resp == NULL) {
+                    kr__client_set_error(c, "%s:%s sent a malformed response of %u bytes",
+                                         c->eps[c->conn_ep].host, c->eps[c->conn_ep].port,
+                                         len);
+                    return KR_EPROTO;
+                }
+                *out_resp = resp;
+                return 0;
+            }
+        }
+        int rc = in_reserve(c, need - avail > KR_READ_CHUNK ? need - avail : KR_READ_CHUNK);
+        if (rc != 0)
+            return rc;
+        short events = 0;
+        size_t room = c->in_cap - c->in_len;
+        ERR_clear_error();
+        int ret = SSL_read(c->ssl, c->in + c->in_len, room > INT32_MAX ? INT32_MAX : (int)room);
+        if (ret > 0) {
+            c->in_len += (size_t)ret;
+            continue;
+        }
+        if (!ssl_result(c, ret, "receive from", &events, &rc))
+            return rc;
+        if (events == POLLIN && c->out_len > 0) {
+            rc = out_flush(c, deadline); /* about to wait: send what kr_send queued */
+            if (rc != 0)
+                return rc;
+            continue;
+        }
+        rc = wait_fd(c->fd, events, deadline);
+        if (rc != 0) {
+            kr__client_set_error(c, "no answer from %s:%s in %d ms", c->eps[c->conn_ep].host,
+                                 c->eps[c->conn_ep].port, c->timeout_ms);
+            return rc;
+        }
+    }
 }
 
 /* ---- calls ------------------------------------------------------------------------------ */
@@ -1124,9 +1172,7 @@ int kr_recv(kr_client *client, Keyraft__Response **out_resp)
         kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
         return KR_ECONN;
     }
-    rc = out_flush(c, now_ms() + c->timeout_ms);
-    if (rc == 0)
-        rc = recv_response(c, now_ms() + c->timeout_ms, &resp);
+    rc = recv_response(c, now_ms() + c->timeout_ms, &resp); /* flushes before it waits */
     if (rc != 0) {
         conn_close(c); /* what was in flight on it is lost */
         return rc;

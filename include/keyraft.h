@@ -109,8 +109,9 @@ void kr_response_free(Keyraft__Response *resp);
  * order. kr_send prepares |req| as kr_call does (sets req->id, a request_id
  * for a write without one, min_index for a read) and queues it for the open
  * connection, opening one to the endpoint that last answered when there is
- * none. Queued requests are written together once they reach 16 KB, and by
- * kr_recv and kr_flush: one TLS record and one send for many small requests.
+ * none. Queued requests are written together once they reach 16 KB, by
+ * kr_flush, and by kr_recv when it has no answer already received to return
+ * and would wait: one TLS record and one send for many small requests.
  * kr_send does not wait for the answer, retry or fail over, so a refusal
  * (KR_ENOTLEADER) comes back as an answer's status. The writes inside a
  * batch get no request_id from kr_send (kr_call gives them one): give them

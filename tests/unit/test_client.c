@@ -217,6 +217,7 @@ struct fake {
     uint64_t min_index[FAKE_MAX_REQS];
     uint64_t id[FAKE_MAX_REQS];
     int hold; /* > 1: answer only once this many are in, newest first */
+    int answered; /* held requests answered (written to the socket) */
     char inner_id[FAKE_MAX_REQS][3][64]; /* a batch: its first requests' ids */
 };
 
@@ -334,6 +335,9 @@ static void fake_serve(struct fake *f, int fd)
                 if (rc == 0)
                     rc = fake_reply(f, ssl, r);
                 keyraft__request__free_unpacked(r, NULL);
+                pthread_mutex_lock(&f->mu);
+                f->answered += rc == 0;
+                pthread_mutex_unlock(&f->mu);
             }
             if (rc != 0)
                 break;
@@ -809,6 +813,78 @@ static void test_pipelined_send_recv(void **state)
     fake_stop(&f);
 }
 
+static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *create,
+                           char *name)
+{
+    keyraft__request__init(req);
+    keyraft__create_key_request__init(create);
+    create->name = name;
+    create->algorithm = KEYRAFT__ALGORITHM__AES_256;
+    req->op_case = KEYRAFT__REQUEST__OP_CREATE;
+    req->create = create;
+}
+
+/* kr_recv returns answers already received without writing: a request
+ * queued meanwhile goes out only when kr_recv would wait. So a client
+ * answering each reply with a new request sends one write per burst of
+ * replies, not one per reply. */
+static void test_recv_writes_only_before_waiting(void **state)
+{
+    enum { N = 4 };
+    struct fake f;
+    char ep[64], name[N + 1][16];
+    Keyraft__Request req[N + 1];
+    Keyraft__CreateKeyRequest create[N + 1];
+    Keyraft__Response *resp = NULL;
+
+    (void)state;
+    fake_start(&f, FAKE_ANSWER, P.srv_cert, 7);
+    f.hold = N;
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
+    kr_client *c = new_client(ep, 5000);
+    for (int i = 0; i < N; i++) {
+        snprintf(name[i], sizeof(name[i]), "r%d", i);
+        create_request(&req[i], &create[i], name[i]);
+        assert_int_equal(kr_send(c, &req[i]), 0);
+    }
+    assert_int_equal(kr_flush(c), 0);
+    /* All N answers are in the client's socket (loopback delivers in write). */
+    for (int i = 0; i < 500; i++) {
+        pthread_mutex_lock(&f.mu);
+        int done = f.answered == N;
+        pthread_mutex_unlock(&f.mu);
+        if (done)
+            break;
+        usleep(10 * 1000);
+    }
+    pthread_mutex_lock(&f.mu);
+    assert_int_equal(f.answered, N);
+    f.hold = 0; /* from now on answer at once */
+    pthread_mutex_unlock(&f.mu);
+
+    assert_int_equal(kr_recv(c, &resp), 0);
+    kr_response_free(resp);
+    snprintf(name[N], sizeof(name[N]), "r%d", N);
+    create_request(&req[N], &create[N], name[N]);
+    assert_int_equal(kr_send(c, &req[N]), 0); /* queued */
+    for (int i = 1; i < N; i++) {
+        assert_int_equal(kr_recv(c, &resp), 0);
+        assert_int_not_equal(resp->id, req[N].id);
+        kr_response_free(resp);
+    }
+    usleep(50 * 1000);
+    assert_int_equal(fake_count(&f), N); /* the queued request is still here */
+
+    /* Nothing left to return: kr_recv writes it, then waits for its answer. */
+    assert_int_equal(kr_recv(c, &resp), 0);
+    assert_int_equal(resp->id, req[N].id);
+    assert_string_equal(resp->key->name, name[N]);
+    kr_response_free(resp);
+    assert_int_equal(fake_count(&f), N + 1);
+    kr_client_free(c);
+    fake_stop(&f);
+}
+
 /* The pipelined calls fail cleanly: nothing to receive without a connection,
  * a receive with nothing in flight times out, a dead endpoint is KR_ECONN,
  * a request with no operation never leaves. */
@@ -949,6 +1025,7 @@ int main(void)
         cmocka_unit_test(test_failover_keeps_request_id),
         cmocka_unit_test(test_leader_hint_is_followed),
         cmocka_unit_test(test_pipelined_send_recv),
+        cmocka_unit_test(test_recv_writes_only_before_waiting),
         cmocka_unit_test(test_pipelined_failures),
         cmocka_unit_test(test_batch_ids_and_routing),
     };
