@@ -696,6 +696,29 @@ static int out_flush(kr_client *c, int64_t deadline)
     return rc;
 }
 
+/* Room for |want| bytes after the |len| in use in *buf (capacity *cap,
+ * doubling from |first|): a larger buffer gets the bytes in use and the old
+ * one is wiped before it is freed. Returns 0 or -1 (out of memory). */
+static int wiped_reserve(uint8_t **buf, size_t len, size_t *cap, size_t want, size_t first)
+{
+    if (*cap - len >= want)
+        return 0;
+    size_t grown = *cap ? *cap : first;
+    while (grown - len < want)
+        grown *= 2;
+    uint8_t *nb = malloc(grown);
+    if (nb == NULL)
+        return -1;
+    if (*buf != NULL) {
+        memcpy(nb, *buf, len);
+        OPENSSL_cleanse(*buf, *cap);
+        free(*buf);
+    }
+    *buf = nb;
+    *cap = grown;
+    return 0;
+}
+
 /* Frames |req| into the send queue; |cork| leaves it there until the queue
  * reaches KR_SEND_CORK bytes (kr_send), else everything queued is written. */
 static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadline, int cork)
@@ -707,22 +730,9 @@ static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadl
                              KR_MAX_FRAME);
         return KR_ETOOBIG;
     }
-    if (c->out_len + len + 4 > c->out_cap) {
-        size_t cap = c->out_cap ? c->out_cap : KR_SEND_CORK * 2;
-        while (cap < c->out_len + len + 4)
-            cap *= 2;
-        uint8_t *out = malloc(cap);
-        if (out == NULL) {
-            kr__client_set_error(c, "out of memory for a %zu byte request", len);
-            return KR_ENOMEM;
-        }
-        if (c->out != NULL) {
-            memcpy(out, c->out, c->out_len);
-            OPENSSL_cleanse(c->out, c->out_cap);
-            free(c->out);
-        }
-        c->out = out;
-        c->out_cap = cap;
+    if (wiped_reserve(&c->out, c->out_len, &c->out_cap, len + 4, KR_SEND_CORK * 2) != 0) {
+        kr__client_set_error(c, "out of memory for a %zu byte request", len);
+        return KR_ENOMEM;
     }
     uint8_t *buf = c->out + c->out_len;
     buf[0] = (uint8_t)(len >> 24);
@@ -747,23 +757,10 @@ static int in_reserve(kr_client *c, size_t want)
         c->in_start = 0;
         c->in_len = unread;
     }
-    if (c->in_cap - c->in_len >= want)
-        return 0;
-    size_t cap = c->in_cap ? c->in_cap : KR_READ_CHUNK;
-    while (cap - c->in_len < want)
-        cap *= 2;
-    uint8_t *in = malloc(cap);
-    if (in == NULL) {
-        kr__client_set_error(c, "out of memory for a %zu byte read buffer", cap);
+    if (wiped_reserve(&c->in, c->in_len, &c->in_cap, want, KR_READ_CHUNK) != 0) {
+        kr__client_set_error(c, "out of memory for a %zu byte answer", want);
         return KR_ENOMEM;
     }
-    if (c->in != NULL) {
-        memcpy(in, c->in, c->in_len);
-        OPENSSL_cleanse(c->in, c->in_cap);
-        free(c->in);
-    }
-    c->in = in;
-    c->in_cap = cap;
     return 0;
 }
 
