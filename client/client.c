@@ -343,7 +343,8 @@ static SSL_CTX *tls_ctx_new(const kr_client_config *cfg, char *err, size_t err_l
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
     /* Frames carry their own length, so a missing close_notify cannot
      * truncate a message unnoticed; treat a bare EOF as a closed connection. */
-    SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* OpenSSL wipes decrypted records once read: answers may carry key material. */
+    SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_CLEANSE_PLAINTEXT);
     if (SSL_CTX_load_verify_locations(ctx, cfg->ca_file, NULL) != 1) {
         set_err(err, err_len, "CA file %s: %s", cfg->ca_file, ossl_reason(why, sizeof(why)));
         goto fail;
@@ -426,11 +427,18 @@ static void out_discard(kr_client *c)
     c->out_len = 0;
 }
 
+/* Drops the read-ahead of a closing connection; a buffer grown past four
+ * reads for a large answer is freed rather than kept for the next one. */
 static void in_discard(kr_client *c)
 {
     if (c->in != NULL)
         OPENSSL_cleanse(c->in, c->in_len);
     c->in_start = c->in_len = 0;
+    if (c->in_cap > 4 * KR_READ_CHUNK) {
+        free(c->in);
+        c->in = NULL;
+        c->in_cap = 0;
+    }
 }
 
 static void conn_close(kr_client *c)

@@ -195,6 +195,9 @@ static int ctx_new(int is_server, const char *ca_file, const char *cert_file,
         rv = ctx_fail("restricting to TLS 1.3", NULL);
         goto out;
     }
+    /* OpenSSL wipes decrypted records once they are read: requests and
+     * answers may carry key material (imports, exports, data keys). */
+    SSL_CTX_set_options(ssl_ctx, SSL_OP_CLEANSE_PLAINTEXT);
     if (SSL_CTX_load_verify_locations(ssl_ctx, ca_file, NULL) != 1) {
         rv = ctx_fail("loading CA", ca_file);
         goto out;

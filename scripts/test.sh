@@ -5,7 +5,6 @@
 #   --quick   skip the sanitizer build and the fuzz run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
 scripts/setup.sh
 jobs=$(nproc)
 start=$(date +%s)

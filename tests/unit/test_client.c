@@ -218,6 +218,8 @@ struct fake {
     uint64_t id[FAKE_MAX_REQS];
     int hold; /* > 1: answer only once this many are in, newest first */
     int answered; /* held requests answered (written to the socket) */
+    int coalesce; /* held answers go out in one write: several frames a
+                     record, frames across records */
     char inner_id[FAKE_MAX_REQS][3][64]; /* a batch: its first requests' ids */
 };
 
@@ -233,14 +235,15 @@ static int ssl_read_all(SSL *ssl, uint8_t *buf, size_t len)
     return 0;
 }
 
-static int fake_reply(struct fake *f, SSL *ssl, const Keyraft__Request *req)
+/* Appends the answer to |req|, framed, to *out (grown; *len bytes used). */
+static int fake_encode(struct fake *f, const Keyraft__Request *req, uint8_t **out, size_t *len)
 {
     Keyraft__Response resp = KEYRAFT__RESPONSE__INIT;
     Keyraft__BatchResponse batch = KEYRAFT__BATCH_RESPONSE__INIT;
     Keyraft__Response inner[3], *inner_ptrs[3];
     Keyraft__KeyAttributes key = KEYRAFT__KEY_ATTRIBUTES__INIT;
     Keyraft__RandomResponse rnd = KEYRAFT__RANDOM_RESPONSE__INIT;
-    uint8_t data[64], frame[1024];
+    uint8_t data[64];
 
     resp.id = req->id;
     if (f->mode != FAKE_NOTLEADER && req->op_case == KEYRAFT__REQUEST__OP_BATCH) {
@@ -279,15 +282,35 @@ static int fake_reply(struct fake *f, SSL *ssl, const Keyraft__Request *req)
         resp.result_case = KEYRAFT__RESPONSE__RESULT_KEY;
         resp.key = &key;
     }
-    size_t len = keyraft__response__get_packed_size(&resp);
-    if (len + 4 > sizeof(frame))
+    size_t n = keyraft__response__get_packed_size(&resp);
+    uint8_t *grown = realloc(*out, *len + n + 4);
+    if (grown == NULL)
         return -1;
-    frame[0] = (uint8_t)(len >> 24);
-    frame[1] = (uint8_t)(len >> 16);
-    frame[2] = (uint8_t)(len >> 8);
-    frame[3] = (uint8_t)len;
+    *out = grown;
+    uint8_t *frame = grown + *len;
+    frame[0] = (uint8_t)(n >> 24);
+    frame[1] = (uint8_t)(n >> 16);
+    frame[2] = (uint8_t)(n >> 8);
+    frame[3] = (uint8_t)n;
     keyraft__response__pack(&resp, frame + 4);
-    return SSL_write(ssl, frame, (int)(len + 4)) == (int)(len + 4) ? 0 : -1;
+    *len += n + 4;
+    return 0;
+}
+
+static int fake_write(SSL *ssl, const uint8_t *buf, size_t len)
+{
+    return SSL_write(ssl, buf, (int)len) == (int)len ? 0 : -1;
+}
+
+static int fake_reply(struct fake *f, SSL *ssl, const Keyraft__Request *req)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    int rc = fake_encode(f, req, &buf, &len);
+    if (rc == 0)
+        rc = fake_write(ssl, buf, len);
+    free(buf);
+    return rc;
 }
 
 /* Serves one connection until the client goes away. */
@@ -330,15 +353,25 @@ static void fake_serve(struct fake *f, int fd)
             held[n_held++] = req;
             if (n_held < f->hold)
                 continue;
+            uint8_t *all = NULL;
+            size_t all_len = 0;
+            int n_answers = n_held;
             while (n_held > 0) {
                 Keyraft__Request *r = held[--n_held];
                 if (rc == 0)
-                    rc = fake_reply(f, ssl, r);
+                    rc = f->coalesce ? fake_encode(f, r, &all, &all_len) : fake_reply(f, ssl, r);
                 keyraft__request__free_unpacked(r, NULL);
                 pthread_mutex_lock(&f->mu);
-                f->answered += rc == 0;
+                f->answered += rc == 0 && !f->coalesce;
                 pthread_mutex_unlock(&f->mu);
             }
+            if (rc == 0 && f->coalesce) {
+                rc = fake_write(ssl, all, all_len);
+                pthread_mutex_lock(&f->mu);
+                f->answered += rc == 0 ? n_answers : 0;
+                pthread_mutex_unlock(&f->mu);
+            }
+            free(all);
             if (rc != 0)
                 break;
             continue;
@@ -885,6 +918,44 @@ static void test_recv_writes_only_before_waiting(void **state)
     fake_stop(&f);
 }
 
+/* Answers that arrive together, several in one TLS record and one larger
+ * than a record (so split across records), come back whole and in order. */
+static void test_recv_coalesced_answers(void **state)
+{
+    enum { N = 4, LONG = 20000 };
+    struct fake f;
+    char ep[64], *name[N];
+    Keyraft__Request req[N];
+    Keyraft__CreateKeyRequest create[N];
+
+    (void)state;
+    fake_start(&f, FAKE_ANSWER, P.srv_cert, 9);
+    f.hold = N;
+    f.coalesce = 1;
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
+    kr_client *c = new_client(ep, 5000);
+    for (int i = 0; i < N; i++) {
+        size_t len = i == 2 ? LONG : 8;
+        name[i] = malloc(len + 1);
+        assert_non_null(name[i]);
+        memset(name[i], 'a' + i, len);
+        name[i][len] = '\0';
+        create_request(&req[i], &create[i], name[i]);
+        assert_int_equal(kr_send(c, &req[i]), 0);
+    }
+    for (int i = N - 1; i >= 0; i--) { /* the fake answers newest first */
+        Keyraft__Response *resp = NULL;
+        assert_int_equal(kr_recv(c, &resp), 0);
+        assert_int_equal(resp->id, req[i].id);
+        assert_string_equal(resp->key->name, name[i]);
+        kr_response_free(resp);
+    }
+    for (int i = 0; i < N; i++)
+        free(name[i]);
+    kr_client_free(c);
+    fake_stop(&f);
+}
+
 /* The pipelined calls fail cleanly: nothing to receive without a connection,
  * a receive with nothing in flight times out, a dead endpoint is KR_ECONN,
  * a request with no operation never leaves. */
@@ -1026,6 +1097,7 @@ int main(void)
         cmocka_unit_test(test_leader_hint_is_followed),
         cmocka_unit_test(test_pipelined_send_recv),
         cmocka_unit_test(test_recv_writes_only_before_waiting),
+        cmocka_unit_test(test_recv_coalesced_answers),
         cmocka_unit_test(test_pipelined_failures),
         cmocka_unit_test(test_batch_ids_and_routing),
     };
