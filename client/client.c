@@ -56,11 +56,7 @@ struct kr_client {
      * KR_SEND_CORK bytes, by kr_recv or kr_flush. Wiped after each write. */
     uint8_t *out;
     size_t out_len, out_cap;
-    /* Answers read ahead: bytes [in_start, in_len) of |in| are plaintext
-     * received and not yet returned (the answers that came in one record).
-     * Wiped as each frame is consumed and when the connection closes. */
-    uint8_t *in;
-    size_t in_start, in_len, in_cap;
+    struct kr__readahead in; /* answers received, not yet returned */
     char err[512];
 };
 
@@ -427,24 +423,12 @@ static void out_discard(kr_client *c)
     c->out_len = 0;
 }
 
-/* Drops the read-ahead of a closing connection; a buffer grown past four
- * reads for a large answer is freed rather than kept for the next one. */
-static void in_discard(kr_client *c)
-{
-    if (c->in != NULL)
-        OPENSSL_cleanse(c->in, c->in_len);
-    c->in_start = c->in_len = 0;
-    if (c->in_cap > 4 * KR_READ_CHUNK) {
-        free(c->in);
-        c->in = NULL;
-        c->in_cap = 0;
-    }
-}
-
 static void conn_close(kr_client *c)
 {
     out_discard(c);
-    in_discard(c); /* what was read ahead belonged to this connection */
+    /* What was read ahead belonged to this connection; a buffer grown for
+     * a large answer is freed rather than kept for the next one. */
+    kr__readahead_drop(&c->in, 4 * KR_READ_CHUNK);
     if (c->ssl != NULL) {
         /* Best effort close_notify: the socket is non-blocking, never waits. */
         ERR_set_mark();
@@ -468,10 +452,7 @@ void kr_client_free(kr_client *client)
         OPENSSL_cleanse(client->out, client->out_cap);
         free(client->out);
     }
-    if (client->in != NULL) {
-        OPENSSL_cleanse(client->in, client->in_cap);
-        free(client->in);
-    }
+    kr__readahead_drop(&client->in, 0);
     SSL_CTX_free(client->ctx);
     BIO_meth_free(client->bio_meth);
     endpoints_free(client->eps, client->n_eps);
@@ -754,22 +735,61 @@ static int send_request(kr_client *c, const Keyraft__Request *req, int64_t deadl
     return out_flush(c, deadline);
 }
 
-/* Room for |want| more bytes after the unread ones: the unread tail moves
- * to the front (the bytes it leaves are wiped) and the buffer grows. */
-static int in_reserve(kr_client *c, size_t want)
+int kr__readahead_room(struct kr__readahead *ra, size_t want, uint8_t **at, size_t *room)
 {
-    size_t unread = c->in_len - c->in_start;
-    if (c->in_start > 0) {
-        memmove(c->in, c->in + c->in_start, unread);
-        OPENSSL_cleanse(c->in + unread, c->in_len - unread);
-        c->in_start = 0;
-        c->in_len = unread;
+    size_t unread = ra->len - ra->start;
+    if (ra->start > 0) {
+        memmove(ra->buf, ra->buf + ra->start, unread);
+        OPENSSL_cleanse(ra->buf + unread, ra->len - unread);
+        ra->start = 0;
+        ra->len = unread;
     }
-    if (wiped_reserve(&c->in, c->in_len, &c->in_cap, want, KR_READ_CHUNK) != 0) {
-        kr__client_set_error(c, "out of memory for a %zu byte answer", want);
+    if (wiped_reserve(&ra->buf, ra->len, &ra->cap, want, KR_READ_CHUNK) != 0)
         return KR_ENOMEM;
-    }
+    *at = ra->buf + ra->len;
+    *room = ra->cap - ra->len;
     return 0;
+}
+
+int kr__readahead_next(struct kr__readahead *ra, uint32_t max_frame, Keyraft__Response **out,
+                       size_t *missing, uint32_t *frame_len)
+{
+    size_t avail = ra->len - ra->start;
+    *frame_len = 0;
+    if (avail < 4) {
+        *missing = 4 - avail;
+        return 0;
+    }
+    uint8_t *p = ra->buf + ra->start;
+    uint32_t len = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+    *frame_len = len;
+    if (len > max_frame)
+        return KR_ETOOBIG;
+    if (avail - 4 < len) {
+        *missing = len - (avail - 4);
+        return 0;
+    }
+    Keyraft__Response *resp = keyraft__response__unpack(NULL, len, p + 4);
+    OPENSSL_cleanse(p, 4 + (size_t)len);
+    ra->start += 4 + (size_t)len;
+    if (ra->start == ra->len)
+        ra->start = ra->len = 0;
+    if (resp == NULL)
+        return KR_EPROTO;
+    *out = resp;
+    return 1;
+}
+
+void kr__readahead_drop(struct kr__readahead *ra, size_t keep)
+{
+    if (ra->buf != NULL)
+        OPENSSL_cleanse(ra->buf, ra->len);
+    ra->start = ra->len = 0;
+    if (ra->cap > keep) {
+        free(ra->buf);
+        ra->buf = NULL;
+        ra->cap = 0;
+    }
 }
 
 /* The next answer. Answers already read ahead are returned without a
@@ -779,43 +799,34 @@ static int in_reserve(kr_client *c, size_t want)
 static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out_resp)
 {
     for (;;) {
-        size_t avail = c->in_len - c->in_start;
-        size_t need = 4;
-        if (avail >= 4) {
-            const uint8_t *p = c->in + c->in_start;
-            uint32_t len = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-            if (len > KR_MAX_FRAME) {
-                kr__client_set_error(c, "%s:%s sent a %u byte frame, over the %u byte limit",
-                                     c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len,
-                                     KR_MAX_FRAME);
-                return KR_ETOOBIG;
-            }
-            need = 4 + (size_t)len;
-            if (avail >= need) {
-                Keyraft__Response *resp = keyraft__response__unpack(NULL, len, p + 4);
-                OPENSSL_cleanse(c->in + c->in_start, need);
-                c->in_start += need;
-                if (c->in_start == c->in_len)
-                    c->in_start = c->in_len = 0;
-                if (resp == NULL) {
-                    kr__client_set_error(c, "%s:%s sent a malformed response of %u bytes",
-                                         c->eps[c->conn_ep].host, c->eps[c->conn_ep].port,
-                                         len);
-                    return KR_EPROTO;
-                }
-                *out_resp = resp;
-                return 0;
-            }
-        }
-        int rc = in_reserve(c, need - avail > KR_READ_CHUNK ? need - avail : KR_READ_CHUNK);
-        if (rc != 0)
+        size_t missing = 0;
+        uint32_t len = 0;
+        int rc = kr__readahead_next(&c->in, KR_MAX_FRAME, out_resp, &missing, &len);
+        if (rc == 1)
+            return 0;
+        if (rc == KR_ETOOBIG) {
+            kr__client_set_error(c, "%s:%s sent a %u byte frame, over the %u byte limit",
+                                 c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len,
+                                 KR_MAX_FRAME);
             return rc;
+        }
+        if (rc == KR_EPROTO) {
+            kr__client_set_error(c, "%s:%s sent a malformed response of %u bytes",
+                                 c->eps[c->conn_ep].host, c->eps[c->conn_ep].port, len);
+            return rc;
+        }
+        uint8_t *at = NULL;
+        size_t room = 0;
+        if (kr__readahead_room(&c->in, missing > KR_READ_CHUNK ? missing : KR_READ_CHUNK, &at,
+                               &room) != 0) {
+            kr__client_set_error(c, "out of memory for a %u byte answer", len);
+            return KR_ENOMEM;
+        }
         short events = 0;
-        size_t room = c->in_cap - c->in_len;
         ERR_clear_error();
-        int ret = SSL_read(c->ssl, c->in + c->in_len, room > INT32_MAX ? INT32_MAX : (int)room);
+        int ret = SSL_read(c->ssl, at, room > INT32_MAX ? INT32_MAX : (int)room);
         if (ret > 0) {
-            c->in_len += (size_t)ret;
+            c->in.len += (size_t)ret;
             continue;
         }
         if (!ssl_result(c, ret, "receive from", &events, &rc))

@@ -37,4 +37,27 @@ int kr__key_ref(const char *key, Keyraft__KeyRef *ref);
  * plaintexts) before the message is freed. */
 void kr__message_wipe(ProtobufCMessage *msg);
 
+/* Answers read ahead of the one being returned: bytes [start, len) of |buf|
+ * are plaintext received and not yet consumed. Every byte is wiped when
+ * consumed or dropped (answers may carry key material). */
+struct kr__readahead {
+    uint8_t *buf;
+    size_t start, len, cap;
+};
+
+/* Room for at least |want| more bytes (the unread bytes move to the front
+ * and what they leave is wiped): *at and *room say where and how much.
+ * Write into it, then add what was written to ra->len. 0 or KR_ENOMEM. */
+int kr__readahead_room(struct kr__readahead *ra, size_t want, uint8_t **at, size_t *room);
+/* The next answer, consumed and its bytes wiped: 1 with *out; 0 when its
+ * frame is not whole yet (*missing: how many more bytes it needs, >= 1);
+ * KR_ETOOBIG when the frame's length is over |max_frame| (nothing consumed);
+ * KR_EPROTO when the frame does not parse as a Response (consumed). *frame_len
+ * is the frame's length whenever it is known. */
+int kr__readahead_next(struct kr__readahead *ra, uint32_t max_frame, Keyraft__Response **out,
+                       size_t *missing, uint32_t *frame_len);
+/* Wipes and forgets the unread bytes; a buffer grown past |keep| bytes is
+ * freed. kr__readahead_drop(ra, 0) releases everything. */
+void kr__readahead_drop(struct kr__readahead *ra, size_t keep);
+
 #endif

@@ -26,8 +26,8 @@ if [ "${1:-}" != "--quick" ]; then
 fi
 if [ "${1:-}" != "--quick" ]; then
   CC=clang cmake -S . -B build-fuzz -DKR_FUZZ=ON -DKR_WERROR=OFF -DCMAKE_BUILD_TYPE=Debug >/dev/null
-  cmake --build build-fuzz -j"$jobs" --target fuzz_frame fuzz_command fuzz_request
-  for t in fuzz_frame fuzz_command fuzz_request; do
+  cmake --build build-fuzz -j"$jobs" --target fuzz_frame fuzz_command fuzz_request fuzz_response
+  for t in fuzz_frame fuzz_command fuzz_request fuzz_response; do
     corpus=$(mktemp -d)
     cp tests/fuzz/corpus/$t/* "$corpus"/
     # A crash, leak or sanitizer report fails the suite.

@@ -1,4 +1,4 @@
-/* fuzz_frame.c: libFuzzer target for the client stream reader: arbitrary
+/* fuzz_frame.c: libFuzzer target for the node's reader of client streams: arbitrary
  * bytes fed in input-chosen chunks must yield exactly the frames a direct
  * parse of the whole stream finds, and every Request that parses must
  * survive a re-encode. */
@@ -9,31 +9,6 @@
 
 #include "keyraft.h"
 #include "rpc.h"
-
-/* Small enough that the fuzzer reaches the cap, large enough for real requests. */
-#define FUZZ_MAX_FRAME (64u * 1024u)
-#define FUZZ_MAX_FRAMES 4096
-
-struct ref_frame {
-    size_t off;
-    size_t len;
-};
-
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-/* xorshift32: chunk sizes derived from the input, so a crash reproduces. */
-static uint32_t next_rand(uint32_t *s)
-{
-    uint32_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    *s = x;
-    return x;
-}
 
 #include "fuzz_util.h"
 
@@ -84,21 +59,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* Reference: the frames and the verdict of a one-shot parse. */
     static struct ref_frame ref[FUZZ_MAX_FRAMES];
-    size_t n_ref = 0;
     int ref_toobig = 0;
-    for (size_t pos = 0; pos + 4 <= len;) {
-        uint32_t n = be32(stream + pos);
-        if (n > FUZZ_MAX_FRAME) {
-            ref_toobig = 1;
-            break;
-        }
-        if (len - pos - 4 < n)
-            break;
-        ref[n_ref].off = pos + 4;
-        ref[n_ref].len = n;
-        n_ref++;
-        pos += 4 + (size_t)n;
-    }
+    size_t n_ref = ref_frames(stream, len, ref, &ref_toobig);
 
     struct rpc_reader r;
     rpc_reader_init(&r, FUZZ_MAX_FRAME);

@@ -11,7 +11,7 @@
  * that it then refuses. Inputs carrying one skip the round-trip check: the
  * defect is the library's, and keyraft must not re-encode client
  * sub-messages (see the fsmtest report); everything else is still checked. */
-static int has_field0_unknown(const ProtobufCMessage *m)
+static inline int has_field0_unknown(const ProtobufCMessage *m)
 {
     if (m == NULL)
         return 0;
@@ -39,6 +39,56 @@ static int has_field0_unknown(const ProtobufCMessage *m)
             return 1;
     }
     return 0;
+}
+
+/* Frames: small enough that the fuzzer reaches the cap, large enough for
+ * real messages; at most FUZZ_MAX_FRAMES in one input. */
+#define FUZZ_MAX_FRAME (64u * 1024u)
+#define FUZZ_MAX_FRAMES 4096
+
+struct ref_frame {
+    size_t off; /* of the payload, in the stream */
+    size_t len;
+};
+
+static inline uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* xorshift32: chunk sizes derived from the input, so a crash reproduces. */
+static inline uint32_t next_rand(uint32_t *s)
+{
+    uint32_t x = *s;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    *s = x;
+    return x;
+}
+
+/* The reference a chunked reader must match: the whole frames a one-shot
+ * parse of |stream| finds (into |ref|, which holds FUZZ_MAX_FRAMES), and in
+ * *toobig whether a length over FUZZ_MAX_FRAME stopped it. */
+static inline size_t ref_frames(const uint8_t *stream, size_t len, struct ref_frame *ref,
+                                int *toobig)
+{
+    size_t n_ref = 0;
+    *toobig = 0;
+    for (size_t pos = 0; pos + 4 <= len && n_ref < FUZZ_MAX_FRAMES;) {
+        uint32_t n = be32(stream + pos);
+        if (n > FUZZ_MAX_FRAME) {
+            *toobig = 1;
+            break;
+        }
+        if (len - pos - 4 < n)
+            break;
+        ref[n_ref].off = pos + 4;
+        ref[n_ref].len = n;
+        n_ref++;
+        pos += 4 + (size_t)n;
+    }
+    return n_ref;
 }
 
 #endif
