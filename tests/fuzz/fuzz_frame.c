@@ -50,17 +50,14 @@ static void check_request(const uint8_t *payload, size_t len)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    /* At most FUZZ_MAX_FRAMES frames of 4 bytes fit after the seed. */
-    if (size < 4 || size > 4 + 4 * (size_t)FUZZ_MAX_FRAMES)
+    struct fuzz_stream fs;
+    if (!fuzz_stream_open(data, size, &fs))
         return 0;
-    uint32_t seed = be32(data) | 1u;
-    const uint8_t *stream = data + 4;
-    size_t len = size - 4;
-
-    /* Reference: the frames and the verdict of a one-shot parse. */
-    static struct ref_frame ref[FUZZ_MAX_FRAMES];
-    int ref_toobig = 0;
-    size_t n_ref = ref_frames(stream, len, ref, &ref_toobig);
+    uint32_t seed = fs.seed;
+    const uint8_t *stream = fs.bytes;
+    size_t len = fs.len, n_ref = fs.n_ref;
+    const struct ref_frame *ref = fs.ref;
+    int ref_toobig = fs.ref_toobig;
 
     struct rpc_reader r;
     rpc_reader_init(&r, FUZZ_MAX_FRAME);

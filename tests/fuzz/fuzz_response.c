@@ -38,16 +38,14 @@ static void check_wiped(const struct kr__readahead *ra)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size < 4 || size > 4 + 4 * (size_t)FUZZ_MAX_FRAMES)
+    struct fuzz_stream fs;
+    if (!fuzz_stream_open(data, size, &fs))
         return 0;
-    uint32_t seed = be32(data) | 1u;
-    const uint8_t *stream = data + 4;
-    size_t len = size - 4;
-
-    /* Reference: the frames and the verdict of a one-shot parse. */
-    static struct ref_frame ref[FUZZ_MAX_FRAMES];
-    int ref_toobig = 0;
-    size_t n_ref = ref_frames(stream, len, ref, &ref_toobig);
+    uint32_t seed = fs.seed;
+    const uint8_t *stream = fs.bytes;
+    size_t len = fs.len, n_ref = fs.n_ref;
+    const struct ref_frame *ref = fs.ref;
+    int ref_toobig = fs.ref_toobig;
 
     struct kr__readahead ra = {0};
     size_t got = 0, fed = 0;

@@ -91,4 +91,31 @@ static inline size_t ref_frames(const uint8_t *stream, size_t len, struct ref_fr
     return n_ref;
 }
 
+/* A fuzz input read as a stream: the first 4 bytes seed the chunk sizes,
+ * the rest is the stream, and |ref| its one-shot parse. */
+struct fuzz_stream {
+    uint32_t seed;
+    const uint8_t *bytes;
+    size_t len;
+    struct ref_frame *ref; /* n_ref frames */
+    size_t n_ref;
+    int ref_toobig;
+};
+
+/* 0 when the input is too short or could hold more than FUZZ_MAX_FRAMES
+ * frames (skip it), else 1 with *fs filled. Not reentrant (one static
+ * reference table), as libFuzzer runs one input at a time. */
+static inline int fuzz_stream_open(const uint8_t *data, size_t size, struct fuzz_stream *fs)
+{
+    static struct ref_frame ref[FUZZ_MAX_FRAMES];
+    if (size < 4 || size > 4 + 4 * (size_t)FUZZ_MAX_FRAMES)
+        return 0;
+    fs->seed = be32(data) | 1u;
+    fs->bytes = data + 4;
+    fs->len = size - 4;
+    fs->ref = ref;
+    fs->n_ref = ref_frames(fs->bytes, fs->len, ref, &fs->ref_toobig);
+    return 1;
+}
+
 #endif
