@@ -1,10 +1,10 @@
 /* main.c: keyraftd's command line: `init` makes a node, otherwise run one. */
 #include <getopt.h>
-#include <uv.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <uv.h>
 
 #include "keyraft.h"
 #include "node.h"

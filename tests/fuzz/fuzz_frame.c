@@ -53,24 +53,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fuzz_stream fs;
     if (!fuzz_stream_open(data, size, &fs))
         return 0;
-    uint32_t seed = fs.seed;
-    const uint8_t *stream = fs.bytes;
-    size_t len = fs.len, n_ref = fs.n_ref;
-    const struct ref_frame *ref = fs.ref;
-    int ref_toobig = fs.ref_toobig;
 
     struct rpc_reader r;
     rpc_reader_init(&r, FUZZ_MAX_FRAME);
     size_t got = 0;
     int toobig = 0;
     size_t fed = 0;
-    while (fed < len && !toobig && got < n_ref + 1) {
-        size_t chunk = 1 + next_rand(&seed) % 64;
-        if ((next_rand(&seed) & 7) == 0)
+    while (fed < fs.len && !toobig && got < fs.n_ref + 1) {
+        size_t chunk = 1 + next_rand(&fs.seed) % 64;
+        if ((next_rand(&fs.seed) & 7) == 0)
             chunk = 0; /* empty reads happen too */
-        if (chunk > len - fed)
-            chunk = len - fed;
-        if (rpc_reader_feed(&r, stream + fed, chunk) != 0)
+        if (chunk > fs.len - fed)
+            chunk = fs.len - fed;
+        if (rpc_reader_feed(&r, fs.bytes + fed, chunk) != 0)
             abort();
         fed += chunk;
         for (;;) {
@@ -83,15 +78,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 toobig = 1;
                 break;
             }
-            if (rv != 1 || got >= n_ref)
+            if (rv != 1 || got >= fs.n_ref)
                 abort();
-            if (plen != ref[got].len || (plen > 0 && memcmp(p, stream + ref[got].off, plen) != 0))
+            if (plen != fs.ref[got].len ||
+                (plen > 0 && memcmp(p, fs.bytes + fs.ref[got].off, plen) != 0))
                 abort();
             got++;
             check_request(p, plen);
         }
     }
-    if (got != n_ref || toobig != ref_toobig)
+    if (got != fs.n_ref || toobig != fs.ref_toobig)
         abort();
     rpc_reader_cleanup(&r);
     return 0;

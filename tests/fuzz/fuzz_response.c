@@ -41,26 +41,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fuzz_stream fs;
     if (!fuzz_stream_open(data, size, &fs))
         return 0;
-    uint32_t seed = fs.seed;
-    const uint8_t *stream = fs.bytes;
-    size_t len = fs.len, n_ref = fs.n_ref;
-    const struct ref_frame *ref = fs.ref;
-    int ref_toobig = fs.ref_toobig;
 
     struct kr__readahead ra = {0};
     size_t got = 0, fed = 0;
     int toobig = 0;
-    while (fed < len && !toobig) {
+    while (fed < fs.len && !toobig) {
         /* One "TLS read": up to the room the reader offers, as SSL_read fills. */
-        size_t want = 1 + next_rand(&seed) % 64;
+        size_t want = 1 + next_rand(&fs.seed) % 64;
         uint8_t *at = NULL;
         size_t room = 0;
         if (kr__readahead_room(&ra, want, &at, &room) != 0 || room < want)
             abort();
-        size_t chunk = next_rand(&seed) % (room < 128 ? room + 1 : 129);
-        if (chunk > len - fed)
-            chunk = len - fed;
-        memcpy(at, stream + fed, chunk);
+        size_t chunk = next_rand(&fs.seed) % (room < 128 ? room + 1 : 129);
+        if (chunk > fs.len - fed)
+            chunk = fs.len - fed;
+        memcpy(at, fs.bytes + fed, chunk);
         ra.len += chunk;
         fed += chunk;
         for (;;) {
@@ -77,14 +72,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 toobig = 1;
                 break;
             }
-            if ((rv != 1 && rv != KR_EPROTO) || got >= n_ref || flen != ref[got].len)
+            if ((rv != 1 && rv != KR_EPROTO) || got >= fs.n_ref || flen != fs.ref[got].len)
                 abort();
-            check_answer(rv, resp, stream + ref[got].off, flen);
+            check_answer(rv, resp, fs.bytes + fs.ref[got].off, flen);
             check_wiped(&ra);
             got++;
         }
     }
-    if (got != n_ref || toobig != ref_toobig)
+    if (got != fs.n_ref || toobig != fs.ref_toobig)
         abort();
     kr__readahead_drop(&ra, 0);
     if (ra.buf != NULL || ra.cap != 0)

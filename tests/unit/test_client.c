@@ -759,6 +759,17 @@ static void test_leader_hint_is_followed(void **state)
     fake_stop(&leader);
 }
 
+static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *create,
+                           char *name)
+{
+    keyraft__request__init(req);
+    keyraft__create_key_request__init(create);
+    create->name = name;
+    create->algorithm = KEYRAFT__ALGORITHM__AES_256;
+    req->op_case = KEYRAFT__REQUEST__OP_CREATE;
+    req->create = create;
+}
+
 /* Several requests in flight on one connection: the fake answers only once
  * all four are in, newest first, so kr_call could not have done it; answers
  * are matched by id, writes carry their own idempotency id and a read after
@@ -778,13 +789,8 @@ static void test_pipelined_send_recv(void **state)
     snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
     kr_client *c = new_client(ep, 5000);
     for (int i = 0; i < N; i++) {
-        keyraft__request__init(&req[i]);
-        keyraft__create_key_request__init(&create[i]);
         snprintf(name[i], sizeof(name[i]), "k%d", i);
-        create[i].name = name[i];
-        create[i].algorithm = KEYRAFT__ALGORITHM__AES_256;
-        req[i].op_case = KEYRAFT__REQUEST__OP_CREATE;
-        req[i].create = &create[i];
+        create_request(&req[i], &create[i], name[i]);
         assert_int_equal(kr_send(c, &req[i]), 0);
         assert_true(req[i].id > (i > 0 ? req[i - 1].id : 0));
         assert_string_equal(req[i].request_id, ""); /* the generated id was the client's own */
@@ -844,17 +850,6 @@ static void test_pipelined_send_recv(void **state)
     kr_buf_free(&out);
     kr_client_free(c);
     fake_stop(&f);
-}
-
-static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *create,
-                           char *name)
-{
-    keyraft__request__init(req);
-    keyraft__create_key_request__init(create);
-    create->name = name;
-    create->algorithm = KEYRAFT__ALGORITHM__AES_256;
-    req->op_case = KEYRAFT__REQUEST__OP_CREATE;
-    req->create = create;
 }
 
 /* kr_recv returns answers already received without writing: a request
