@@ -31,7 +31,13 @@
 #define RETRY_PASSES 3
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 250 /* an election takes 1-2 s: retry often enough to see its end */
-#define REQUEST_ID_BYTES 16
+/* A request id is 6 bytes of wall-clock milliseconds then 16 random bytes,
+ * in hex: the node files its outcome under the id, and ids made in time order
+ * are filed next to each other (random ones cost the store a cache miss per
+ * level of its index). The random part alone keeps ids from colliding. */
+#define REQUEST_ID_TIME_BYTES 6
+#define REQUEST_ID_RANDOM_BYTES 16
+#define REQUEST_ID_BYTES (REQUEST_ID_TIME_BYTES + REQUEST_ID_RANDOM_BYTES)
 #define MAX_ENDPOINTS 64 /* configured plus learned from leader hints */
 
 struct endpoint {
@@ -910,11 +916,15 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
     }
 }
 
-static int random_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
+static int new_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
 {
     uint8_t raw[REQUEST_ID_BYTES];
-
-    if (RAND_bytes(raw, sizeof(raw)) != 1) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    uint64_t ms = (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
+    for (size_t i = 0; i < REQUEST_ID_TIME_BYTES; i++)
+        raw[i] = (uint8_t)(ms >> (8 * (REQUEST_ID_TIME_BYTES - 1 - i)));
+    if (RAND_bytes(raw + REQUEST_ID_TIME_BYTES, REQUEST_ID_RANDOM_BYTES) != 1) {
         ERR_clear_error();
         kr__client_set_error(c, "no randomness for a request id");
         return KR_ECRYPTO;
@@ -958,7 +968,7 @@ static int batch_ids_assign(kr_client *c, Keyraft__Request *req, struct batch_id
         if (r == NULL || !kr_op_is_write(r->op_case) ||
             (r->request_id != NULL && r->request_id[0] != '\0'))
             continue;
-        int rc = random_request_id(c, b->ids[i]);
+        int rc = new_request_id(c, b->ids[i]);
         if (rc != 0)
             return rc; /* batch_ids_restore undoes the ones given */
         b->saved[i] = r->request_id;
@@ -1000,7 +1010,7 @@ static int request_prepare(kr_client *c, Keyraft__Request *req,
             req->min_index = c->last_index;
     } else if (kr_op_is_write(req->op_case)) {
         if (req->request_id == NULL || req->request_id[0] == '\0') {
-            int rc = random_request_id(c, request_id);
+            int rc = new_request_id(c, request_id);
             if (rc != 0)
                 return rc;
             *saved = req->request_id;

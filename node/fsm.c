@@ -131,6 +131,16 @@ void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_
     out[FSM_KEY_ID_LEN] = '\0';
 }
 
+void fsm_make_key_id(uint16_t shard, uint64_t time_ms, const uint8_t random8[8],
+                     char out[FSM_KEY_ID_LEN + 1])
+{
+    uint8_t bytes[14];
+    for (int i = 0; i < 6; i++)
+        bytes[i] = (uint8_t)(time_ms >> (40 - 8 * i));
+    memcpy(bytes + 6, random8, 8);
+    fsm_format_key_id(shard, bytes, out);
+}
+
 int fsm_key_id_valid(const char *id)
 {
     /* Checked on every request naming a key: no strchr per character. */

@@ -750,13 +750,13 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
                                   size_t n_tags, int pre_active, int non_exportable,
                                   const Keyraft__KeyPolicy *req_policy)
 {
-    uint8_t rnd[14];
+    uint8_t rnd[8];
     int rv = crypto_random(rnd, sizeof(rnd));
     if (rv != 0) {
         reply_error(call, rv, "random id: %s", kr_strerror(rv));
         return;
     }
-    fsm_format_key_id(0, rnd, call->key_id);
+    fsm_make_key_id(0, now_ms(), rnd, call->key_id);
     char kcv[17] = "";
     uint8_t *pub = NULL, *sealed = NULL;
     size_t pub_len = 0, sealed_len = 0;

@@ -703,7 +703,11 @@ static void test_list_filters(void **state)
 
     j = run_json(n, NULL, 0, "list", "--tag", "lfgrp=x", NULL);
     assert_int_equal(kr_json_len(kr_json_get(j, "keys")), 2);
-    assert_true(list_has(j, "lf-a") && list_has(j, "lf-c"));
+    /* ids follow creation time (each CLI create takes milliseconds), so an
+     * index lists keys in the order they were made */
+    assert_true(strcmp(a, b) < 0 && strcmp(b, c) < 0);
+    assert_string_equal(jstr(j, "keys.0.name"), "lf-a");
+    assert_string_equal(jstr(j, "keys.1.name"), "lf-c");
     kr_json_free(j);
 
     j = run_json(n, NULL, 0, "list", "--tag", "lfgrp=y", NULL);

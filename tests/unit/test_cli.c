@@ -958,7 +958,7 @@ static void test_approval_option_is_sent(void **state)
     assert_int_equal(f.n, 2);
     assert_int_equal(f.op[0], KEYRAFT__REQUEST__OP_DESTROY);
     assert_string_equal(f.approval_id[0], "ab12");
-    assert_true(strlen(f.request_id[0]) == 32); /* a write: it carries a request id */
+    assert_true(strlen(f.request_id[0]) == 44); /* a write: it carries a request id */
     assert_string_equal(f.approval_id[1], "");
 }
 

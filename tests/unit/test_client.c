@@ -679,7 +679,7 @@ static void test_failover_keeps_request_id(void **state)
     attrs = NULL;
     assert_int_equal(fake_count(&follower), 1);
     assert_int_equal(fake_count(&leader), 1);
-    assert_int_equal(strlen(follower.request_id[0]), 32);
+    assert_int_equal(strlen(follower.request_id[0]), 44);
     assert_string_equal(follower.request_id[0], leader.request_id[0]);
     assert_int_equal(kr_client_last_index(c), 42);
 
@@ -774,6 +774,13 @@ static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *cre
  * all four are in, newest first, so kr_call could not have done it; answers
  * are matched by id, writes carry their own idempotency id and a read after
  * them asks for the write's commit index. */
+static uint64_t wall_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
+}
+
 static void test_pipelined_send_recv(void **state)
 {
     enum { N = 4 };
@@ -788,6 +795,7 @@ static void test_pipelined_send_recv(void **state)
     f.hold = N;
     snprintf(ep, sizeof(ep), "127.0.0.1:%d", f.port);
     kr_client *c = new_client(ep, 5000);
+    uint64_t made_after = wall_ms();
     for (int i = 0; i < N; i++) {
         snprintf(name[i], sizeof(name[i]), "k%d", i);
         create_request(&req[i], &create[i], name[i]);
@@ -795,6 +803,7 @@ static void test_pipelined_send_recv(void **state)
         assert_true(req[i].id > (i > 0 ? req[i - 1].id : 0));
         assert_string_equal(req[i].request_id, ""); /* the generated id was the client's own */
     }
+    uint64_t made_before = wall_ms();
     /* Small requests wait in the client's queue (one write for all of them)
      * until kr_flush or kr_recv. */
     usleep(50 * 1000);
@@ -814,9 +823,14 @@ static void test_pipelined_send_recv(void **state)
     assert_int_equal(fake_count(&f), N);
     for (int i = 0; i < N; i++) {
         assert_int_equal(f.id[i], req[i].id);
-        assert_int_equal(strlen(f.request_id[i]), 32);
+        assert_int_equal(strlen(f.request_id[i]), 44);
         for (int j = 0; j < i; j++)
             assert_string_not_equal(f.request_id[i], f.request_id[j]);
+        /* it starts with the time it was made: the node files ids in order */
+        char stamp[13];
+        snprintf(stamp, sizeof(stamp), "%.12s", f.request_id[i]);
+        uint64_t made = strtoull(stamp, NULL, 16);
+        assert_true(made >= made_after && made <= made_before);
     }
     assert_int_equal(kr_client_last_index(c), 42);
 
@@ -1055,7 +1069,7 @@ static void test_batch_ids_and_routing(void **state)
     kr_response_free(resp);
     assert_int_equal(fake_count(&follower), 1);
     assert_int_equal(fake_count(&leader), 1);
-    assert_int_equal(strlen(follower.inner_id[0][0]), 32);
+    assert_int_equal(strlen(follower.inner_id[0][0]), 44);
     assert_string_equal(follower.inner_id[0][0], leader.inner_id[0][0]);
     assert_string_equal(leader.inner_id[0][1], "");
     assert_string_equal(leader.inner_id[0][2], "mine");

@@ -1372,6 +1372,17 @@ static void test_schema_helpers(void **state)
     fsm_format_key_id(0xbeef, r14, id);
     assert_string_equal(id, "beef000123456789abcdeffedcba9876");
     assert_true(fsm_key_id_valid(id));
+    /* a new key's id: shard, 48-bit milliseconds, 64 random bits; an id made
+     * a millisecond later sorts later whatever the random bits */
+    static const uint8_t ones[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    static const uint8_t zeros[8] = {0};
+    char earlier[FSM_KEY_ID_LEN + 1];
+    fsm_make_key_id(0x0001, 0x019afc1e2b3cULL, r14, id);
+    assert_string_equal(id, "0001019afc1e2b3c000123456789abcd");
+    assert_true(fsm_key_id_valid(id));
+    fsm_make_key_id(0, 1764000000000ULL, ones, earlier);
+    fsm_make_key_id(0, 1764000000001ULL, zeros, id);
+    assert_true(strcmp(earlier, id) < 0);
     assert_false(fsm_key_id_valid(""));
     assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba987"));   /* 31 */
     assert_false(fsm_key_id_valid("beef000123456789abcdeffedcba98765")); /* 33 */
