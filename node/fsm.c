@@ -118,15 +118,15 @@ size_t fsm_attr_prefix(uint8_t *buf, size_t cap, enum fsm_index_kind kind, const
 
 static const char HEX[] = "0123456789abcdef";
 
-void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_KEY_ID_LEN + 1])
+void fsm_format_key_id(uint16_t shard, const uint8_t bytes14[14], char out[FSM_KEY_ID_LEN + 1])
 {
     out[0] = HEX[(shard >> 12) & 15];
     out[1] = HEX[(shard >> 8) & 15];
     out[2] = HEX[(shard >> 4) & 15];
     out[3] = HEX[shard & 15];
     for (int i = 0; i < 14; i++) {
-        out[4 + 2 * i] = HEX[random14[i] >> 4];
-        out[5 + 2 * i] = HEX[random14[i] & 15];
+        out[4 + 2 * i] = HEX[bytes14[i] >> 4];
+        out[5 + 2 * i] = HEX[bytes14[i] & 15];
     }
     out[FSM_KEY_ID_LEN] = '\0';
 }

@@ -76,13 +76,15 @@ size_t fsm_attr_prefix(uint8_t *buf, size_t cap, enum fsm_index_kind kind, const
                        const char *v1, const char *v2);
 
 /* A key id for shard |shard| from 14 bytes, written as hex. */
-void fsm_format_key_id(uint16_t shard, const uint8_t random14[14], char out[FSM_KEY_ID_LEN + 1]);
-/* A new key's id: shard, the leader's wall-clock milliseconds (48 bits), then
- * 8 random bytes. Ids made later sort later, so a key's rows land next to the
- * last key's in every ordered index (the store's inserts stay in cache, and its
- * compactions rewrite less); 64 random bits keep ids made in the same
- * millisecond apart (the fsm refuses a repeat). The id reveals when the key
- * was made, which its attributes already show to whoever may read them. */
+void fsm_format_key_id(uint16_t shard, const uint8_t bytes14[14], char out[FSM_KEY_ID_LEN + 1]);
+/* A new key's id: shard, the serving leader's wall-clock milliseconds (48
+ * bits), then 8 random bytes. Ids made later sort later, so a key's rows land
+ * next to the last key's in every ordered index (the store's inserts stay in
+ * cache, and its compactions rewrite less); 64 random bits keep ids made in
+ * the same millisecond apart (the fsm refuses a repeat). The price: the id is
+ * in every ciphertext, signature and wrapped blob the key makes, so whoever
+ * holds one learns when the key was made and can tell keys made together.
+ * Ids are names, never secrets: authorization does not rest on them. */
 void fsm_make_key_id(uint16_t shard, uint64_t time_ms, const uint8_t random8[8],
                      char out[FSM_KEY_ID_LEN + 1]);
 int fsm_key_id_valid(const char *id);

@@ -565,9 +565,10 @@ static int batch_op_cmp(const void *pa, const void *pb, void *arg)
 /* The batch's operations in (family, key) order, ties in recorded order;
  * NULL for none or out of memory. A memtable skiplist insert starts from
  * where the previous one ended: keys in order find their place in a few
- * steps, while random ones (key ids, index rows) walk the whole height,
- * a cache miss per level (memtable inserts were a third of a loaded
- * cluster's CPU). The ops are one atomic batch, so their order is free. */
+ * steps, while scattered ones (names, request ids, keys from before ids
+ * were time-ordered) walk the whole height, a cache miss per level (memtable
+ * inserts were a third of a loaded cluster's CPU). The ops are one atomic
+ * batch, so their order is free. */
 static size_t *batch_sorted_order(struct store_batch *batch)
 {
     if (batch->n_ops == 0)

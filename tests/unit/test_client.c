@@ -770,16 +770,17 @@ static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *cre
     req->create = create;
 }
 
-/* Several requests in flight on one connection: the fake answers only once
- * all four are in, newest first, so kr_call could not have done it; answers
- * are matched by id, writes carry their own idempotency id and a read after
- * them asks for the write's commit index. */
 static uint64_t wall_ms(void)
 {
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
 }
+
+/* Several requests in flight on one connection: the fake answers only once
+ * all four are in, newest first, so kr_call could not have done it; answers
+ * are matched by id, writes carry their own idempotency id and a read after
+ * them asks for the write's commit index. */
 
 static void test_pipelined_send_recv(void **state)
 {
