@@ -158,6 +158,14 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* The clock request ids are stamped with. */
+static uint64_t wall_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
+}
+
 /* A listening socket on 127.0.0.1 with a kernel-chosen port. */
 static int listen_any(int *out_port)
 {
@@ -768,13 +776,6 @@ static void create_request(Keyraft__Request *req, Keyraft__CreateKeyRequest *cre
     create->algorithm = KEYRAFT__ALGORITHM__AES_256;
     req->op_case = KEYRAFT__REQUEST__OP_CREATE;
     req->create = create;
-}
-
-static uint64_t wall_ms(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    return (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
 }
 
 /* Several requests in flight on one connection: the fake answers only once
