@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "keyraft.h"
 #include "log.h"
@@ -323,56 +324,40 @@ static void apply_done(struct raft_apply *req, int status, void *result)
     free(p);
 }
 
-static size_t varint_len(size_t v)
+static uint64_t wall_clock_ms(void)
 {
-    size_t n = 1;
-    while (v >= 0x80) {
-        v >>= 7;
-        n++;
-    }
-    return n;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static size_t put_varint(uint8_t *p, size_t v)
-{
-    size_t n = 0;
-    while (v >= 0x80) {
-        p[n++] = (uint8_t)(v | 0x80);
-        v >>= 7;
-    }
-    p[n++] = (uint8_t)v;
-    return n;
-}
-
-/* Packs queued commands into one CommandBatch entry: field 1, length
- * delimited, once per already packed Command. */
+/* Packs queued commands into one entry stamped with this leader's clock. */
 static void flush_one_entry(struct cluster *c)
 {
-    size_t n = 0, bytes = 0;
+    size_t n = 0, cost = 0;
     while (n < c->queued && n < COMMAND_BATCH_MAX_OPS) {
-        size_t add = 1 + varint_len(c->queue[n].len) + c->queue[n].len;
-        if (n > 0 && bytes + add > COMMAND_BATCH_MAX_BYTES)
+        size_t add = command_packed_cost(c->queue[n].len);
+        if (n > 0 && cost + add > COMMAND_BATCH_MAX_BYTES)
             break;
-        bytes += add;
+        cost += add;
         n++;
     }
+    uint64_t time_ms = wall_clock_ms();
     struct proposal *p = malloc(sizeof(*p) + n * sizeof(p->waiters[0]));
-    size_t entry_len = command_entry_size(bytes);
+    size_t entry_len = command_entry_len(cost, time_ms);
     uint8_t *buf = raft_malloc(entry_len);
     if (p == NULL || buf == NULL) {
         free(p);
         raft_free(buf);
         return; /* retried on the next loop iteration */
     }
-    size_t off = COMMAND_ENTRY_HEADER;
+    struct command_entry_writer w;
+    command_entry_begin(&w, buf, cost, time_ms);
     for (size_t i = 0; i < n; i++) {
-        buf[off++] = 0x0a;
-        off += put_varint(buf + off, c->queue[i].len);
-        memcpy(buf + off, c->queue[i].bytes, c->queue[i].len);
-        off += c->queue[i].len;
+        command_entry_add(&w, c->queue[i].bytes, c->queue[i].len);
         p->waiters[i] = c->queue[i].waiter;
     }
-    command_entry_frame(buf, bytes);
+    command_entry_end(&w);
     p->n = n;
     p->cluster = c;
     p->req.data = p;
@@ -754,6 +739,11 @@ void cluster_get_status(struct cluster *c, struct cluster_status *out)
     out->term = c->raft.current_term;
     out->commit_index = c->raft.commit_index;
     out->applied_index = raft_last_applied(&c->raft);
+}
+
+int cluster_find_dedup(struct cluster *c, const char *request_id, struct fsm_op_result *result)
+{
+    return fsm_find_dedup(c->fsm, request_id, result);
 }
 
 int cluster_is_leader(struct cluster *c) { return raft_state(&c->raft) == RAFT_LEADER; }

@@ -73,6 +73,9 @@ struct cluster_status {
     uint64_t applied_index;
 };
 void cluster_get_status(struct cluster *cluster, struct cluster_status *out);
+/* fsm_find_dedup on this node's state machine. */
+int cluster_find_dedup(struct cluster *cluster, const char *request_id,
+                       struct fsm_op_result *result);
 int cluster_is_leader(struct cluster *cluster);
 /* The index of the last entry applied to the store (cheap: per request). */
 uint64_t cluster_applied_index(struct cluster *cluster);

@@ -41,14 +41,83 @@ int command_entry_payload(const uint8_t *buf, size_t len, const uint8_t **payloa
     return 0;
 }
 
+/* Protobuf wire format of CommandBatch: commands are field 1, length
+ * delimited (tag 0x0a); time_ms is field 2, a varint (tag 0x10), left out
+ * when 0 as proto3 does. */
+#define BATCH_TAG_COMMAND 0x0a
+#define BATCH_TAG_TIME 0x10
+
+static size_t varint_len(uint64_t v)
+{
+    size_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+    size_t n = 0;
+    while (v >= 0x80) {
+        p[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+size_t command_packed_cost(size_t len) { return 1 + varint_len(len) + len; }
+
+static size_t time_cost(uint64_t time_ms) { return time_ms == 0 ? 0 : 1 + varint_len(time_ms); }
+
+size_t command_entry_len(size_t packed_cost, uint64_t time_ms)
+{
+    return command_entry_size(packed_cost + time_cost(time_ms));
+}
+
+void command_entry_begin(struct command_entry_writer *w, uint8_t *buf, size_t packed_cost,
+                         uint64_t time_ms)
+{
+    w->buf = buf;
+    w->off = COMMAND_ENTRY_HEADER;
+    w->payload_len = packed_cost + time_cost(time_ms);
+    w->time_ms = time_ms;
+}
+
+void command_entry_add(struct command_entry_writer *w, const uint8_t *packed, size_t len)
+{
+    w->buf[w->off++] = BATCH_TAG_COMMAND;
+    w->off += put_varint(w->buf + w->off, len);
+    memcpy(w->buf + w->off, packed, len);
+    w->off += len;
+}
+
+void command_entry_end(struct command_entry_writer *w)
+{
+    if (w->time_ms != 0) {
+        w->buf[w->off++] = BATCH_TAG_TIME;
+        w->off += put_varint(w->buf + w->off, w->time_ms);
+    }
+    command_entry_frame(w->buf, w->payload_len);
+}
+
 int command_batch_encode(Keyraft__Command *const *commands, size_t n, void *(*alloc)(size_t),
                          uint8_t **out, size_t *out_len)
+{
+    return command_batch_encode_at(commands, n, 0, alloc, out, out_len);
+}
+
+int command_batch_encode_at(Keyraft__Command *const *commands, size_t n, uint64_t time_ms,
+                            void *(*alloc)(size_t), uint8_t **out, size_t *out_len)
 {
     if (n == 0 || n > COMMAND_BATCH_MAX_OPS)
         return KR_EINVAL;
     Keyraft__CommandBatch batch = KEYRAFT__COMMAND_BATCH__INIT;
     batch.n_commands = n;
     batch.commands = (Keyraft__Command **)commands;
+    batch.time_ms = time_ms;
     size_t len = keyraft__command_batch__get_packed_size(&batch);
     size_t total = command_entry_size(len);
     uint8_t *buf = alloc(total);

@@ -27,6 +27,28 @@ int command_entry_payload(const uint8_t *buf, size_t len, const uint8_t **payloa
  * padding) into a buffer from |alloc| (raft_malloc for raft_apply). */
 int command_batch_encode(Keyraft__Command *const *commands, size_t n,
                          void *(*alloc)(size_t), uint8_t **out, size_t *out_len);
+/* The same, stamped with the making leader's clock |time_ms| (0: none). */
+int command_batch_encode_at(Keyraft__Command *const *commands, size_t n, uint64_t time_ms,
+                            void *(*alloc)(size_t), uint8_t **out, size_t *out_len);
+
+/* Builds an entry from Commands already packed (as cluster_propose queues
+ * them) without unpacking them; the bytes are what command_batch_encode_at
+ * makes of the same commands. Sum command_packed_cost over the commands,
+ * allocate command_entry_len(sum, time_ms) bytes, then begin, add each
+ * command in order, end. */
+struct command_entry_writer {
+    uint8_t *buf;
+    size_t off;
+    size_t payload_len;
+    uint64_t time_ms;
+};
+/* Payload bytes a packed command of |len| bytes takes in an entry. */
+size_t command_packed_cost(size_t len);
+size_t command_entry_len(size_t packed_cost, uint64_t time_ms);
+void command_entry_begin(struct command_entry_writer *w, uint8_t *buf, size_t packed_cost,
+                         uint64_t time_ms);
+void command_entry_add(struct command_entry_writer *w, const uint8_t *packed, size_t len);
+void command_entry_end(struct command_entry_writer *w);
 
 /* Parses an entry. Rejects a batch with zero or too many commands, and any
  * command whose op is unset. Free with command_batch_free. */

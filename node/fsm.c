@@ -13,6 +13,27 @@
 #include "keyraft.h"
 #include "log.h"
 
+/* Deduplication records are kept by day: a record lives in the window of
+ * the entry that made it, and is found from that window and the next one.
+ * Moving to window w drops every window before w - 1 with one range
+ * tombstone, so a record lives one to two windows by the leaders' clocks.
+ * Rows: DEDUP_PREFIX | window (u64 BE) | scoped request id. Rows of the old
+ * layout (DEDUP_LEGACY_PREFIX | request id: older nodes kept them
+ * forever, and this one writes them while no entry has carried a clock)
+ * count as the first window that had a clock. */
+#define DEDUP_WINDOW_MS (24ull * 60 * 60 * 1000)
+#define DEDUP_PREFIX "dedupw"
+#define DEDUP_LEGACY_PREFIX "dedup\0"
+#define DEDUP_LEGACY_END "dedup\1"
+/* Value: the current window, then the old layout's window (u64 BE each). */
+static const char DEDUP_WINDOW_KEY[] = "\0dedup_window";
+
+struct dedup_window {
+    uint64_t current; /* 0: no entry has carried a clock */
+    uint64_t legacy;  /* the window old-layout rows count as; 0: there are none
+                         (while current is 0, they are being written) */
+};
+
 struct fsm {
     struct store *store;
     uint64_t (*next_index)(void *arg);
@@ -21,10 +42,10 @@ struct fsm {
     /* Position of the last applied op: ops [0, pos_op) of pos_index are done. */
     uint64_t pos_index;
     uint32_t pos_op;
+    struct dedup_window dedup;
 };
 
 static const char FSM_POS_KEY[] = "\0fsm_pos";
-#define DEDUP_PREFIX "dedup\0"
 #define DOMAIN_PREFIX FSM_DOMAIN_PREFIX
 
 static void put_u64be(uint8_t *p, uint64_t v)
@@ -41,6 +62,27 @@ static uint64_t get_u64be(const uint8_t *p)
     for (int i = 0; i < 8; i++)
         v = (v << 8) | p[i];
     return v;
+}
+
+static int read_dedup_window(struct store *store, struct dedup_window *out)
+{
+    uint8_t *val = NULL;
+    size_t len = 0;
+    int rv = store_get(store, STORE_CF_META, DEDUP_WINDOW_KEY, sizeof(DEDUP_WINDOW_KEY) - 1, &val,
+                       &len);
+    if (rv == KR_ENOTFOUND) {
+        *out = (struct dedup_window){0};
+        return 0;
+    }
+    if (rv != 0)
+        return rv;
+    if (len != 16) {
+        free(val);
+        return KR_EIO;
+    }
+    *out = (struct dedup_window){.current = get_u64be(val), .legacy = get_u64be(val + 8)};
+    free(val);
+    return 0;
 }
 
 int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg, struct fsm **out)
@@ -63,6 +105,11 @@ int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg, s
         return rv;
     }
     free(val);
+    rv = read_dedup_window(store, &fsm->dedup);
+    if (rv != 0) {
+        free(fsm);
+        return rv;
+    }
     *out = fsm;
     return 0;
 }
@@ -732,49 +779,72 @@ static int apply_remove_node(struct fsm *fsm, struct store_batch *b,
     return 0;
 }
 
-static size_t dedup_key(uint8_t *buf, size_t cap, const char *request_id)
+/* A record's row in window |window| (0: the old layout). Returns its
+ * length, 0 when it does not fit. */
+static size_t dedup_key(uint8_t *buf, size_t cap, uint64_t window, const char *request_id)
 {
     size_t l = strlen(request_id);
-    if (sizeof(DEDUP_PREFIX) - 1 + l > cap)
+    size_t head = window == 0 ? sizeof(DEDUP_LEGACY_PREFIX) - 1 : sizeof(DEDUP_PREFIX) - 1 + 8;
+    if (head + l > cap)
         return 0;
-    memcpy(buf, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
-    memcpy(buf + sizeof(DEDUP_PREFIX) - 1, request_id, l);
-    return sizeof(DEDUP_PREFIX) - 1 + l;
+    if (window == 0) {
+        memcpy(buf, DEDUP_LEGACY_PREFIX, head);
+    } else {
+        memcpy(buf, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
+        put_u64be(buf + sizeof(DEDUP_PREFIX) - 1, window);
+    }
+    memcpy(buf + head, request_id, l);
+    return head + l;
+}
+
+/* Looks in the current window, the one before, then the old layout. */
+static int dedup_find(struct store *store, const struct dedup_window *w, const char *request_id,
+                      struct fsm_op_result *res)
+{
+    uint64_t windows[3];
+    size_t n = 0;
+    if (w->current > 0)
+        windows[n++] = w->current;
+    if (w->current > 1)
+        windows[n++] = w->current - 1;
+    if (w->legacy != 0 || w->current == 0)
+        windows[n++] = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t key[300];
+        size_t klen = dedup_key(key, sizeof(key), windows[i], request_id);
+        if (klen == 0)
+            return KR_ENOTFOUND;
+        uint8_t *val = NULL;
+        size_t len = 0;
+        int rv = store_get(store, STORE_CF_META, key, klen, &val, &len);
+        if (rv == KR_ENOTFOUND)
+            continue;
+        if (rv != 0)
+            return rv;
+        Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);
+        free(val);
+        if (d == NULL)
+            return KR_EIO;
+        res->status = d->status;
+        snprintf(res->key_id, sizeof(res->key_id), "%s", d->key_id);
+        res->index = d->index;
+        keyraft__dedup_record__free_unpacked(d, NULL);
+        return 0;
+    }
+    return KR_ENOTFOUND;
 }
 
 /* A retried request gets the first attempt's outcome. */
-static int dedup_lookup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
+int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
 {
-    return fsm_find_dedup(fsm->store, request_id, res);
+    return dedup_find(fsm->store, &fsm->dedup, request_id, res);
 }
 
-int fsm_find_dedup(struct store *store, const char *request_id, struct fsm_op_result *res)
-{
-    uint8_t key[300];
-    size_t klen = dedup_key(key, sizeof(key), request_id);
-    if (klen == 0)
-        return KR_ENOTFOUND;
-    uint8_t *val = NULL;
-    size_t len = 0;
-    int rv = store_get(store, STORE_CF_META, key, klen, &val, &len);
-    if (rv != 0)
-        return rv;
-    Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);
-    free(val);
-    if (d == NULL)
-        return KR_EIO;
-    res->status = d->status;
-    snprintf(res->key_id, sizeof(res->key_id), "%s", d->key_id);
-    res->index = d->index;
-    keyraft__dedup_record__free_unpacked(d, NULL);
-    return 0;
-}
-
-static void dedup_record(struct store_batch *b, const char *request_id,
+static void dedup_record(struct fsm *fsm, struct store_batch *b, const char *request_id,
                          const struct fsm_op_result *res)
 {
     uint8_t key[300];
-    size_t klen = dedup_key(key, sizeof(key), request_id);
+    size_t klen = dedup_key(key, sizeof(key), fsm->dedup.current, request_id);
     if (klen == 0)
         return;
     Keyraft__DedupRecord d = KEYRAFT__DEDUP_RECORD__INIT;
@@ -787,6 +857,68 @@ static void dedup_record(struct store_batch *b, const char *request_id,
         return;
     keyraft__dedup_record__pack(&d, buf);
     store_batch_put(b, STORE_CF_META, key, klen, buf, len);
+}
+
+/* Whether the store holds rows of the old layout (the same answer on every
+ * replica: they hold the same rows). */
+static int legacy_rows_exist(struct store *store, int *out)
+{
+    struct store_iter *it = NULL;
+    int rv = store_iter_new(store, STORE_CF_META, DEDUP_LEGACY_PREFIX,
+                            sizeof(DEDUP_LEGACY_PREFIX) - 1, DEDUP_LEGACY_END,
+                            sizeof(DEDUP_LEGACY_END) - 1, &it);
+    if (rv != 0)
+        return rv;
+    *out = store_iter_valid(it);
+    rv = store_iter_status(it);
+    store_iter_free(it);
+    return rv;
+}
+
+/* Moves the dedup window to the clock of entry |index|, before its first op,
+ * in a commit of its own (a replay finds the window already moved). A clock
+ * behind the window, or none, moves nothing: records then go to the current
+ * window. */
+static int dedup_advance(struct fsm *fsm, uint64_t time_ms, uint64_t index)
+{
+    uint64_t to = time_ms / DEDUP_WINDOW_MS;
+    if (to <= fsm->dedup.current)
+        return 0;
+    struct dedup_window next = {.current = to, .legacy = fsm->dedup.legacy};
+    if (fsm->dedup.current == 0) {
+        int exist = 0;
+        int rv = legacy_rows_exist(fsm->store, &exist);
+        if (rv != 0)
+            return rv;
+        next.legacy = exist ? to : 0;
+    }
+    struct store_batch *b = store_batch_new();
+    if (b == NULL)
+        return KR_ENOMEM;
+    if (fsm->dedup.current != 0) {
+        uint8_t first[sizeof(DEDUP_PREFIX) - 1 + 8], end[sizeof(DEDUP_PREFIX) - 1 + 8];
+        memcpy(first, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
+        memcpy(end, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
+        put_u64be(first + sizeof(DEDUP_PREFIX) - 1, 0);
+        put_u64be(end + sizeof(DEDUP_PREFIX) - 1, to - 1);
+        store_batch_delete_range(b, STORE_CF_META, first, sizeof(first), end, sizeof(end));
+        if (next.legacy != 0 && next.legacy < to - 1) {
+            store_batch_delete_range(b, STORE_CF_META, DEDUP_LEGACY_PREFIX,
+                                     sizeof(DEDUP_LEGACY_PREFIX) - 1, DEDUP_LEGACY_END,
+                                     sizeof(DEDUP_LEGACY_END) - 1);
+            next.legacy = 0;
+        }
+    }
+    uint8_t val[16];
+    put_u64be(val, next.current);
+    put_u64be(val + 8, next.legacy);
+    store_batch_put(b, STORE_CF_META, DEDUP_WINDOW_KEY, sizeof(DEDUP_WINDOW_KEY) - 1, val,
+                    sizeof(val));
+    int rv = store_batch_commit(fsm->store, b, index - 1);
+    store_batch_free(b);
+    if (rv == 0)
+        fsm->dedup = next;
+    return rv;
 }
 
 /* Commits |b| with the fsm position: ops [0, next) of entry |index| are done.
@@ -815,7 +947,7 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
     res->index = index;
     int duplicate = 0;
     if (cmd->request_id[0] != '\0') {
-        int rv = dedup_lookup(fsm, cmd->request_id, res);
+        int rv = fsm_find_dedup(fsm, cmd->request_id, res);
         if (rv == 0)
             duplicate = 1;
         else if (rv != KR_ENOTFOUND)
@@ -894,7 +1026,7 @@ static int apply_one(struct fsm *fsm, const Keyraft__Command *cmd, uint64_t inde
     }
     res->status = st;
     if (cmd->request_id[0] != '\0')
-        dedup_record(b, cmd->request_id, res);
+        dedup_record(fsm, b, cmd->request_id, res);
 commit:;
     int rv = commit_through(fsm, b, index, op_no + 1, n_ops);
     store_batch_free(b);
@@ -916,7 +1048,7 @@ static int group_put_key(struct fsm *fsm, struct put_group *g, const Keyraft__Co
             *res = result->ops[same->op]; /* a retry inside the same entry */
             goto done;
         }
-        int rv = dedup_lookup(fsm, cmd->request_id, res);
+        int rv = fsm_find_dedup(fsm, cmd->request_id, res);
         if (rv == 0)
             goto done;
         if (rv != KR_ENOTFOUND)
@@ -927,7 +1059,7 @@ static int group_put_key(struct fsm *fsm, struct put_group *g, const Keyraft__Co
         return st; /* local failure: raft retries the entry */
     res->status = st; /* a refused create wrote nothing */
     if (cmd->request_id[0] != '\0') {
-        dedup_record(g->b, cmd->request_id, res);
+        dedup_record(fsm, g->b, cmd->request_id, res);
         if (group_add(g, 'R', cmd->request_id, "", op_no) != 0)
             return KR_ENOMEM;
     }
@@ -969,6 +1101,13 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
             return KR_ENOMEM;
         rv = store_batch_commit(fsm->store, b, index);
         store_batch_free(b);
+        return rv;
+    }
+    rv = dedup_advance(fsm, batch->time_ms, index);
+    if (rv != 0) {
+        log_error("entry %llu: moving the dedup window failed: %s", (unsigned long long)index,
+                  kr_strerror(rv));
+        command_batch_free(batch);
         return rv;
     }
     size_t n = batch->n_commands;

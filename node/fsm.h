@@ -1,6 +1,6 @@
 /* fsm.h: the raft state machine and the store schema. Deterministic: no
- * clock, no RNG, no HSM; only the store. Every node applying the same entries
- * reaches the same state. */
+ * clock of its own (an entry carries its leader's), no RNG, no HSM; only the
+ * store. Every node applying the same entries reaches the same state. */
 #ifndef KR_FSM_H
 #define KR_FSM_H
 
@@ -52,8 +52,9 @@ int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **ou
 /* Resolves a live (non-destroyed) key name in a domain to its id. */
 int fsm_find_name(struct store *store, const char *domain, const char *name,
                   char out_id[FSM_KEY_ID_LEN + 1]);
-/* The recorded outcome of a request id already applied; KR_ENOTFOUND if none. */
-int fsm_find_dedup(struct store *store, const char *request_id, struct fsm_op_result *res);
+/* The recorded outcome of a request id already applied; KR_ENOTFOUND if none
+ * (or dropped: records are kept one to two days, fsm.c). The fsm's thread. */
+int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res);
 int fsm_get_domain(struct store *store, const char *domain_id, Keyraft__DomainRecord **out);
 
 /* The node registry: raft id -> addresses and wanted role, replicated. */

@@ -686,7 +686,7 @@ int reply_if_retry_then(struct call *call, cluster_done_cb done)
     if (request_id[0] == '\0')
         return 0;
     struct fsm_op_result res;
-    if (fsm_find_dedup(call->svc->deps.store, request_id, &res) != 0)
+    if (cluster_find_dedup(call->svc->deps.cluster, request_id, &res) != 0)
         return 0;
     call->svc->pending++; /* |done| takes it back */
     done(call, &res);

@@ -57,13 +57,13 @@ static void store_bump_all(struct store *store)
         __atomic_add_fetch(&store->generation[cf], 1, __ATOMIC_RELEASE);
 }
 
-enum batch_op_kind { BATCH_OP_PUT, BATCH_OP_DELETE };
+enum batch_op_kind { BATCH_OP_PUT, BATCH_OP_DELETE, BATCH_OP_DELETE_RANGE };
 
 struct batch_op {
     enum batch_op_kind kind;
     enum store_cf cf;
-    size_t key_off, key_len;
-    size_t value_off, value_len;
+    size_t key_off, key_len;     /* a range's first key */
+    size_t value_off, value_len; /* a range's end (excluded) */
 };
 
 /* Operations are recorded here and turned into a RocksDB WriteBatch at
@@ -544,20 +544,32 @@ void store_batch_delete(struct store_batch *batch, enum store_cf cf, const void 
     store_batch_add(batch, BATCH_OP_DELETE, cf, key, key_len, NULL, 0);
 }
 
+void store_batch_delete_range(struct store_batch *batch, enum store_cf cf, const void *start,
+                              size_t start_len, const void *end, size_t end_len)
+{
+    store_batch_add(batch, BATCH_OP_DELETE_RANGE, cf, start, start_len, end, end_len);
+}
+
 static int batch_op_cmp(const void *pa, const void *pb, void *arg)
 {
     const struct store_batch *batch = arg;
     const struct batch_op *a = &batch->ops[*(const size_t *)pa];
     const struct batch_op *b = &batch->ops[*(const size_t *)pb];
-    if (a->cf != b->cf)
-        return a->cf < b->cf ? -1 : 1;
-    size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
-    int c = n > 0 ? memcmp(batch->data + a->key_off, batch->data + b->key_off, n) : 0;
-    if (c != 0)
-        return c;
-    if (a->key_len != b->key_len)
-        return a->key_len < b->key_len ? -1 : 1;
-    /* Same key: the order recorded, so the last write still wins. */
+    int a_range = a->kind == BATCH_OP_DELETE_RANGE, b_range = b->kind == BATCH_OP_DELETE_RANGE;
+    if (a_range != b_range)
+        return a_range ? -1 : 1; /* ranges first (store_batch_delete_range) */
+    if (!a_range) {
+        if (a->cf != b->cf)
+            return a->cf < b->cf ? -1 : 1;
+        size_t n = a->key_len < b->key_len ? a->key_len : b->key_len;
+        int c = n > 0 ? memcmp(batch->data + a->key_off, batch->data + b->key_off, n) : 0;
+        if (c != 0)
+            return c;
+        if (a->key_len != b->key_len)
+            return a->key_len < b->key_len ? -1 : 1;
+    }
+    /* Ranges, and writes of the same key: the order recorded, so the last
+     * write still wins. */
     size_t ia = *(const size_t *)pa, ib = *(const size_t *)pb;
     return (ia > ib) - (ia < ib);
 }
@@ -607,8 +619,12 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
         if (op->kind == BATCH_OP_PUT)
             rocksdb_writebatch_put_cf(wb, store_handle(store, op->cf), key, op->key_len,
                                       (const char *)batch->data + op->value_off, op->value_len);
-        else
+        else if (op->kind == BATCH_OP_DELETE)
             rocksdb_writebatch_delete_cf(wb, store_handle(store, op->cf), key, op->key_len);
+        else
+            rocksdb_writebatch_delete_range_cf(wb, store_handle(store, op->cf), key, op->key_len,
+                                               (const char *)batch->data + op->value_off,
+                                               op->value_len);
     }
     uint8_t idx[8];
     store_put_be64(idx, applied_index);

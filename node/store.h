@@ -47,6 +47,11 @@ void store_batch_put(struct store_batch *batch, enum store_cf cf, const void *ke
                      size_t key_len, const void *value, size_t value_len);
 void store_batch_delete(struct store_batch *batch, enum store_cf cf, const void *key,
                         size_t key_len);
+/* Deletes every key in [start, end) of |cf|, one range tombstone whatever
+ * their number. It applies before every put and delete of the same batch,
+ * whatever order they were recorded in: a put into the range survives. */
+void store_batch_delete_range(struct store_batch *batch, enum store_cf cf, const void *start,
+                              size_t start_len, const void *end, size_t end_len);
 /* Writes the batch and |applied_index| atomically. The batch stays owned by
  * the caller. */
 int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t applied_index);

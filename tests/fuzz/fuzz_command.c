@@ -27,20 +27,21 @@ static void round_trip(const Keyraft__CommandBatch *b)
     }
     uint8_t *e1 = NULL, *e2 = NULL;
     size_t l1 = 0, l2 = 0;
-    if (command_batch_encode(b->commands, b->n_commands, malloc, &e1, &l1) != 0)
+    if (command_batch_encode_at(b->commands, b->n_commands, b->time_ms, malloc, &e1, &l1) != 0)
         abort();
     if (l1 % 8 != 0 || l1 < COMMAND_ENTRY_HEADER + sum)
         abort();
     Keyraft__CommandBatch *again = NULL;
     if (command_entry_decode(e1, l1, &again) != 0)
         abort(); /* what the leader encodes, followers must accept */
-    if (again->n_commands != b->n_commands)
+    if (again->n_commands != b->n_commands || again->time_ms != b->time_ms)
         abort();
     for (size_t i = 0; i < b->n_commands; i++)
         if (again->commands[i]->op_case != b->commands[i]->op_case ||
             strcmp(again->commands[i]->request_id, b->commands[i]->request_id) != 0)
             abort();
-    if (command_batch_encode(again->commands, again->n_commands, malloc, &e2, &l2) != 0)
+    if (command_batch_encode_at(again->commands, again->n_commands, again->time_ms, malloc, &e2,
+                                &l2) != 0)
         abort();
     if (l1 != l2 || memcmp(e1, e2, l1) != 0)
         abort();

@@ -222,8 +222,9 @@ static size_t varint_size(size_t v)
     return n;
 }
 
-/* The batcher in cluster.c sizes entries with command_size: it must add up to
- * the encoded payload (one tag byte and a length varint per command). */
+/* The batcher in cluster.c sizes entries with command_size and
+ * command_packed_cost: they must add up to the encoded payload (one tag byte
+ * and a length varint per command). */
 static void test_command_size_adds_up(void **state)
 {
     (void)state;
@@ -234,6 +235,7 @@ static void test_command_size_adds_up(void **state)
         size_t n = command_size(s.ptrs[i]);
         assert_true(n > 0);
         want += 1 + varint_size(n) + n;
+        assert_int_equal(command_packed_cost(n), 1 + varint_size(n) + n);
     }
     uint8_t *buf = NULL;
     size_t len = 0;
@@ -245,6 +247,58 @@ static void test_command_size_adds_up(void **state)
     assert_ptr_equal(payload, buf + COMMAND_ENTRY_HEADER);
     assert_int_equal(len, command_entry_size(want));
     free(buf);
+}
+
+/* cluster.c builds entries from commands it packed when they were proposed
+ * (command_entry_writer): the bytes must be protobuf-c's own for the same
+ * batch, clock included, or followers would read another entry. */
+static void test_writer_matches_protobuf(void **state)
+{
+    (void)state;
+    struct sample s;
+    sample_init(&s);
+    uint8_t *packed[5];
+    size_t packed_len[5];
+    for (int i = 0; i < 5; i++) {
+        packed_len[i] = command_size(s.ptrs[i]);
+        packed[i] = malloc(packed_len[i]);
+        assert_non_null(packed[i]);
+        assert_int_equal(keyraft__command__pack(s.ptrs[i], packed[i]), packed_len[i]);
+    }
+    const uint64_t clocks[] = {0, 1, 127, 128, 1700000000123ull, UINT64_MAX};
+    for (size_t c = 0; c < sizeof(clocks) / sizeof(clocks[0]); c++) {
+        for (size_t n = 1; n <= 5; n += 4) {
+            size_t cost = 0;
+            for (size_t i = 0; i < n; i++)
+                cost += command_packed_cost(packed_len[i]);
+            size_t len = command_entry_len(cost, clocks[c]);
+            uint8_t *buf = malloc(len);
+            assert_non_null(buf);
+            struct command_entry_writer w;
+            command_entry_begin(&w, buf, cost, clocks[c]);
+            for (size_t i = 0; i < n; i++)
+                command_entry_add(&w, packed[i], packed_len[i]);
+            command_entry_end(&w);
+
+            uint8_t *want = NULL;
+            size_t want_len = 0;
+            assert_int_equal(command_batch_encode_at(s.ptrs, n, clocks[c], malloc, &want,
+                                                     &want_len),
+                             0);
+            assert_int_equal(len, want_len);
+            assert_memory_equal(buf, want, len);
+            Keyraft__CommandBatch *b = NULL;
+            assert_int_equal(command_entry_decode(buf, len, &b), 0);
+            assert_int_equal(b->n_commands, n);
+            assert_true(b->time_ms == clocks[c]);
+            assert_string_equal(b->commands[n - 1]->request_id, s.ptrs[n - 1]->request_id);
+            command_batch_free(b);
+            free(want);
+            free(buf);
+        }
+    }
+    for (int i = 0; i < 5; i++)
+        free(packed[i]);
 }
 
 static void test_entry_framing(void **state)
@@ -532,6 +586,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_all_ops),
         cmocka_unit_test(test_command_size_adds_up),
+        cmocka_unit_test(test_writer_matches_protobuf),
         cmocka_unit_test(test_entry_framing),
         cmocka_unit_test(test_encode_rejects_bad_counts_and_alloc_failure),
         cmocka_unit_test(test_decode_rejects_empty_batch),

@@ -502,19 +502,26 @@ static int teardown(void **state)
     return fx_free(*state);
 }
 
-/* Encodes the pending entry, applies it as raft entry |index|, and resets the
- * builder. The result stays owned by the fsm. */
-static struct fsm_result *apply_entry(struct fx *f, uint64_t index)
+/* Encodes the pending entry as a leader whose clock reads |time_ms| (0: no
+ * clock) would, applies it as raft entry |index|, and resets the builder.
+ * The result stays owned by the fsm. */
+static struct fsm_result *apply_entry_at(struct fx *f, uint64_t index, uint64_t time_ms)
 {
     uint8_t *buf = NULL;
     size_t len = 0;
-    assert_int_equal(command_batch_encode(f->e->cmds, f->e->n, malloc, &buf, &len), 0);
+    assert_int_equal(command_batch_encode_at(f->e->cmds, f->e->n, time_ms, malloc, &buf, &len),
+                     0);
     f->next = index;
     struct fsm_result *r = NULL;
     assert_int_equal(fsm_apply(f->fsm, buf, len, &r), 0);
     free(buf);
     memset(f->e, 0, sizeof(*f->e));
     return r;
+}
+
+static struct fsm_result *apply_entry(struct fx *f, uint64_t index)
+{
+    return apply_entry_at(f, index, 0);
 }
 
 /* Applies the one pending command and returns its status. */
@@ -555,16 +562,25 @@ static Keyraft__KeyState key_state(struct fx *f, const char *id)
     return s;
 }
 
-static size_t count_family(struct store *s, enum store_cf cf)
+/* Entries in [lower, upper) of |cf| (NULL: no bound). */
+static size_t count_range(struct store *s, enum store_cf cf, const char *lower,
+                          const char *upper)
 {
     struct store_iter *it = NULL;
-    assert_int_equal(store_iter_new(s, cf, NULL, 0, NULL, 0, &it), 0);
+    assert_int_equal(store_iter_new(s, cf, lower, lower ? strlen(lower) : 0, upper,
+                                    upper ? strlen(upper) : 0, &it),
+                     0);
     size_t n = 0;
     for (; store_iter_valid(it); store_iter_next(it))
         n++;
     assert_int_equal(store_iter_status(it), 0);
     store_iter_free(it);
     return n;
+}
+
+static size_t count_family(struct store *s, enum store_cf cf)
+{
+    return count_range(s, cf, NULL, NULL);
 }
 
 /* Whether the attrs index lists |id| under |kind| = |v1|. */
@@ -1112,6 +1128,109 @@ static void test_dedup_returns_first_result(void **state)
     assert_int_equal(apply1(f, 11), 0);
     e_add_version(f->e, NULL, id2, 2);
     assert_int_equal(apply1(f, 12), KR_ESTATE);
+}
+
+#define DAY_MS (24ull * 60 * 60 * 1000)
+
+/* Creates key number |id_no| (named after it) under |req| in entry |index|
+ * stamped |time_ms|; returns its outcome. */
+static struct fsm_op_result create_at(struct fx *f, uint64_t index, uint64_t time_ms,
+                                      const char *req, unsigned id_no)
+{
+    char id[FSM_KEY_ID_LEN + 1], name[32];
+    make_id(id_no, id);
+    snprintf(name, sizeof(name), "dd-%u", id_no);
+    e_put_key(f->e, req, id, name, FSM_DEFAULT_DOMAIN, S_ACT);
+    struct fsm_result *r = apply_entry_at(f, index, time_ms);
+    assert_non_null(r);
+    assert_int_equal(r->n, 1);
+    return r->ops[0];
+}
+
+static void assert_made(const struct fsm_op_result *r, unsigned id_no)
+{
+    char id[FSM_KEY_ID_LEN + 1];
+    make_id(id_no, id);
+    assert_int_equal(r->status, 0);
+    assert_string_equal(r->key_id, id);
+}
+
+/* Every deduplication record, of either layout. */
+static size_t count_dedup_rows(struct store *s)
+{
+    return count_range(s, STORE_CF_META, "dedup", "dedux");
+}
+
+/* A retry is answered from its first attempt for at least a day by the
+ * leaders' clocks (the entries' time_ms); after two, the records are gone, so
+ * the store does not grow by one row per write forever. */
+static void test_dedup_records_expire_by_day(void **state)
+{
+    struct fx *f = *state;
+    struct fsm_op_result r, found;
+    e_domain(f->e, NULL, FSM_DEFAULT_DOMAIN);
+    assert_int_equal(apply1(f, 1), 0);
+    /* Entries without a clock, as older nodes make them: the old layout. */
+    r = create_at(f, 2, 0, "req-old", 100);
+    assert_made(&r, 100);
+
+    const uint64_t t0 = 20000 * DAY_MS + 5000;
+    uint64_t idx = 3;
+    r = create_at(f, idx++, t0, "req-a", 101);
+    assert_made(&r, 101);
+    for (unsigned e = 0; e < 5; e++) {
+        for (unsigned i = 0; i < 8; i++) {
+            char req[16], id[FSM_KEY_ID_LEN + 1], name[16];
+            snprintf(req, sizeof(req), "bulk-%u", e * 8 + i);
+            snprintf(name, sizeof(name), "bulk-%u", e * 8 + i);
+            make_id(110 + e * 8 + i, id);
+            e_put_key(f->e, req, id, name, FSM_DEFAULT_DOMAIN, S_ACT);
+        }
+        struct fsm_result *res = apply_entry_at(f, idx++, t0 + 1000);
+        for (unsigned i = 0; i < 8; i++)
+            assert_int_equal(res->ops[i].status, 0);
+    }
+    assert_int_equal(count_dedup_rows(f->store), 42);
+
+    /* The next day, across a restart: every retry gets its first outcome,
+     * the old layout's included, and adds no record. */
+    fx_close(f);
+    fx_open(f);
+    r = create_at(f, idx++, t0 + DAY_MS, "req-old", 150);
+    assert_made(&r, 100);
+    r = create_at(f, idx++, t0 + DAY_MS, "req-a", 151);
+    assert_made(&r, 101);
+    assert_int_equal(r.index, 3);
+    r = create_at(f, idx++, t0 + DAY_MS + 1, "req-b", 152);
+    assert_made(&r, 152);
+    assert_int_equal(fsm_find_dedup(f->fsm, "bulk-7", &found), 0);
+    assert_made(&found, 117);
+    assert_int_equal(count_dedup_rows(f->store), 43);
+
+    /* Two days on: the first day's records and the old layout's are gone at
+     * once, the second day's stay. A request id from the first day is now a
+     * new request. */
+    r = create_at(f, idx++, t0 + 2 * DAY_MS, "req-c", 153);
+    assert_made(&r, 153);
+    assert_int_equal(count_dedup_rows(f->store), 2);
+    assert_int_equal(fsm_find_dedup(f->fsm, "bulk-7", &found), KR_ENOTFOUND);
+    assert_int_equal(fsm_find_dedup(f->fsm, "req-old", &found), KR_ENOTFOUND);
+    r = create_at(f, idx++, t0 + 2 * DAY_MS, "req-a", 154);
+    assert_made(&r, 154);
+    r = create_at(f, idx++, t0 + 2 * DAY_MS, "req-b", 155);
+    assert_made(&r, 152);
+
+    /* A clock behind (another leader's) moves nothing; its record goes to
+     * the current day. */
+    r = create_at(f, idx++, t0, "req-d", 156);
+    assert_made(&r, 156);
+    assert_int_equal(count_dedup_rows(f->store), 4);
+    r = create_at(f, idx++, t0 + 3 * DAY_MS, "req-e", 157);
+    assert_made(&r, 157);
+    r = create_at(f, idx++, t0 + 3 * DAY_MS, "req-d", 158);
+    assert_made(&r, 156);
+    assert_int_equal(fsm_find_dedup(f->fsm, "req-b", &found), KR_ENOTFOUND);
+    assert_int_equal(count_dedup_rows(f->store), 4);
 }
 
 static void test_replayed_entry_is_noop(void **state)
@@ -2264,6 +2383,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_add_version_must_be_next, setup, teardown),
         cmocka_unit_test_setup_teardown(test_dedup_returns_first_result, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dedup_records_expire_by_day, setup, teardown),
         cmocka_unit_test_setup_teardown(test_replayed_entry_is_noop, setup, teardown),
         cmocka_unit_test_setup_teardown(test_undecodable_entry_skipped, setup, teardown),
         cmocka_unit_test_setup_teardown(test_entry_ops_have_independent_outcomes, setup,
