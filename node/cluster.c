@@ -324,10 +324,12 @@ static void apply_done(struct raft_apply *req, int status, void *result)
     free(p);
 }
 
+/* 0 (no clock: the entry moves no window) if the clock cannot be read. */
 static uint64_t wall_clock_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
+    struct timespec ts = {0};
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0 || ts.tv_sec < 0)
+        return 0;
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 

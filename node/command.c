@@ -1,6 +1,7 @@
 /* command.c: encode/decode of replicated commands. */
 #include "command.h"
 
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,6 +101,9 @@ void command_entry_end(struct command_entry_writer *w)
         w->buf[w->off++] = BATCH_TAG_TIME;
         w->off += put_varint(w->buf + w->off, w->time_ms);
     }
+    /* The costs given to begin must be what was added: every node would
+     * skip a mis-framed entry as undecodable. */
+    assert(w->off == COMMAND_ENTRY_HEADER + w->payload_len);
     command_entry_frame(w->buf, w->payload_len);
 }
 

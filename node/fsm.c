@@ -25,6 +25,9 @@
 #define DEDUP_PREFIX "dedupw"
 #define DEDUP_LEGACY_PREFIX "dedup\0"
 #define DEDUP_LEGACY_END "dedup\1"
+/* Scoped request ids are at most 64 + principal (255) + 1 characters
+ * (service.c): every row fits. */
+#define DEDUP_KEY_MAX 512
 /* Value: the current window, then the old layout's window (u64 BE each). */
 static const char DEDUP_WINDOW_KEY[] = "\0dedup_window";
 
@@ -810,7 +813,7 @@ static int dedup_find(struct store *store, const struct dedup_window *w, const c
     if (w->legacy != 0 || w->current == 0)
         windows[n++] = 0;
     for (size_t i = 0; i < n; i++) {
-        uint8_t key[300];
+        uint8_t key[DEDUP_KEY_MAX];
         size_t klen = dedup_key(key, sizeof(key), windows[i], request_id);
         if (klen == 0)
             return KR_ENOTFOUND;
@@ -843,7 +846,7 @@ int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result
 static void dedup_record(struct fsm *fsm, struct store_batch *b, const char *request_id,
                          const struct fsm_op_result *res)
 {
-    uint8_t key[300];
+    uint8_t key[DEDUP_KEY_MAX];
     size_t klen = dedup_key(key, sizeof(key), fsm->dedup.current, request_id);
     if (klen == 0)
         return;
