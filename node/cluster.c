@@ -86,9 +86,15 @@ struct cluster {
     uint64_t snapshot_log_bytes; /* log bytes between snapshots */
     uint64_t entry_bytes_avg;    /* running mean of applied entry sizes */
     unsigned applied_since_snapshot;
-    uv_work_t preflush;
-    int preflushing;             /* a worker is flushing the store */
-    int preflushed;              /* flushes started since the last snapshot (0-2) */
+    /* A raft snapshot in progress (fsm_snapshot_cb to fsm_snapshot_finalize_cb):
+     * its store flush runs on a worker, then raft writes the manifest. */
+    int snapshot_taking;
+    unsigned snapshot_entries_at;  /* entries the snapshot covers, for its log line */
+    /* Written by the worker, read by finalize (after the work, on the loop). */
+    int snapshot_flush_ran;
+    int snapshot_flush_rv;
+    uint64_t snapshot_flush_ms;
+    unsigned snapshot_flush_delay_ms; /* test hook (SNAPSHOT_DELAY_ENV) */
     int flusher_closed;
     int raft_closed; /* raft_close's callback ran: raft_uv may be freed once the loop is dry */
     /* raft_uv's close, wrapped so raft's callback runs once (io_close_once) */
@@ -111,27 +117,10 @@ static uint64_t next_index(void *arg)
  * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
  * for lagging followers are half of that. */
 #define SNAPSHOT_MIN_ENTRIES 16u
+/* For tests only: holds each snapshot's flush this many ms (at most 10 s), so
+ * a test can stop the node while one is in progress. */
+#define SNAPSHOT_DELAY_ENV "KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS"
 #define SNAPSHOT_MAX_TRAILING 1024u
-#define SNAPSHOT_SECOND_FLUSH_MIN 64u
-
-static void preflush_work(uv_work_t *w)
-{
-    struct cluster *c = w->data;
-    int rv = store_preflush(c->store);
-    if (rv != 0)
-        log_warn("flush ahead of a raft snapshot failed: %s (the snapshot flushes it all)",
-                 kr_strerror(rv));
-}
-
-static void stop_done_maybe(struct cluster *c);
-
-static void preflush_done(uv_work_t *w, int status)
-{
-    (void)status;
-    struct cluster *c = w->data;
-    c->preflushing = 0;
-    stop_done_maybe(c);
-}
 
 static void snapshot_pace(struct cluster *c, size_t entry_len)
 {
@@ -146,31 +135,7 @@ static void snapshot_pace(struct cluster *c, size_t entry_len)
         trailing = SNAPSHOT_MIN_ENTRIES;
     raft_set_snapshot_threshold(&c->raft, threshold);
     raft_set_snapshot_trailing(&c->raft, trailing);
-    /* A worker flushes the store at 3/4 and again at 15/16 of the way to a
-     * snapshot, so the snapshot's own flush on this loop finds about 1/16 of
-     * the data left (with one flush at 3/4, a quarter was left: 300-650 ms
-     * on a loaded 10M-key node, a stall every client saw). */
     c->applied_since_snapshot++;
-    unsigned due = c->preflushed == 0   ? threshold - threshold / 4
-                   : c->preflushed == 1 ? threshold - threshold / 16
-                                        : UINT_MAX;
-    if (c->preflushing || c->stopping || c->applied_since_snapshot < due)
-        return;
-    /* A second flush started just before the snapshot would only make the
-     * snapshot's flush wait for it: skip it then, and for small thresholds. */
-    if (c->preflushed == 1 && (threshold < SNAPSHOT_SECOND_FLUSH_MIN ||
-                               c->applied_since_snapshot >= threshold - threshold / 32)) {
-        c->preflushed = 2;
-    } else {
-        c->preflush.data = c;
-        store_preflush_hold(c->store);
-        if (uv_queue_work(c->loop, &c->preflush, preflush_work, preflush_done) == 0) {
-            c->preflushing = 1;
-            c->preflushed++;
-        } else {
-            store_preflush_release(c->store);
-        }
-    }
 }
 
 static int fsm_apply_cb(struct raft_fsm *raft_fsm, const struct raft_buffer *buf, void **result)
@@ -195,25 +160,15 @@ void cluster_set_apply_hook(struct cluster *c, void (*hook)(void *arg, uint64_t 
 }
 
 /* The raft snapshot is a manifest: the store's data at or past its index is
- * made durable first, so compacting the log never loses an applied entry. */
+ * made durable before raft writes the manifest and compacts its log, so
+ * compacting never loses an applied entry. raft asks for the manifest on the
+ * loop (fsm_snapshot_cb), has a worker run the flush (fsm_snapshot_async_cb;
+ * entries go on applying meanwhile: the store only moves past the index),
+ * then writes the manifest and calls fsm_snapshot_finalize_cb. A flush on the
+ * loop held it 120-270 ms per snapshot, a stall every client saw. */
 static int fsm_snapshot_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[], unsigned *n)
 {
     struct cluster *c = raft_fsm->data;
-    uint64_t t0 = uv_hrtime();
-    int rv = store_flush(c->store);
-    if (rv != 0) {
-        log_error("snapshot: store flush failed: %s", kr_strerror(rv));
-        return RAFT_IOERR;
-    }
-    uint64_t ms = (uv_hrtime() - t0) / 1000000;
-    if (ms >= 300)
-        log_warn("snapshot at %u entries: the store flush held the loop %llu ms",
-                 c->applied_since_snapshot, (unsigned long long)ms);
-    else
-        log_info("snapshot at %u entries: the store flush took %llu ms",
-                 c->applied_since_snapshot, (unsigned long long)ms);
-    c->applied_since_snapshot = 0;
-    c->preflushed = 0;
     struct raft_buffer *b = raft_malloc(sizeof(*b));
     if (b == NULL)
         return RAFT_NOMEM;
@@ -230,6 +185,54 @@ static int fsm_snapshot_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[]
             p[f * 8 + i] = (uint8_t)(fields[f] >> (56 - 8 * i));
     *bufs = b;
     *n = 1;
+    /* A store swap (a restore) waits for the flush handed to the worker. */
+    store_preflush_hold(c->store);
+    c->snapshot_taking = 1;
+    c->snapshot_flush_ran = 0;
+    c->snapshot_entries_at = c->applied_since_snapshot;
+    c->applied_since_snapshot = 0;
+    log_info("snapshot at %u entries (index %llu): flushing the store on a worker",
+             c->snapshot_entries_at, (unsigned long long)fields[1]);
+    return 0;
+}
+
+/* On a worker thread: the store is written by the loop meanwhile. */
+static int fsm_snapshot_async_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[],
+                                 unsigned *n)
+{
+    (void)bufs;
+    (void)n;
+    struct cluster *c = raft_fsm->data;
+    if (c->snapshot_flush_delay_ms > 0)
+        uv_sleep(c->snapshot_flush_delay_ms);
+    uint64_t t0 = uv_hrtime();
+    c->snapshot_flush_ran = 1;
+    c->snapshot_flush_rv = store_preflush(c->store); /* ends the hold */
+    c->snapshot_flush_ms = (uv_hrtime() - t0) / 1000000;
+    return c->snapshot_flush_rv == 0 ? 0 : RAFT_IOERR; /* raft then keeps its log */
+}
+
+/* On the loop, once raft is done with the manifest, whatever the outcome. */
+static int fsm_snapshot_finalize_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[],
+                                    unsigned *n)
+{
+    struct cluster *c = raft_fsm->data;
+    if (!c->snapshot_flush_ran)
+        store_preflush_release(c->store);
+    else if (c->snapshot_flush_rv != 0)
+        log_error("snapshot at %u entries: store flush failed: %s (the log is kept)",
+                  c->snapshot_entries_at, kr_strerror(c->snapshot_flush_rv));
+    else
+        log_info("snapshot at %u entries: the store flush took %llu ms (on a worker)",
+                 c->snapshot_entries_at, (unsigned long long)c->snapshot_flush_ms);
+    if (*bufs != NULL) {
+        for (unsigned i = 0; i < *n; i++)
+            raft_free((*bufs)[i].base);
+        raft_free(*bufs);
+    }
+    *bufs = NULL;
+    *n = 0;
+    c->snapshot_taking = 0;
     return 0;
 }
 
@@ -549,11 +552,23 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     c->io_close_orig = c->io.close;
     c->io.close = io_close_once;
     snprintf(c->address, sizeof(c->address), "%s", config->raft_address);
-    c->raft_fsm.version = 1;
+    /* raft_uv implements async_work but reports version 1, and raft refuses
+     * async snapshots below 2 (STACK-NOTES). */
+    if (c->io.async_work == NULL) {
+        log_error("raft log in %s: this libraft cannot run work off the loop (no async_work)",
+                  config->raft_dir);
+        raft_uv_close(&c->io);
+        transport_release(c);
+        return KR_EUNAVAIL;
+    }
+    c->io.version = 2;
+    c->raft_fsm.version = 3;
     c->raft_fsm.data = c;
     c->raft_fsm.apply = fsm_apply_cb;
     c->raft_fsm.snapshot = fsm_snapshot_cb;
     c->raft_fsm.restore = fsm_restore_cb;
+    c->raft_fsm.snapshot_finalize = fsm_snapshot_finalize_cb;
+    c->raft_fsm.snapshot_async = fsm_snapshot_async_cb;
     rv = raft_init(&c->raft, &c->io, &c->raft_fsm, config->node_id, c->address);
     if (rv != 0) {
         log_error("raft init: %s", raft_strerror(rv));
@@ -640,6 +655,13 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     raft_set_snapshot_threshold(&c->raft, c->snapshot_entries);
     raft_set_snapshot_trailing(&c->raft, SNAPSHOT_MAX_TRAILING);
     raft_set_pre_vote(&c->raft, true);
+    const char *delay = getenv(SNAPSHOT_DELAY_ENV);
+    if (delay != NULL && delay[0] != '\0') {
+        unsigned long ms = strtoul(delay, NULL, 10);
+        c->snapshot_flush_delay_ms = (unsigned)(ms > 10000 ? 10000 : ms);
+        log_warn("%s=%u: every snapshot flush waits that long first (a test hook)",
+                 SNAPSHOT_DELAY_ENV, c->snapshot_flush_delay_ms);
+    }
     uv_prepare_init(loop, &c->flusher);
     c->flusher.data = c;
     uv_prepare_start(&c->flusher, flusher_cb);
@@ -660,10 +682,10 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     return 0;
 }
 
-/* Stopped once the handles are closed and no flush is running on a worker. */
+/* Stopped once raft and the handles are closed. */
 static void stop_done_maybe(struct cluster *c)
 {
-    if (!c->flusher_closed || c->preflushing || c->stop_cb == NULL)
+    if (!c->flusher_closed || c->stop_cb == NULL)
         return;
     void (*cb)(void *) = c->stop_cb;
     c->stop_cb = NULL;
@@ -697,6 +719,10 @@ void cluster_stop(struct cluster *c, void (*cb)(void *arg), void *arg)
     c->queued = 0;
     finish_barrier_waiters(c->barrier_queue, c->barrier_queued, KR_EUNAVAIL);
     c->barrier_queued = 0;
+    /* raft_uv's close waits for a snapshot's flush on the worker: the store
+     * outlives it. */
+    if (c->snapshot_taking)
+        log_info("stopping once the snapshot's store flush ends");
     raft_close(&c->raft, raft_closed);
 }
 

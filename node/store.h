@@ -60,10 +60,10 @@ int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t 
  * families, waits). Called before raft may compact its log. */
 int store_flush(struct store *store);
 
-/* store_flush from any thread, through its own scratch checkpoint: a worker
- * runs it ahead of a raft snapshot, so the snapshot's flush on the loop finds
- * little left (a whole flush at 64 MB of log held the loop over a second, past
- * the election timeout). One at a time. The owner's thread calls
+/* store_flush from any thread, through its own scratch checkpoint, while the
+ * owner's thread goes on committing: a worker runs it for each raft snapshot
+ * (on the loop, a flush held it 120 ms to over a second). One at a time. The
+ * owner's thread calls
  * store_preflush_hold before handing the work over; store_preflush ends the
  * hold, store_preflush_release ends one whose work never ran. store_swap waits
  * for held preflushes to end. */

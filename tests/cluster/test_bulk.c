@@ -730,6 +730,59 @@ static void test_create_bulk_cli(void **state)
     kr_out_free(&o);
 }
 
+/* Times |phrase| appears in the node's log. */
+static int log_count(const struct kr_node *node, const char *phrase)
+{
+    char path[KR_PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%.400s/node.log", node->dir);
+    uint8_t *text = NULL;
+    size_t len = 0;
+    assert_int_equal(kr_read_file(path, &text, &len), 0);
+    int n = 0;
+    for (const char *p = (const char *)text; (p = strstr(p, phrase)) != NULL; p++)
+        n++;
+    free(text);
+    return n;
+}
+
+/* A raft snapshot's store flush runs on a worker while the node goes on
+ * (cluster.c). A stop that lands meanwhile must wait for it: closing the
+ * store under the worker would crash or lose the flush. The node's test hook
+ * holds each flush 5 s, so the stop lands inside one. */
+static void test_stop_during_snapshot(void **state)
+{
+    struct fixture *f = *state;
+    static const char started[] = "flushing the store on a worker";
+    static const char flushed[] = "the store flush took";
+    static const char waited[] = "stopping once the snapshot's store flush ends";
+    assert_int_equal(kr_node_stop(&f->node), 0);
+    setenv("KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS", "5000", 1);
+    int rv = kr_node_start(&f->node);
+    unsetenv("KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS");
+    assert_int_equal(rv, 0);
+    int started0 = log_count(&f->node, started), flushed0 = log_count(&f->node, flushed);
+    int waited0 = log_count(&f->node, waited);
+    uint64_t keys = key_count(f);
+
+    /* 17 entries of 1,000 keys: past the 16-entry floor of the 1 MB budget,
+     * so a snapshot starts during the load. */
+    struct kr_out o;
+    kr_cli(&f->node, NULL, 0, &o, "create-bulk", "--prefix", "stop", "--count", "17000", NULL);
+    KR_ASSERT_EXIT(&o, 0);
+    kr_out_free(&o);
+    assert_true(log_count(&f->node, started) > started0);
+    assert_int_equal(log_count(&f->node, flushed), flushed0); /* still held */
+    int rc = kr_node_stop(&f->node);
+    if (rc != 0)
+        kr_node_dump_log(&f->node, 4000);
+    assert_int_equal(rc, 0);
+    assert_true(log_count(&f->node, waited) > waited0);
+    assert_true(log_count(&f->node, flushed) > flushed0); /* ended before the exit */
+
+    assert_int_equal(kr_node_start(&f->node), 0);
+    assert_int_equal(key_count(f), keys + 17000);
+}
+
 static char *hex_of(const uint8_t *d, size_t n)
 {
     char *s = malloc(2 * n + 1);
@@ -807,6 +860,7 @@ int main(void)
         cmocka_unit_test(test_creates_share_entries),
         cmocka_unit_test(test_create_bulk_cli),
         cmocka_unit_test(test_import_bulk_cli),
+        cmocka_unit_test(test_stop_during_snapshot),
     };
 
     signal(SIGPIPE, SIG_IGN);
