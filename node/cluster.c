@@ -7,12 +7,12 @@
 #include <raft/uv.h>
 #include <stdio.h>
 #include <errno.h>
-#include <limits.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "keyraft.h"
 #include "log.h"
@@ -94,13 +94,18 @@ struct cluster {
     int snapshot_flush_ran;
     int snapshot_flush_rv;
     uint64_t snapshot_flush_ms;
-    unsigned snapshot_flush_delay_ms; /* test hook (SNAPSHOT_DELAY_ENV) */
+    char *snapshot_hold_file; /* test hook (SNAPSHOT_HOLD_ENV); NULL: none */
     int flusher_closed;
     int raft_closed; /* raft_close's callback ran: raft_uv may be freed once the loop is dry */
     /* raft_uv's close, wrapped so raft's callback runs once (io_close_once) */
     void (*io_close_orig)(struct raft_io *io, raft_io_close_cb cb);
     raft_io_close_cb io_close_cb;
     int io_closed;
+    int io_closing; /* raft_close began: io_snapshot_put refuses */
+    int (*io_snapshot_put_orig)(struct raft_io *io, unsigned trailing,
+                                struct raft_io_snapshot_put *req,
+                                const struct raft_snapshot *snapshot,
+                                raft_io_snapshot_put_cb cb);
 };
 
 /* --- FSM adapter --------------------------------------------------------------- */
@@ -117,9 +122,10 @@ static uint64_t next_index(void *arg)
  * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
  * for lagging followers are half of that. */
 #define SNAPSHOT_MIN_ENTRIES 16u
-/* For tests only: holds each snapshot's flush this many ms (at most 10 s), so
- * a test can stop the node while one is in progress. */
-#define SNAPSHOT_DELAY_ENV "KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS"
+/* For tests only: while the file this names exists (at most 60 s), each
+ * snapshot's flush waits, so a test can stop or kill the node inside one. */
+#define SNAPSHOT_HOLD_ENV "KEYRAFT_TEST_SNAPSHOT_HOLD_FILE"
+#define SNAPSHOT_HOLD_MAX_MS 60000u
 #define SNAPSHOT_MAX_TRAILING 1024u
 
 static void snapshot_pace(struct cluster *c, size_t entry_len)
@@ -190,7 +196,6 @@ static int fsm_snapshot_cb(struct raft_fsm *raft_fsm, struct raft_buffer *bufs[]
     c->snapshot_taking = 1;
     c->snapshot_flush_ran = 0;
     c->snapshot_entries_at = c->applied_since_snapshot;
-    c->applied_since_snapshot = 0;
     log_info("snapshot at %u entries (index %llu): flushing the store on a worker",
              c->snapshot_entries_at, (unsigned long long)fields[1]);
     return 0;
@@ -203,8 +208,10 @@ static int fsm_snapshot_async_cb(struct raft_fsm *raft_fsm, struct raft_buffer *
     (void)bufs;
     (void)n;
     struct cluster *c = raft_fsm->data;
-    if (c->snapshot_flush_delay_ms > 0)
-        uv_sleep(c->snapshot_flush_delay_ms);
+    for (unsigned ms = 0; c->snapshot_hold_file != NULL && ms < SNAPSHOT_HOLD_MAX_MS &&
+                          access(c->snapshot_hold_file, F_OK) == 0;
+         ms += 10)
+        uv_sleep(10);
     uint64_t t0 = uv_hrtime();
     c->snapshot_flush_ran = 1;
     c->snapshot_flush_rv = store_preflush(c->store); /* ends the hold */
@@ -217,14 +224,20 @@ static int fsm_snapshot_finalize_cb(struct raft_fsm *raft_fsm, struct raft_buffe
                                     unsigned *n)
 {
     struct cluster *c = raft_fsm->data;
-    if (!c->snapshot_flush_ran)
+    if (!c->snapshot_taking) {
+        log_error("snapshot finalized twice: ignored");
+        return 0;
+    }
+    if (!c->snapshot_flush_ran) {
         store_preflush_release(c->store);
-    else if (c->snapshot_flush_rv != 0)
+    } else if (c->snapshot_flush_rv != 0) {
         log_error("snapshot at %u entries: store flush failed: %s (the log is kept)",
                   c->snapshot_entries_at, kr_strerror(c->snapshot_flush_rv));
-    else
+    } else {
         log_info("snapshot at %u entries: the store flush took %llu ms (on a worker)",
                  c->snapshot_entries_at, (unsigned long long)c->snapshot_flush_ms);
+        c->applied_since_snapshot -= c->snapshot_entries_at; /* applied meanwhile stay */
+    }
     if (*bufs != NULL) {
         for (unsigned i = 0; i < *n; i++)
             raft_free((*bufs)[i].base);
@@ -522,8 +535,24 @@ static void io_closed_once(struct raft_io *io)
 static void io_close_once(struct raft_io *io, raft_io_close_cb cb)
 {
     struct cluster *c = cluster_of_io(io);
+    c->io_closing = 1;
     c->io_close_cb = cb;
     c->io_close_orig(io, io_closed_once);
+}
+
+/* raft 0.15 writes a snapshot once its flush on the worker ends, even when
+ * raft_close began meanwhile, and raft_uv asserts it is not closing then
+ * (Debian's build has asserts off and writes it). Refused instead: raft
+ * finalizes the snapshot unwritten and keeps its log; the store is flushed
+ * at close anyway. */
+static int io_snapshot_put(struct raft_io *io, unsigned trailing,
+                           struct raft_io_snapshot_put *req, const struct raft_snapshot *snapshot,
+                           raft_io_snapshot_put_cb cb)
+{
+    struct cluster *c = cluster_of_io(io);
+    if (c->io_closing && trailing != 0)
+        return RAFT_CANCELED;
+    return c->io_snapshot_put_orig(io, trailing, req, snapshot, cb);
 }
 
 static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_config *config)
@@ -551,6 +580,8 @@ static int io_setup(struct cluster *c, uv_loop_t *loop, const struct cluster_con
     }
     c->io_close_orig = c->io.close;
     c->io.close = io_close_once;
+    c->io_snapshot_put_orig = c->io.snapshot_put;
+    c->io.snapshot_put = io_snapshot_put;
     snprintf(c->address, sizeof(c->address), "%s", config->raft_address);
     /* raft_uv implements async_work but reports version 1, and raft refuses
      * async snapshots below 2 (STACK-NOTES). */
@@ -655,12 +686,11 @@ int cluster_start(uv_loop_t *loop, const struct cluster_config *config, struct s
     raft_set_snapshot_threshold(&c->raft, c->snapshot_entries);
     raft_set_snapshot_trailing(&c->raft, SNAPSHOT_MAX_TRAILING);
     raft_set_pre_vote(&c->raft, true);
-    const char *delay = getenv(SNAPSHOT_DELAY_ENV);
-    if (delay != NULL && delay[0] != '\0') {
-        unsigned long ms = strtoul(delay, NULL, 10);
-        c->snapshot_flush_delay_ms = (unsigned)(ms > 10000 ? 10000 : ms);
-        log_warn("%s=%u: every snapshot flush waits that long first (a test hook)",
-                 SNAPSHOT_DELAY_ENV, c->snapshot_flush_delay_ms);
+    const char *hold = getenv(SNAPSHOT_HOLD_ENV);
+    if (hold != NULL && hold[0] != '\0') {
+        c->snapshot_hold_file = strdup(hold);
+        log_warn("%s=%s: snapshot flushes wait while that file exists (a test hook)",
+                 SNAPSHOT_HOLD_ENV, hold);
     }
     uv_prepare_init(loop, &c->flusher);
     c->flusher.data = c;
@@ -740,6 +770,7 @@ void cluster_free(struct cluster *c)
     fsm_free(c->fsm);
     free(c->queue);
     free(c->barrier_queue);
+    free(c->snapshot_hold_file);
     free(c);
 }
 

@@ -422,8 +422,8 @@ static int node_fetch_snapshot(void *arg, uint64_t min_index)
         rv = KR_EPROTO;
     }
     /* Restore runs between applies and every request finishes within its
-     * loop callback: no store iterator is open here; a worker's flush ahead
-     * of a snapshot may be, and store_swap waits for it. */
+     * loop callback: no store iterator is open here; a snapshot's flush on a
+     * worker may be running, and store_swap waits for it. */
     if (rv == 0)
         rv = store_swap(n->store, incoming);
     if (rv != 0) {

@@ -807,8 +807,8 @@ int store_swap(struct store *store, const char *new_db_dir)
     int rc = store_check_open(store, "swap");
     if (rc != 0)
         return rc;
-    /* A worker's flush ends on its own (seconds at most); refusing instead
-     * failed a snapshot restore that happened to meet one. */
+    /* A snapshot's flush on a worker ends on its own (seconds at most):
+     * wait for it rather than fail the restore. */
     uint64_t waited_ms = 0;
     while (__atomic_load_n(&store->n_preflush, __ATOMIC_ACQUIRE) != 0 &&
            waited_ms < STORE_SWAP_FLUSH_WAIT_MS) {

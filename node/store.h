@@ -57,7 +57,7 @@ void store_batch_delete_range(struct store_batch *batch, enum store_cf cf, const
 int store_batch_commit(struct store *store, struct store_batch *batch, uint64_t applied_index);
 
 /* Makes everything committed so far durable (flushes memtables of all
- * families, waits). Called before raft may compact its log. */
+ * families, waits), on the owner's thread: at close and before a swap. */
 int store_flush(struct store *store);
 
 /* store_flush from any thread, through its own scratch checkpoint, while the

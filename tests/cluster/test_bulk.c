@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <dirent.h>
 #include <openssl/rand.h>
 
 #include "harness.h"
@@ -745,42 +746,108 @@ static int log_count(const struct kr_node *node, const char *phrase)
     return n;
 }
 
+/* The highest index among the raft snapshots the node wrote (raft_uv names
+ * them snapshot-TERM-INDEX-TIME), 0 for none. */
+static unsigned long long newest_snapshot(const struct kr_node *node)
+{
+    char path[KR_PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%.400s/raft", node->dir);
+    DIR *d = opendir(path);
+    assert_non_null(d);
+    unsigned long long best = 0, term, index, when;
+    for (struct dirent *e; (e = readdir(d)) != NULL;)
+        if (sscanf(e->d_name, "snapshot-%llu-%llu-%llu", &term, &index, &when) == 3 &&
+            strstr(e->d_name, ".meta") == NULL && index > best)
+            best = index;
+    closedir(d);
+    return best;
+}
+
+/* Restarts the node with each snapshot flush held while |hold| exists
+ * (keyraftd's test hook), or without the hook when |hold| is NULL. */
+static void restart_holding(struct fixture *f, const char *hold)
+{
+    kr_node_stop(&f->node);
+    if (hold != NULL)
+        setenv("KEYRAFT_TEST_SNAPSHOT_HOLD_FILE", hold, 1);
+    int rv = kr_node_start(&f->node);
+    unsetenv("KEYRAFT_TEST_SNAPSHOT_HOLD_FILE");
+    assert_int_equal(rv, 0);
+}
+
+/* 17 entries of 1,000 keys: past the 16-entry floor of the 1 MB budget, so
+ * a snapshot starts during the load. */
+static void load_past_a_snapshot(struct fixture *f, const char *prefix)
+{
+    struct kr_out o;
+    kr_cli(&f->node, NULL, 0, &o, "create-bulk", "--prefix", prefix, "--count", "17000", NULL);
+    KR_ASSERT_EXIT(&o, 0);
+    kr_out_free(&o);
+}
+
+static const char SNAP_STARTED[] = "flushing the store on a worker";
+static const char SNAP_FLUSHED[] = "the store flush took";
+
 /* A raft snapshot's store flush runs on a worker while the node goes on
- * (cluster.c). A stop that lands meanwhile must wait for it: closing the
- * store under the worker would crash or lose the flush. The node's test hook
- * holds each flush 5 s, so the stop lands inside one. */
+ * (cluster.c). A stop that lands meanwhile waits for it (closing the store
+ * under the worker would crash or lose the flush), then exits cleanly. */
 static void test_stop_during_snapshot(void **state)
 {
     struct fixture *f = *state;
-    static const char started[] = "flushing the store on a worker";
-    static const char flushed[] = "the store flush took";
-    static const char waited[] = "stopping once the snapshot's store flush ends";
-    assert_int_equal(kr_node_stop(&f->node), 0);
-    setenv("KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS", "5000", 1);
-    int rv = kr_node_start(&f->node);
-    unsetenv("KEYRAFT_TEST_SNAPSHOT_FLUSH_DELAY_MS");
-    assert_int_equal(rv, 0);
-    int started0 = log_count(&f->node, started), flushed0 = log_count(&f->node, flushed);
-    int waited0 = log_count(&f->node, waited);
+    char hold[KR_PATH_MAX + 32];
+    snprintf(hold, sizeof(hold), "%.400s/snapshot-hold", f->node.scratch);
+    restart_holding(f, hold);
+    assert_int_equal(kr_write_file(hold, "", 0), 0);
+    int started0 = log_count(&f->node, SNAP_STARTED), flushed0 = log_count(&f->node, SNAP_FLUSHED);
+    int waited0 = log_count(&f->node, "stopping once the snapshot's store flush ends");
     uint64_t keys = key_count(f);
 
-    /* 17 entries of 1,000 keys: past the 16-entry floor of the 1 MB budget,
-     * so a snapshot starts during the load. */
-    struct kr_out o;
-    kr_cli(&f->node, NULL, 0, &o, "create-bulk", "--prefix", "stop", "--count", "17000", NULL);
-    KR_ASSERT_EXIT(&o, 0);
-    kr_out_free(&o);
-    assert_true(log_count(&f->node, started) > started0);
-    assert_int_equal(log_count(&f->node, flushed), flushed0); /* still held */
-    int rc = kr_node_stop(&f->node);
+    load_past_a_snapshot(f, "stop");
+    assert_true(log_count(&f->node, SNAP_STARTED) > started0);
+    assert_int_equal(log_count(&f->node, SNAP_FLUSHED), flushed0); /* held */
+    assert_int_equal(kill(f->node.pid, SIGTERM), 0);
+    usleep(500 * 1000);
+    assert_true(kr_node_alive(&f->node)); /* waiting for the flush */
+    assert_true(log_count(&f->node, "stopping once the snapshot's store flush ends") > waited0);
+    assert_int_equal(unlink(hold), 0);
+    int rc = kr_node_wait_exit(&f->node, 20000);
     if (rc != 0)
         kr_node_dump_log(&f->node, 4000);
     assert_int_equal(rc, 0);
-    assert_true(log_count(&f->node, waited) > waited0);
-    assert_true(log_count(&f->node, flushed) > flushed0); /* ended before the exit */
+    assert_true(log_count(&f->node, SNAP_FLUSHED) > flushed0); /* ended before the exit */
 
-    assert_int_equal(kr_node_start(&f->node), 0);
+    restart_holding(f, NULL);
     assert_int_equal(key_count(f), keys + 17000);
+}
+
+/* The manifest is written only once the store is durable at its index: a
+ * node killed during the flush (the log not yet compacted) or right after
+ * the manifest (entries past it are in the log) restarts with every key. */
+static void test_kill_around_snapshot(void **state)
+{
+    struct fixture *f = *state;
+    char hold[KR_PATH_MAX + 32];
+    snprintf(hold, sizeof(hold), "%.400s/snapshot-hold", f->node.scratch);
+    uint64_t keys = key_count(f);
+
+    restart_holding(f, hold);
+    assert_int_equal(kr_write_file(hold, "", 0), 0);
+    int started0 = log_count(&f->node, SNAP_STARTED);
+    load_past_a_snapshot(f, "killa");
+    assert_true(log_count(&f->node, SNAP_STARTED) > started0);
+    assert_int_equal(kr_node_kill9(&f->node), 0); /* during the held flush */
+    assert_int_equal(unlink(hold), 0);
+    restart_holding(f, NULL);
+    assert_int_equal(key_count(f), keys + 17000);
+
+    unsigned long long before = newest_snapshot(&f->node);
+    load_past_a_snapshot(f, "killb");
+    for (int i = 0; i < 200 && newest_snapshot(&f->node) <= before; i++)
+        usleep(50 * 1000);
+    assert_true(newest_snapshot(&f->node) > before); /* the manifest is on disk */
+    assert_int_equal(kr_node_kill9(&f->node), 0);
+    assert_int_equal(kr_node_start(&f->node), 0);
+    assert_int_equal(key_count(f), keys + 34000);
 }
 
 static char *hex_of(const uint8_t *d, size_t n)
@@ -861,6 +928,7 @@ int main(void)
         cmocka_unit_test(test_create_bulk_cli),
         cmocka_unit_test(test_import_bulk_cli),
         cmocka_unit_test(test_stop_during_snapshot),
+        cmocka_unit_test(test_kill_around_snapshot),
     };
 
     signal(SIGPIPE, SIG_IGN);
