@@ -226,6 +226,10 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "# keyraft $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?') bench on $(nproc) cores shared by clients and servers; $(uname -r)"
 echo "# median of $runs runs x ${secs}s per figure; load average at start: $(loadavg)"
 echo "# keyraft c: 1=1x1, 16=16x1, 256=16x16, 64=1x64 (connections x in flight); etcd c = connections (HTTP/1.1)"
+# A replicated write waits for fdatasyncs: their time on this disk today is
+# the floor under c=1, and what figures from other days are read against.
+fsync_line() { "$build/kr_bench" --fsync-probe "$dir" | sed 's/^fsync_probe /# disk: fdatasync of 4 KiB: /'; }
+fsync_line
 
 for n in $nodes_list; do
   if [ "$n" = 1 ]; then name=one; b=$base; else name=three; b=$((base + 100)); fi
@@ -300,4 +304,5 @@ if [ -n "$k" ]; then
 elif [[ " $nodes_list " == *" 1 "* ]] && [[ " $batch_ops " == *" encrypt "* ]]; then
   target "batched encrypt 1 node >= 1000000/s" "not measured (batches not served)" "open"
 fi
+fsync_line
 echo "# load average at end: $(loadavg)"

@@ -11,7 +11,12 @@
  * latency is its whole frame's), max_gap_ms (the longest wait between two
  * acknowledged frames on one connection: spans a failover). Keys for every op
  * but create are made before the timed phase. Exit 0, 1 on errors, 3 when the
- * node does not serve batches. */
+ * node does not serve batches.
+ *   kr_bench --fsync-probe DIR
+ * times 200 writes of 4 KiB each followed by fdatasync in a scratch file in
+ * DIR (the disk the nodes' raft logs are on) and prints their p50/p99: a
+ * replicated write's floor, which moves from machine to machine and day to
+ * day, so figures from different runs are read against it. */
 #include <getopt.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -408,12 +413,44 @@ out:
     return rv;
 }
 
+#define FSYNC_PROBE_WRITES 200
+
+static int fsync_probe(const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/kr_bench-fsync-XXXXXX", dir);
+    int fd = mkstemp(path);
+    if (fd < 0) {
+        perror("kr_bench: fsync probe file");
+        return 1;
+    }
+    unlink(path);
+    static char block[4096];
+    memset(block, 0x5a, sizeof(block));
+    double ms[FSYNC_PROBE_WRITES];
+    for (int i = 0; i < FSYNC_PROBE_WRITES; i++) {
+        double t0 = now_s();
+        if (write(fd, block, sizeof(block)) != (ssize_t)sizeof(block) || fdatasync(fd) != 0) {
+            perror("kr_bench: fsync probe");
+            close(fd);
+            return 1;
+        }
+        ms[i] = (now_s() - t0) * 1000.0;
+    }
+    close(fd);
+    qsort(ms, FSYNC_PROBE_WRITES, sizeof(double), cmp_double);
+    printf("fsync_probe dir=%s writes=%d bytes=4096 p50_ms=%.3f p99_ms=%.3f\n", dir,
+           FSYNC_PROBE_WRITES, ms[FSYNC_PROBE_WRITES / 2], ms[FSYNC_PROBE_WRITES * 99 / 100]);
+    return 0;
+}
+
 static void usage(void)
 {
     fprintf(stderr,
             "usage: kr_bench --config FILE --op create|get|encrypt|decrypt|sign|datakey\n"
             "                [--conns C] [--inflight D] [--batch B] [--seconds S]\n"
-            "                [--max-ops N] [--size BYTES] [--keys K]\n");
+            "                [--max-ops N] [--size BYTES] [--keys K]\n"
+            "       kr_bench --fsync-probe DIR\n");
 }
 
 int main(int argc, char **argv)
@@ -424,7 +461,7 @@ int main(int argc, char **argv)
         {"inflight", required_argument, NULL, 'd'}, {"batch", required_argument, NULL, 'b'},
         {"seconds", required_argument, NULL, 's'}, {"max-ops", required_argument, NULL, 'm'},
         {"size", required_argument, NULL, 'z'}, {"keys", required_argument, NULL, 'k'},
-        {NULL, 0, NULL, 0}};
+        {"fsync-probe", required_argument, NULL, 'f'}, {NULL, 0, NULL, 0}};
     static struct shared sh; /* 64 KiB of payload: not on the stack */
     const char *config = NULL, *op = "encrypt";
     int conns = 1, ch, rc = 1;
@@ -445,6 +482,7 @@ int main(int argc, char **argv)
         case 'm': sh.max_ops = atol(optarg); break;
         case 'z': sh.size = (size_t)atol(optarg); break;
         case 'k': sh.n_keys = atoi(optarg); break;
+        case 'f': return fsync_probe(optarg);
         default: usage(); return 2;
         }
     }
