@@ -122,11 +122,11 @@ static uint64_t next_index(void *arg)
  * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
  * for lagging followers are half of that. */
 #define SNAPSHOT_MIN_ENTRIES 16u
+#define SNAPSHOT_MAX_TRAILING 1024u
 /* For tests only: while the file this names exists (at most 60 s), each
  * snapshot's flush waits, so a test can stop or kill the node inside one. */
 #define SNAPSHOT_HOLD_ENV "KEYRAFT_TEST_SNAPSHOT_HOLD_FILE"
 #define SNAPSHOT_HOLD_MAX_MS 60000u
-#define SNAPSHOT_MAX_TRAILING 1024u
 
 static void snapshot_pace(struct cluster *c, size_t entry_len)
 {
