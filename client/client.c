@@ -919,7 +919,7 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
 static int new_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
 {
     uint8_t raw[REQUEST_ID_BYTES];
-    struct timespec now;
+    struct timespec now = {0}; /* unread clock: a zero time prefix, still unique */
     clock_gettime(CLOCK_REALTIME, &now);
     uint64_t ms = (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
     for (size_t i = 0; i < REQUEST_ID_TIME_BYTES; i++)

@@ -782,28 +782,36 @@ static int apply_remove_node(struct fsm *fsm, struct store_batch *b,
     return 0;
 }
 
+#define DEDUP_WINDOW_PREFIX_LEN (sizeof(DEDUP_PREFIX) - 1 + 8)
+
+/* The start of every row of day |window|: also the bounds of a range. */
+static void dedup_window_prefix(uint8_t out[DEDUP_WINDOW_PREFIX_LEN], uint64_t window)
+{
+    memcpy(out, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
+    put_u64be(out + sizeof(DEDUP_PREFIX) - 1, window);
+}
+
 /* A record's row in window |window| (0: the old layout). Returns its
  * length, 0 when it does not fit. */
 static size_t dedup_key(uint8_t *buf, size_t cap, uint64_t window, const char *request_id)
 {
     size_t l = strlen(request_id);
-    size_t head = window == 0 ? sizeof(DEDUP_LEGACY_PREFIX) - 1 : sizeof(DEDUP_PREFIX) - 1 + 8;
+    size_t head = window == 0 ? sizeof(DEDUP_LEGACY_PREFIX) - 1 : DEDUP_WINDOW_PREFIX_LEN;
     if (head + l > cap)
         return 0;
-    if (window == 0) {
+    if (window == 0)
         memcpy(buf, DEDUP_LEGACY_PREFIX, head);
-    } else {
-        memcpy(buf, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
-        put_u64be(buf + sizeof(DEDUP_PREFIX) - 1, window);
-    }
+    else
+        dedup_window_prefix(buf, window);
     memcpy(buf + head, request_id, l);
     return head + l;
 }
 
-/* Looks in the current window, the one before, then the old layout. */
-static int dedup_find(struct store *store, const struct dedup_window *w, const char *request_id,
-                      struct fsm_op_result *res)
+/* A retried request gets the first attempt's outcome. Looks in the current
+ * window, the one before, then the old layout. */
+int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
 {
+    const struct dedup_window *w = &fsm->dedup;
     uint64_t windows[3];
     size_t n = 0;
     if (w->current > 0)
@@ -819,7 +827,7 @@ static int dedup_find(struct store *store, const struct dedup_window *w, const c
             return KR_ENOTFOUND;
         uint8_t *val = NULL;
         size_t len = 0;
-        int rv = store_get(store, STORE_CF_META, key, klen, &val, &len);
+        int rv = store_get(fsm->store, STORE_CF_META, key, klen, &val, &len);
         if (rv == KR_ENOTFOUND)
             continue;
         if (rv != 0)
@@ -835,12 +843,6 @@ static int dedup_find(struct store *store, const struct dedup_window *w, const c
         return 0;
     }
     return KR_ENOTFOUND;
-}
-
-/* A retried request gets the first attempt's outcome. */
-int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
-{
-    return dedup_find(fsm->store, &fsm->dedup, request_id, res);
 }
 
 static void dedup_record(struct fsm *fsm, struct store_batch *b, const char *request_id,
@@ -899,11 +901,9 @@ static int dedup_advance(struct fsm *fsm, uint64_t time_ms, uint64_t index)
     if (b == NULL)
         return KR_ENOMEM;
     if (fsm->dedup.current != 0) {
-        uint8_t first[sizeof(DEDUP_PREFIX) - 1 + 8], end[sizeof(DEDUP_PREFIX) - 1 + 8];
-        memcpy(first, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
-        memcpy(end, DEDUP_PREFIX, sizeof(DEDUP_PREFIX) - 1);
-        put_u64be(first + sizeof(DEDUP_PREFIX) - 1, 0);
-        put_u64be(end + sizeof(DEDUP_PREFIX) - 1, to - 1);
+        uint8_t first[DEDUP_WINDOW_PREFIX_LEN], end[DEDUP_WINDOW_PREFIX_LEN];
+        dedup_window_prefix(first, 0);
+        dedup_window_prefix(end, to - 1);
         store_batch_delete_range(b, STORE_CF_META, first, sizeof(first), end, sizeof(end));
         if (next.legacy != 0 && next.legacy < to - 1) {
             store_batch_delete_range(b, STORE_CF_META, DEDUP_LEGACY_PREFIX,
