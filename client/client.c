@@ -801,8 +801,10 @@ void kr__readahead_drop(struct kr__readahead *ra, size_t keep)
 /* The next answer. Answers already read ahead are returned without a
  * syscall; frames queued by kr_send are written only when the client would
  * otherwise wait for the node, so a burst of answers is followed by one
- * write carrying the requests made in reply to all of them. */
-static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out_resp)
+ * write carrying the requests made in reply to all of them. Without |wait|,
+ * returns 0 with *out_resp NULL once the socket has nothing more to read
+ * (the queued frames written first). */
+static int recv_response(kr_client *c, int64_t deadline, int wait, Keyraft__Response **out_resp)
 {
     for (;;) {
         size_t missing = 0;
@@ -842,6 +844,10 @@ static int recv_response(kr_client *c, int64_t deadline, Keyraft__Response **out
             if (rc != 0)
                 return rc;
             continue;
+        }
+        if (events == POLLIN && !wait) {
+            *out_resp = NULL;
+            return 0;
         }
         rc = wait_fd(c->fd, events, deadline);
         if (rc != 0) {
@@ -904,7 +910,7 @@ static int call_once(kr_client *c, size_t idx, const Keyraft__Request *req, int6
         return rc;
     for (;;) {
         Keyraft__Response *resp = NULL;
-        rc = recv_response(c, deadline, &resp);
+        rc = recv_response(c, deadline, 1, &resp);
         if (rc != 0)
             return rc;
         if (resp->id == req->id) {
@@ -1198,7 +1204,7 @@ int kr_recv(kr_client *client, Keyraft__Response **out_resp)
         kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
         return KR_ECONN;
     }
-    rc = recv_response(c, now_ms() + c->timeout_ms, &resp); /* flushes before it waits */
+    rc = recv_response(c, now_ms() + c->timeout_ms, 1, &resp); /* flushes before it waits */
     if (rc != 0) {
         conn_close(c); /* what was in flight on it is lost */
         return rc;
@@ -1206,6 +1212,34 @@ int kr_recv(kr_client *client, Keyraft__Response **out_resp)
     response_note(c, resp);
     *out_resp = resp;
     return 0;
+}
+
+int kr_try_recv(kr_client *client, Keyraft__Response **out_resp)
+{
+    kr_client *c = client;
+    Keyraft__Response *resp = NULL;
+
+    if (c == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    *out_resp = NULL;
+    if (c->fd < 0) {
+        kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
+        return KR_ECONN;
+    }
+    int rc = recv_response(c, now_ms() + c->timeout_ms, 0, &resp);
+    if (rc != 0) {
+        conn_close(c);
+        return rc;
+    }
+    if (resp != NULL)
+        response_note(c, resp);
+    *out_resp = resp;
+    return 0;
+}
+
+int kr_client_fd(const kr_client *client)
+{
+    return client != NULL ? client->fd : -1;
 }
 
 int kr__call_ok(kr_client *c, Keyraft__Request *req, Keyraft__Response__ResultCase expect,

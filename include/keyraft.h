@@ -130,6 +130,18 @@ int kr_send(kr_client *client, Keyraft__Request *req);
 int kr_flush(kr_client *client);
 int kr_recv(kr_client *client, Keyraft__Response **out_resp);
 
+/* One thread driving many connections (an event loop): kr_client_fd is the
+ * open connection's socket, -1 when none is open (kr_send opens one).
+ * kr_try_recv is kr_recv without the wait: 0 with *out_resp set to the next
+ * answer, 0 with *out_resp NULL once every answer that has arrived was
+ * returned (it first writes what kr_send queued), or a transport code, which
+ * closes the connection as kr_recv's do. Call it until it gives NULL, then
+ * poll the socket for POLLIN: answers already read are not signalled by the
+ * socket. Like kr_flush, it may wait up to the timeout for the socket to take
+ * queued requests. */
+int kr_client_fd(const kr_client *client);
+int kr_try_recv(kr_client *client, Keyraft__Response **out_resp);
+
 /* A byte buffer owned by the caller. kr_buf_free wipes it before freeing. */
 typedef struct kr_buf {
     uint8_t *data;

@@ -17,7 +17,11 @@
 # 1x1, c=16 is 16x1 and c=256 is 16x16 (the protocol pipelines; 256 blocking
 # threads on 2 cores would measure the scheduler); etcd's JSON gateway speaks
 # HTTP/1.1, one request in flight per connection, so its c=256 is 256
-# connections. Each system runs alone: the others are stopped meanwhile.
+# connections. Both clients drive all their connections from one thread
+# polling them, as an event-driven application would (kr_bench --threads 1,
+# etcd_bench's default), so neither pays for a thread per connection on the
+# two cores the nodes share. Each system runs alone: the others are stopped
+# meanwhile.
 env_seconds=$SECONDS # bash counts SECONDS up from a value given in the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,7 +196,7 @@ figure() {
   m_p99=$(for l in "${out[@]}"; do field p99_ms <<<"$l"; done | median)
   m_p999=$(for l in "${out[@]}"; do field p999_ms <<<"$l"; done | median)
   all=$(for l in "${out[@]}"; do field ops_per_s <<<"$l"; done | paste -sd, -)
-  shape="conns=$(field conns <<<"${out[0]}") inflight=$(field inflight <<<"${out[0]}")"
+  shape="threads=$(field threads <<<"${out[0]}") conns=$(field conns <<<"${out[0]}") inflight=$(field inflight <<<"${out[0]}")"
   echo "$tag ops_per_s=$m_ops p50_ms=$m_p50 p99_ms=$m_p99 p999_ms=$m_p999 $shape errors=$errs runs=$all"
   result_ops["$sys/$nodes/$op/$conc/$batch"]=$m_ops
   result_p99["$sys/$nodes/$op/$conc/$batch"]=$m_p99
@@ -204,13 +208,11 @@ kr_figures() { # kr_figures NODES CONFIG
     for c in $concs; do
       read -r conns depth <<<"$(kr_shape "$c")"
       figure keyraft "$nodes" "$op" "$c" 0 "$build/kr_bench" --config "$conf" --op "$op" \
-        --conns "$conns" --inflight "$depth" --seconds "$secs" --max-ops 100000000
+        --conns "$conns" --threads 1 --inflight "$depth" --seconds "$secs" --max-ops 100000000
     done
   done
-  # One connection pipelining 64 requests (c=64 is 1x64): the client's one
-  # thread and the node's loop each get a core. With 16 client threads on 2
-  # cores, a thread waits ~5 ms for the scheduler (perf sched timehist), which
-  # is most of c=256's p99.
+  # One connection pipelining 64 requests (c=64 is 1x64): the client's
+  # thread and the node's loop each get a core.
   for op in $pipe_ops; do
     figure keyraft "$nodes" "$op" 64 0 "$build/kr_bench" --config "$conf" --op "$op" \
       --conns 1 --inflight 64 --seconds "$secs" --max-ops 100000000
@@ -218,7 +220,7 @@ kr_figures() { # kr_figures NODES CONFIG
   # Batches: 16 frames of 100 operations in flight (16 connections x 1).
   for op in $batch_ops; do
     figure keyraft "$nodes" "$op" 16 100 "$build/kr_bench" --config "$conf" --op "$op" \
-      --conns 16 --inflight 1 --batch 100 --seconds "$secs" --max-ops 1000000000
+      --conns 16 --threads 1 --inflight 1 --batch 100 --seconds "$secs" --max-ops 1000000000
   done
 }
 

@@ -41,7 +41,7 @@ for t in 1 16; do
   for _ in $(seq 1 "$runs"); do
     for mode in true false; do
       start "$mode"
-      line=$("$build/kr_bench" --config "$dir/node/client.conf" --op encrypt --threads $t \
+      line=$("$build/kr_bench" --config "$dir/node/client.conf" --op encrypt --conns $t \
              --seconds "$secs" --max-ops 2000000)
       stop
       ops[$mode]+="$(field ops_per_s <<<"$line") "

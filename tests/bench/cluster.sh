@@ -32,7 +32,7 @@ for t in 1 16; do
   for c in one three; do
     ops=(); p99=()
     for _ in $(seq 1 "$runs"); do
-      line=$("$build/kr_bench" --config "$dir/$c/client.conf" --op create --threads $t \
+      line=$("$build/kr_bench" --config "$dir/$c/client.conf" --op create --conns $t \
              --seconds "$secs" --max-ops 2000000)
       ops+=("$(field ops_per_s <<<"$line")"); p99+=("$(field p99_ms <<<"$line")")
     done
@@ -50,7 +50,7 @@ gaps=()
 for i in $(seq 1 "$failovers"); do
   leader=$("$build/keyraft" --config "$dir/three/client.conf" --json status |
            sed -nE 's/.*"leader_id": *"?([0-9]+).*/\1/p' | head -1)
-  "$build/kr_bench" --config "$dir/three/client.conf" --op create --threads 1 \
+  "$build/kr_bench" --config "$dir/three/client.conf" --op create --conns 1 \
     --seconds 8 --max-ops 2000000 > "$dir/fo.out" &
   bench=$!
   sleep 2

@@ -1,12 +1,14 @@
 /* kr_bench.c: load generator on libkeyraft: C connections, each with D
- * requests in flight (kr_send/kr_recv), optionally B operations per frame
- * (BatchRequest); bounded by count and by time.
+ * requests in flight (kr_send, kr_try_recv), optionally B operations per
+ * frame (BatchRequest), driven by T threads (default C: one each), each
+ * polling its share of the connections as an event-driven application would;
+ * bounded by count and by time.
  *   kr_bench --config FILE --op create|get|encrypt|decrypt|sign|datakey
- *            [--conns C] [--inflight D] [--batch B] [--seconds S]
- *            [--max-ops N] [--size BYTES] [--keys K]
+ *            [--conns C] [--threads T] [--inflight D] [--batch B]
+ *            [--seconds S] [--max-ops N] [--size BYTES] [--keys K]
  * A broken connection or a refusal from a non-leader drains the pipeline
  * and sends one frame with kr_call, which fails over; then pipelining resumes.
- * Prints one key=value line: op, threads (= conns), conns, inflight, batch,
+ * Prints one key=value line: op, threads, conns, inflight, batch,
  * ops, errors, seconds, ops/s, p50/p99/p999 latency (ms, per frame: a batch's
  * latency is its whole frame's), max_gap_ms (the longest wait between two
  * acknowledged frames on one connection: spans a failover). Keys for every op
@@ -17,7 +19,9 @@
  * DIR (the disk the nodes' raft logs are on) and prints their p50/p99: a
  * replicated write's floor, which moves from machine to machine and day to
  * day, so figures from different runs are read against it. */
+#include <errno.h>
 #include <getopt.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -44,6 +48,7 @@ struct shared {
     int inflight, batch, n_keys;
     size_t size;
     double seconds, end;
+    double timeout_s; /* the client's: a connection with no answer for it reconnects */
     long max_ops;
     long run_tag; /* makes names unique across runs */
     char (*key_ids)[64];
@@ -87,6 +92,20 @@ struct worker {
     long n_frames, cap, ops, errors;
     int first_error;
     double max_gap_ms;
+    kr_client *c;
+    int outstanding; /* frames in flight */
+    int rehome;      /* the next frame goes through kr_call */
+    int spent;       /* the max_ops budget is spent */
+    int dead;        /* could not connect: out of the run */
+    int ready;       /* poll saw its socket readable */
+    double last_ok, last_io;
+};
+
+/* One thread and the connections it drives. */
+struct driver {
+    struct shared *sh;
+    struct worker *w;
+    int n;
 };
 
 static double now_s(void)
@@ -255,111 +274,208 @@ static void drop_pending(struct worker *w, int depth, int rc, const char *why)
     }
 }
 
-static void *run(void *arg)
+/* Connection |w|'s client, after one untimed call: it connects, and for
+ * writes follows the leader hint, so the pipelined sends go to the right
+ * node. 0 or -1 (noted). */
+static int conn_start(struct worker *w)
 {
-    struct worker *w = arg;
     struct shared *sh = w->sh;
-    int per_frame = sh->batch > 0 ? sh->batch : 1;
-    int depth = sh->inflight, outstanding = 0;
-    kr_client *c = NULL;
     Keyraft__Response *resp = NULL;
-
-    if (kr_client_new(&sh->cfg, &c) != 0) {
+    if (kr_client_new(&sh->cfg, &w->c) != 0) {
         note_error(w, KR_ECONN, "cannot make a client");
-        return NULL;
+        return -1;
     }
-    /* One untimed call first: it connects, and for writes follows the
-     * leader hint, so the pipelined sends go to the right node. */
     build_op(w, &w->parts[0], w->index % sh->n_keys, 0);
-    int warm = kr_call(c, &w->parts[0].req, &resp);
+    int warm = kr_call(w->c, &w->parts[0].req, &resp);
     if (warm != 0 || resp->status != 0) {
-        note_error(w, warm != 0 ? warm : resp->status, kr_client_last_error(c));
+        note_error(w, warm != 0 ? warm : resp->status, kr_client_last_error(w->c));
         kr_response_free(resp);
-        kr_client_free(c);
-        return NULL;
+        kr_client_free(w->c);
+        w->c = NULL;
+        return -1;
     }
     kr_response_free(resp);
-    resp = NULL;
+    return 0;
+}
 
-    /* After a broken connection or a refusal from a node that is not (or no
-     * longer) the leader, the pipeline drains and one frame goes through
-     * kr_call, which fails over and follows leader hints; pipelining resumes
-     * on the node that answered it. */
-    int rehome = 0;
-    double last_ok = now_s();
-    for (;;) {
-        int live = !atomic_load(&sh->stop) && !atomic_load(&sh->unsupported) && now_s() < sh->end;
-        while (live && !rehome && outstanding < depth) {
-            int n = take_ops(sh, per_frame);
-            if (n == 0) {
-                live = 0;
-                break;
-            }
-            double t0 = now_s();
-            Keyraft__Request *req = build_frame(w, n);
-            int rc = kr_send(c, req);
-            if (rc != 0) {
-                for (int i = 0; i < n; i++)
-                    note_error(w, rc, kr_client_last_error(c));
-                drop_pending(w, depth, rc, "lost with its connection");
-                outstanding = 0;
-                rehome = 1;
-                break;
-            }
-            /* Answers come in any order: probe for a free slot (one
-             * exists, fewer than |depth| are in flight). */
-            int s = (int)(req->id % (uint64_t)depth);
-            while (w->pending[s].id != 0)
-                s = (s + 1) % depth;
-            w->pending[s].id = req->id;
-            w->pending[s].t0 = t0;
-            w->pending[s].n_ops = n;
-            outstanding++;
+/* Every request in flight on |w| is lost: after a broken connection, the
+ * next frame goes through kr_call, which fails over and follows leader
+ * hints; pipelining resumes on the node that answered it. */
+static void conn_lost(struct worker *w, int rc, const char *why)
+{
+    drop_pending(w, w->sh->inflight, rc, why);
+    w->outstanding = 0;
+    w->rehome = 1;
+}
+
+/* Sends frames until |w| has its depth in flight (or the run ends). */
+static void conn_fill(struct worker *w, int live)
+{
+    struct shared *sh = w->sh;
+    int per_frame = sh->batch > 0 ? sh->batch : 1, depth = sh->inflight;
+    while (live && !w->rehome && w->outstanding < depth) {
+        int n = take_ops(sh, per_frame);
+        if (n == 0) {
+            w->spent = 1;
+            return;
         }
-        if (outstanding == 0) {
-            if (!live)
-                break;
-            if (!rehome)
-                continue;
-            int n = take_ops(sh, per_frame);
-            if (n == 0)
-                break;
-            double t0 = now_s();
-            int rc = kr_call(c, build_frame(w, n), &resp);
-            if (rc != 0) {
-                for (int i = 0; i < n; i++)
-                    note_error(w, rc, kr_client_last_error(c));
-                usleep(10000); /* no spin against a cluster with no leader */
-                continue;
-            }
-            rehome = take_answer(w, resp, n, t0, now_s(), &last_ok);
-            kr_response_free(resp);
-            resp = NULL;
-            continue;
+        double t0 = now_s();
+        Keyraft__Request *req = build_frame(w, n);
+        int rc = kr_send(w->c, req);
+        if (rc != 0) {
+            for (int i = 0; i < n; i++)
+                note_error(w, rc, kr_client_last_error(w->c));
+            conn_lost(w, rc, "lost with its connection");
+            return;
         }
-        int rc = kr_recv(c, &resp);
+        /* Answers come in any order: probe for a free slot (one exists,
+         * fewer than |depth| are in flight). */
+        int s = (int)(req->id % (uint64_t)depth);
+        while (w->pending[s].id != 0)
+            s = (s + 1) % depth;
+        w->pending[s].id = req->id;
+        w->pending[s].t0 = t0;
+        w->pending[s].n_ops = n;
+        w->outstanding++;
+        w->last_io = t0;
+    }
+}
+
+/* One frame through kr_call, after a refusal or a broken connection (the
+ * pipeline is empty). */
+static void conn_rehome(struct worker *w)
+{
+    struct shared *sh = w->sh;
+    Keyraft__Response *resp = NULL;
+    int n = take_ops(sh, sh->batch > 0 ? sh->batch : 1);
+    if (n == 0) {
+        w->spent = 1;
+        return;
+    }
+    double t0 = now_s();
+    int rc = kr_call(w->c, build_frame(w, n), &resp);
+    if (rc != 0) {
+        for (int i = 0; i < n; i++)
+            note_error(w, rc, kr_client_last_error(w->c));
+        usleep(10000); /* no spin against a cluster with no leader */
+        return;
+    }
+    w->rehome = take_answer(w, resp, n, t0, now_s(), &w->last_ok);
+    w->last_io = now_s();
+    kr_response_free(resp);
+}
+
+/* Takes every answer that has arrived on |w|, without waiting. */
+static void conn_drain(struct worker *w)
+{
+    int depth = w->sh->inflight;
+    while (w->outstanding > 0) {
+        Keyraft__Response *resp = NULL;
+        int rc = kr_try_recv(w->c, &resp);
         double t1 = now_s();
         if (rc != 0) {
-            drop_pending(w, depth, rc, kr_client_last_error(c));
-            outstanding = 0;
-            rehome = 1;
-            continue;
+            conn_lost(w, rc, kr_client_last_error(w->c));
+            return;
         }
+        if (resp == NULL)
+            return;
+        w->last_io = t1;
         int s = (int)(resp->id % (uint64_t)depth), probes = 0;
         while (w->pending[s].id != resp->id && ++probes < depth)
             s = (s + 1) % depth;
         if (w->pending[s].id != resp->id) {
             note_error(w, KR_EPROTO, "an answer to no request in flight");
         } else {
-            if (take_answer(w, resp, w->pending[s].n_ops, w->pending[s].t0, t1, &last_ok))
-                rehome = 1;
+            if (take_answer(w, resp, w->pending[s].n_ops, w->pending[s].t0, t1, &w->last_ok))
+                w->rehome = 1;
             w->pending[s].id = 0;
-            outstanding--;
+            w->outstanding--;
         }
         kr_response_free(resp);
-        resp = NULL;
     }
-    kr_client_free(c);
+}
+
+/* A thread drives its connections from one poll loop, as an event-driven
+ * application would: each keeps its depth in flight, and a burst of answers
+ * is followed by one write of the requests sent in reply. Ends once every
+ * connection has drained after the run's end. A connection with no answer
+ * for the client's timeout loses what it had in flight and reconnects. */
+static void *run(void *arg)
+{
+    struct driver *d = arg;
+    struct shared *sh = d->sh;
+    struct pollfd *pfd = calloc((size_t)d->n, sizeof(*pfd));
+    struct worker **polled = calloc((size_t)d->n, sizeof(*polled));
+    if (pfd == NULL || polled == NULL) {
+        for (int i = 0; i < d->n; i++)
+            note_error(&d->w[i], KR_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < d->n; i++) {
+        d->w[i].dead = conn_start(&d->w[i]) != 0;
+        d->w[i].last_ok = d->w[i].last_io = now_s();
+    }
+    for (;;) {
+        double now = now_s();
+        int live = !atomic_load(&sh->stop) && !atomic_load(&sh->unsupported) && now < sh->end;
+        int n_poll = 0, busy = 0;
+        for (int i = 0; i < d->n; i++) {
+            struct worker *w = &d->w[i];
+            if (w->dead)
+                continue;
+            if (w->ready) {
+                w->ready = 0;
+                conn_drain(w);
+            }
+            if (w->outstanding > 0 && now - w->last_io > sh->timeout_s) {
+                drop_pending(w, sh->inflight, KR_ETIMEDOUT, "no answer within the timeout");
+                w->outstanding = 0;
+                w->rehome = 1;
+                kr_client_free(w->c); /* the stream is unusable: a new client reconnects */
+                if (kr_client_new(&sh->cfg, &w->c) != 0) {
+                    w->c = NULL;
+                    w->dead = 1;
+                    continue;
+                }
+            }
+            if (w->outstanding == 0 && w->rehome && live && !w->spent)
+                conn_rehome(w);
+            int before = w->outstanding;
+            conn_fill(w, live && !w->spent);
+            if (w->outstanding > before) {
+                int rc = kr_flush(w->c);
+                if (rc != 0)
+                    conn_lost(w, rc, kr_client_last_error(w->c));
+            }
+            if (w->outstanding > 0) {
+                pfd[n_poll].fd = kr_client_fd(w->c);
+                pfd[n_poll].events = POLLIN;
+                pfd[n_poll].revents = 0;
+                polled[n_poll++] = w;
+            }
+            if (w->outstanding > 0 || (live && !w->spent))
+                busy = 1;
+        }
+        if (!busy)
+            break;
+        if (n_poll == 0)
+            continue;
+        if (poll(pfd, (nfds_t)n_poll, 100) < 0 && errno != EINTR) {
+            for (int j = 0; j < n_poll; j++)
+                conn_lost(polled[j], KR_ECONN, "poll failed");
+            continue;
+        }
+        for (int j = 0; j < n_poll; j++)
+            if (pfd[j].revents != 0)
+                polled[j]->ready = 1;
+    }
+out:
+    for (int i = 0; i < d->n; i++) {
+        kr_client_free(d->w[i].c);
+        d->w[i].c = NULL;
+    }
+    free(pfd);
+    free(polled);
     return NULL;
 }
 
@@ -448,8 +564,8 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kr_bench --config FILE --op create|get|encrypt|decrypt|sign|datakey\n"
-            "                [--conns C] [--inflight D] [--batch B] [--seconds S]\n"
-            "                [--max-ops N] [--size BYTES] [--keys K]\n"
+            "                [--conns C] [--threads T] [--inflight D] [--batch B]\n"
+            "                [--seconds S] [--max-ops N] [--size BYTES] [--keys K]\n"
             "       kr_bench --fsync-probe DIR\n");
 }
 
@@ -457,14 +573,14 @@ int main(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"config", required_argument, NULL, 'c'}, {"op", required_argument, NULL, 'o'},
-        {"conns", required_argument, NULL, 't'}, {"threads", required_argument, NULL, 't'},
+        {"conns", required_argument, NULL, 'n'}, {"threads", required_argument, NULL, 't'},
         {"inflight", required_argument, NULL, 'd'}, {"batch", required_argument, NULL, 'b'},
         {"seconds", required_argument, NULL, 's'}, {"max-ops", required_argument, NULL, 'm'},
         {"size", required_argument, NULL, 'z'}, {"keys", required_argument, NULL, 'k'},
         {"fsync-probe", required_argument, NULL, 'f'}, {NULL, 0, NULL, 0}};
     static struct shared sh; /* 64 KiB of payload: not on the stack */
     const char *config = NULL, *op = "encrypt";
-    int conns = 1, ch, rc = 1;
+    int conns = 1, threads = 0, ch, rc = 1;
 
     sh.inflight = 1;
     sh.size = 64;
@@ -475,7 +591,8 @@ int main(int argc, char **argv)
         switch (ch) {
         case 'c': config = optarg; break;
         case 'o': op = optarg; break;
-        case 't': conns = atoi(optarg); break;
+        case 'n': conns = atoi(optarg); break;
+        case 't': threads = atoi(optarg); break;
         case 'd': sh.inflight = atoi(optarg); break;
         case 'b': sh.batch = atoi(optarg); break;
         case 's': sh.seconds = atof(optarg); break;
@@ -492,13 +609,16 @@ int main(int argc, char **argv)
             sh.op = (enum op)i;
             found = 1;
         }
-    if (!found || conns < 1 || conns > MAX_CONNS || sh.inflight < 1 ||
+    if (threads == 0)
+        threads = conns;
+    if (!found || conns < 1 || conns > MAX_CONNS || threads < 1 || threads > conns ||
+        sh.inflight < 1 ||
         sh.inflight > MAX_INFLIGHT || sh.batch < 0 || sh.batch > MAX_BATCH ||
         sh.size > MAX_SIZE || sh.seconds <= 0 || sh.seconds > 3600 || sh.max_ops < 1 ||
         sh.n_keys < 1 || sh.n_keys > MAX_KEYS) {
         usage();
-        fprintf(stderr, "kr_bench: conns 1..%d, inflight 1..%d, batch 0..%d, size <= %d, "
-                        "seconds 0..3600, keys 1..%d\n",
+        fprintf(stderr, "kr_bench: conns 1..%d, threads 1..conns, inflight 1..%d, batch 0..%d, "
+                        "size <= %d, seconds 0..3600, keys 1..%d\n",
                 MAX_CONNS, MAX_INFLIGHT, MAX_BATCH, MAX_SIZE, MAX_KEYS);
         return 2;
     }
@@ -510,10 +630,12 @@ int main(int argc, char **argv)
     memset(sh.payload, 0x5a, sizeof(sh.payload));
     sh.run_tag = (long)time(NULL) << 20 ^ (long)getpid();
     pthread_mutex_init(&sh.lock, NULL);
+    sh.timeout_s = (sh.cfg.timeout_ms > 0 ? sh.cfg.timeout_ms : 30000) / 1000.0;
     struct worker *w = calloc((size_t)conns, sizeof(*w));
-    pthread_t *tid = calloc((size_t)conns, sizeof(*tid));
+    struct driver *drivers = calloc((size_t)threads, sizeof(*drivers));
+    pthread_t *tid = calloc((size_t)threads, sizeof(*tid));
     double *all = NULL;
-    if (w == NULL || tid == NULL)
+    if (w == NULL || drivers == NULL || tid == NULL)
         goto out;
     if (sh.op == OP_CREATE)
         sh.n_keys = 1; /* creates name no key */
@@ -529,19 +651,26 @@ int main(int argc, char **argv)
         if (w[i].parts == NULL || w[i].part_ptrs == NULL || w[i].pending == NULL)
             goto out;
     }
+    for (int i = 0, next = 0; i < threads; i++) {
+        drivers[i].sh = &sh;
+        drivers[i].w = &w[next];
+        drivers[i].n = conns / threads + (i < conns % threads);
+        next += drivers[i].n;
+    }
     double t0 = now_s();
     sh.end = t0 + sh.seconds;
     int started = 0;
-    for (; started < conns; started++)
-        if (pthread_create(&tid[started], NULL, run, &w[started]) != 0)
+    for (; started < threads; started++)
+        if (pthread_create(&tid[started], NULL, run, &drivers[started]) != 0)
             break;
-    if (started < conns)
+    if (started < threads)
         atomic_store(&sh.stop, 1);
+    for (int i = 0; i < started; i++)
+        pthread_join(tid[i], NULL);
     long ops = 0, errors = 0, frames = 0;
     int first_error = 0;
     double max_gap_ms = 0;
-    for (int i = 0; i < started; i++) {
-        pthread_join(tid[i], NULL);
+    for (int i = 0; i < conns; i++) {
         if (w[i].max_gap_ms > max_gap_ms)
             max_gap_ms = w[i].max_gap_ms;
         ops += w[i].ops;
@@ -566,7 +695,7 @@ int main(int argc, char **argv)
     printf("op=%s threads=%d conns=%d inflight=%d batch=%d size=%zu ops=%ld errors=%ld "
            "seconds=%.2f ops_per_s=%.0f p50_ms=%.3f p99_ms=%.3f p999_ms=%.3f "
            "max_gap_ms=%.1f%s\n",
-           OP_NAMES[sh.op], conns, conns, sh.inflight, sh.batch, sh.size, ops, errors, elapsed,
+           OP_NAMES[sh.op], threads, conns, sh.inflight, sh.batch, sh.size, ops, errors, elapsed,
            (double)ops / elapsed, PCT(0.50), PCT(0.99), PCT(0.999), max_gap_ms,
            unsupported ? " unsupported=batch" : "");
     fflush(stdout);
@@ -589,6 +718,7 @@ out:
     free(sh.key_ids);
     free(all);
     free(w);
+    free(drivers);
     free(tid);
     pthread_mutex_destroy(&sh.lock);
     kr_client_file_free(file);

@@ -26,7 +26,7 @@ for op in create encrypt; do
   for t in 1 16; do
     ops=(); p99=()
     for _ in $(seq 1 "$runs"); do
-      line=$("$build/kr_bench" --config "$dir/node/client.conf" --op $op --threads $t \
+      line=$("$build/kr_bench" --config "$dir/node/client.conf" --op $op --conns $t \
              --seconds "$secs" --max-ops 2000000)
       ops+=("$(sed -E 's/.*ops_per_s=([0-9.]+).*/\1/' <<<"$line")")
       p99+=("$(sed -E 's/.*p99_ms=([0-9.]+).*/\1/' <<<"$line")")

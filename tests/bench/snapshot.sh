@@ -32,7 +32,7 @@ kill -TERM "$(cat "$dir/c/node3.pid")"
 while kill -0 "$(cat "$dir/c/node3.pid")" 2>/dev/null; do sleep 0.1; done
 
 t0=$(now)
-line=$("$build/kr_bench" --config "$dir/c/client.conf" --op create --threads "$threads" \
+line=$("$build/kr_bench" --config "$dir/c/client.conf" --op create --conns "$threads" \
        --seconds 600 --max-ops "$keys")
 t1=$(now)
 echo "load: $line"

@@ -965,6 +965,107 @@ static void test_membership(void **state)
     kr_client_free(cl);
 }
 
+/* ---- 9. the load generator through a leader's kill -9 ---------------------------------- */
+
+struct bench_run {
+    const char *argv[20];
+    struct kr_out out;
+    int rc;
+};
+
+static void *bench_main(void *arg)
+{
+    struct bench_run *b = arg;
+    b->rc = kr_run(b->argv, &b->out, 90000);
+    return NULL;
+}
+
+/* A copy of the app identity's client config naming every node: the
+ * bench's kr_call fails over through the list. */
+static void write_all_nodes_conf(struct fixture *f, char *out, size_t cap)
+{
+    char app[KR_PATH_MAX];
+    uint8_t *text = NULL;
+    size_t len = 0;
+    assert_int_equal(kr_conf_of(f->c.nodes[0].n.client_conf, "app", app, sizeof(app)), 0);
+    assert_int_equal(kr_read_file(app, &text, &len), 0);
+    char *conf = malloc(len + sizeof(f->c.endpoints) + 32);
+    assert_non_null(conf);
+    size_t n = 0;
+    for (char *line = (char *)text; line < (char *)text + len;) {
+        char *end = memchr(line, '\n', (size_t)((char *)text + len - line));
+        size_t l = end ? (size_t)(end - line) + 1 : (size_t)((char *)text + len - line);
+        if (strncmp(line, "endpoints", 9) == 0) {
+            n += (size_t)sprintf(conf + n, "endpoints = %s\n", f->c.endpoints);
+        } else {
+            memcpy(conf + n, line, l);
+            n += l;
+        }
+        line += l;
+    }
+    int w = snprintf(out, cap, "%.*s/bench.conf", (int)(strrchr(app, '/') - app), app);
+    assert_true(w > 0 && (size_t)w < cap);
+    assert_int_equal(kr_write_file(out, conf, n), 0);
+    free(conf);
+    free(text);
+}
+
+/* kr_bench drives 4 connections from 2 threads (kr_try_recv under one poll
+ * loop each) while the leader is killed: its creates resume on the new
+ * leader (the cluster's key count grows again), it ends on its own time,
+ * and it reports what it did. */
+static void test_bench_through_failover(void **state)
+{
+    struct fixture *f = *state;
+    char conf[KR_PATH_MAX], bin[KR_PATH_MAX];
+    write_all_nodes_conf(f, conf, sizeof(conf));
+    snprintf(bin, sizeof(bin), "%s/kr_bench", kr_build_dir());
+    struct bench_run b = {.argv = {bin, "--config", conf, "--op", "create", "--conns", "4",
+                                   "--threads", "2", "--inflight", "4", "--seconds",
+                                   SLOW > 1 ? "20" : "10", "--max-ops", "1000000", NULL}};
+    int leader = leader_or_fail(f, 0);
+    struct kc_node *victim = &f->c.nodes[leader];
+    struct kc_status st;
+    assert_int_equal(kc_status(victim, &st), 0);
+    uint64_t keys_before = st.key_count;
+    pthread_t tid;
+    assert_int_equal(pthread_create(&tid, NULL, bench_main, &b), 0);
+
+    /* Creates land, then the leader dies. */
+    uint64_t until = kc_now_ms() + 10000;
+    while (kc_now_ms() < until &&
+           (kc_status(victim, &st) != 0 || st.key_count < keys_before + 50))
+        usleep(50 * 1000);
+    assert_true(st.key_count >= keys_before + 50);
+    assert_int_equal(kr_node_kill9(&victim->n), 0);
+    uint64_t t_kill = kc_now_ms();
+    int next = leader_or_fail(f, ~(1u << leader) & ((1u << f->c.n) - 1));
+    assert_int_not_equal(next, leader);
+    assert_int_equal(kc_status(&f->c.nodes[next], &st), 0);
+    uint64_t keys_then = st.key_count;
+    until = kc_now_ms() + FAILOVER_BOUND_MS;
+    while (kc_now_ms() < until &&
+           (kc_status(&f->c.nodes[next], &st) != 0 || st.key_count < keys_then + 50))
+        usleep(50 * 1000);
+    printf("bench resumed: %llu creates on node %llu within %llu ms of the kill\n",
+           (unsigned long long)(st.key_count - keys_then),
+           (unsigned long long)f->c.nodes[next].id, (unsigned long long)(kc_now_ms() - t_kill));
+    assert_true(st.key_count >= keys_then + 50);
+
+    assert_int_equal(pthread_join(tid, NULL), 0);
+    const char *line = b.out.out != NULL ? (const char *)b.out.out : "";
+    printf("%s", line);
+    fflush(stdout);
+    /* 1: requests in flight on the killed leader were lost, and counted */
+    assert_true(b.rc == 0 || b.rc == 1);
+    assert_non_null(strstr(line, "op=create threads=2 conns=4 inflight=4"));
+    const char *ops = strstr(line, " ops=");
+    assert_non_null(ops);
+    assert_true(strtol(ops + 5, NULL, 10) >= 100);
+    kr_out_free(&b.out);
+    assert_int_equal(kc_node_start(victim, 30000), 0);
+}
+
 /* ---- main --------------------------------------------------------------------------------- */
 
 #define CLUSTER_TEST(fn) cmocka_unit_test_setup_teardown(fn, cluster_ready, writer_teardown)
@@ -990,6 +1091,7 @@ int main(void)
         CLUSTER_TEST(test_kill9_leader_under_load),
         CLUSTER_TEST(test_partition_leader),
         CLUSTER_TEST(test_partition_follower),
+        CLUSTER_TEST(test_bench_through_failover),
     };
     const struct CMUnitTest five[] = {
         CLUSTER_TEST(test_bootstrap_5_with_standby),

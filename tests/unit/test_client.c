@@ -1011,6 +1011,127 @@ static void test_pipelined_failures(void **state)
     kr_client_free(c);
 }
 
+/* One thread drives two connections from one poll loop: kr_try_recv never
+ * waits (nothing has arrived: NULL, after writing what kr_send queued), each
+ * client takes exactly its own answers once its socket polls readable, and a
+ * transport failure closes the connection (fd -1). */
+static void test_try_recv_from_one_poll_loop(void **state)
+{
+    enum { N = 3, CLIENTS = 2 };
+    struct fake f[CLIENTS];
+    kr_client *c[CLIENTS];
+    char ep[64], name[CLIENTS][N][16];
+    Keyraft__Request req[CLIENTS][N];
+    Keyraft__CreateKeyRequest create[CLIENTS][N];
+    Keyraft__Response *resp = NULL;
+
+    (void)state;
+    for (int k = 0; k < CLIENTS; k++) {
+        fake_start(&f[k], FAKE_ANSWER, P.srv_cert, 5);
+        f[k].hold = N; /* answers once all N are in, newest first */
+        snprintf(ep, sizeof(ep), "127.0.0.1:%d", f[k].port);
+        c[k] = new_client(ep, 5000);
+        assert_int_equal(kr_client_fd(c[k]), -1);
+        assert_int_equal(kr_try_recv(c[k], &resp), KR_ECONN);
+        assert_null(resp);
+        for (int i = 0; i < N; i++)
+            snprintf(name[k][i], sizeof(name[k][i]), "p%d-%d", k, i);
+    }
+    assert_int_equal(kr_client_fd(NULL), -1);
+    assert_int_equal(kr_try_recv(NULL, &resp), KR_EINVAL);
+
+    /* N-1 requests each: held, so nothing comes back, and nothing waits. */
+    struct pollfd pfd[CLIENTS];
+    for (int k = 0; k < CLIENTS; k++) {
+        for (int i = 0; i < N - 1; i++) {
+            create_request(&req[k][i], &create[k][i], name[k][i]);
+            assert_int_equal(kr_send(c[k], &req[k][i]), 0);
+        }
+        int64_t t0 = now_ms();
+        assert_int_equal(kr_try_recv(c[k], &resp), 0);
+        assert_null(resp);
+        assert_true(now_ms() - t0 < 1000); /* the client's timeout is 5 s */
+        pfd[k].fd = kr_client_fd(c[k]);
+        pfd[k].events = POLLIN;
+        assert_true(pfd[k].fd >= 0);
+    }
+    for (int k = 0; k < CLIENTS; k++) { /* kr_try_recv wrote the queued requests */
+        for (int i = 0; i < 500 && fake_count(&f[k]) < N - 1; i++)
+            usleep(10 * 1000);
+        assert_int_equal(fake_count(&f[k]), N - 1);
+    }
+    /* The socket may turn readable without an answer (TLS session tickets):
+     * kr_try_recv then takes what came and still returns none. */
+    for (int64_t until = now_ms() + 200; now_ms() < until;) {
+        if (poll(pfd, CLIENTS, 50) <= 0)
+            continue;
+        for (int k = 0; k < CLIENTS; k++) {
+            if (pfd[k].revents == 0)
+                continue;
+            assert_int_equal(kr_try_recv(c[k], &resp), 0);
+            assert_null(resp);
+        }
+    }
+
+    /* The last request each: every answer arrives, read from the loop. */
+    for (int k = 0; k < CLIENTS; k++) {
+        create_request(&req[k][N - 1], &create[k][N - 1], name[k][N - 1]);
+        assert_int_equal(kr_send(c[k], &req[k][N - 1]), 0);
+        assert_int_equal(kr_flush(c[k]), 0);
+    }
+    int got[CLIENTS] = {0};
+    int64_t deadline = now_ms() + 5000;
+    while ((got[0] < N || got[1] < N) && now_ms() < deadline) {
+        if (poll(pfd, CLIENTS, 100) <= 0)
+            continue;
+        for (int k = 0; k < CLIENTS; k++) {
+            if (pfd[k].revents == 0)
+                continue;
+            while (kr_try_recv(c[k], &resp) == 0 && resp != NULL) {
+                assert_true(got[k] < N);
+                int i = N - 1 - got[k]++; /* newest first */
+                assert_int_equal(resp->id, req[k][i].id);
+                assert_string_equal(resp->key->name, name[k][i]);
+                kr_response_free(resp);
+                resp = NULL;
+            }
+        }
+    }
+    assert_int_equal(got[0], N);
+    assert_int_equal(got[1], N);
+    assert_int_equal(kr_client_last_index(c[0]), 5);
+    for (int k = 0; k < CLIENTS; k++) {
+        assert_int_equal(kr_try_recv(c[k], &resp), 0); /* all taken */
+        assert_null(resp);
+        kr_client_free(c[k]);
+        fake_stop(&f[k]);
+    }
+
+    /* A frame over the limit: the code, and the connection is closed. */
+    fake_start(&f[0], FAKE_HUGE_FRAME, P.srv_cert, 0);
+    snprintf(ep, sizeof(ep), "127.0.0.1:%d", f[0].port);
+    c[0] = new_client(ep, 5000);
+    Keyraft__Request rq = KEYRAFT__REQUEST__INIT;
+    Keyraft__RandomRequest rr = KEYRAFT__RANDOM_REQUEST__INIT;
+    rr.length = 4;
+    rq.op_case = KEYRAFT__REQUEST__OP_RANDOM;
+    rq.random = &rr;
+    assert_int_equal(kr_send(c[0], &rq), 0);
+    assert_int_equal(kr_flush(c[0]), 0);
+    pfd[0].fd = kr_client_fd(c[0]);
+    int rc = 0;
+    for (int64_t until = now_ms() + 5000; rc == 0 && now_ms() < until;) {
+        if (poll(pfd, 1, 100) == 1) {
+            rc = kr_try_recv(c[0], &resp);
+            assert_null(resp);
+        }
+    }
+    assert_int_equal(rc, KR_ETOOBIG);
+    assert_int_equal(kr_client_fd(c[0]), -1);
+    kr_client_free(c[0]);
+    fake_stop(&f[0]);
+}
+
 /* A batch with writes follows the leader like a write; each write in it
  * gets its own request id, the same on the resend, and reads none. */
 static void test_batch_ids_and_routing(void **state)
@@ -1110,6 +1231,7 @@ int main(void)
         cmocka_unit_test(test_recv_writes_only_before_waiting),
         cmocka_unit_test(test_recv_coalesced_answers),
         cmocka_unit_test(test_pipelined_failures),
+        cmocka_unit_test(test_try_recv_from_one_poll_loop),
         cmocka_unit_test(test_batch_ids_and_routing),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
