@@ -411,10 +411,11 @@ static void *run(void *arg)
             note_error(&d->w[i], KR_ENOMEM, "out of memory");
         goto out;
     }
-    for (int i = 0; i < d->n; i++) {
+    for (int i = 0; i < d->n; i++)
         d->w[i].dead = conn_start(&d->w[i]) != 0;
-        d->w[i].last_ok = d->w[i].last_io = now_s();
-    }
+    double started = now_s(); /* gaps count from here, not from each one's start */
+    for (int i = 0; i < d->n; i++)
+        d->w[i].last_ok = d->w[i].last_io = started;
     for (;;) {
         double now = now_s();
         int live = !atomic_load(&sh->stop) && !atomic_load(&sh->unsupported) && now < sh->end;
