@@ -137,8 +137,9 @@ int kr_recv(kr_client *client, Keyraft__Response **out_resp);
  * returned (it first writes what kr_send queued), or a transport code, which
  * closes the connection as kr_recv's do. Call it until it gives NULL, then
  * poll the socket for POLLIN: answers already read are not signalled by the
- * socket. Like kr_flush, it may wait up to the timeout for the socket to take
- * queued requests. */
+ * socket. It never waits for the node, so the application keeps its own
+ * deadline for answers; like kr_flush, it may wait up to the timeout for the
+ * socket to take queued requests. */
 int kr_client_fd(const kr_client *client);
 int kr_try_recv(kr_client *client, Keyraft__Response **out_resp);
 

@@ -75,7 +75,8 @@ struct slot_req {
     char rid[RID_LEN + 1];
 };
 
-struct worker {
+/* One connection: its client, what it has in flight, and its figures. */
+struct conn {
     struct shared *sh;
     int index;
     long seq;
@@ -104,7 +105,7 @@ struct worker {
 /* One thread and the connections it drives. */
 struct driver {
     struct shared *sh;
-    struct worker *w;
+    struct conn *w; /* n of them */
     int n;
 };
 
@@ -124,7 +125,7 @@ static int take_ops(struct shared *sh, int want)
     return before + want > sh->max_ops ? (int)(sh->max_ops - before) : want;
 }
 
-static void note_error(struct worker *w, int status, const char *message)
+static void note_error(struct conn *w, int status, const char *message)
 {
     if (w->errors++ == 0)
         w->first_error = status;
@@ -136,7 +137,7 @@ static void note_error(struct worker *w, int status, const char *message)
 }
 
 /* Fills |p| with one operation of the run's kind on prepared key |k|. */
-static void build_op(struct worker *w, struct slot_req *p, int k, int with_rid)
+static void build_op(struct conn *w, struct slot_req *p, int k, int with_rid)
 {
     struct shared *sh = w->sh;
     long seq = w->seq++;
@@ -198,7 +199,7 @@ static void build_op(struct worker *w, struct slot_req *p, int k, int with_rid)
 
 /* The next frame of |n| operations: a single request, or a BatchRequest of
  * |n| when the run batches. Valid until the next call. */
-static Keyraft__Request *build_frame(struct worker *w, int n)
+static Keyraft__Request *build_frame(struct conn *w, int n)
 {
     struct shared *sh = w->sh;
     int k = (int)((w->index + w->seq) % sh->n_keys);
@@ -221,7 +222,7 @@ static Keyraft__Request *build_frame(struct worker *w, int n)
 
 /* Counts what one answer acknowledged. Returns 1 when the answer says to
  * look for the leader (KR_ENOTLEADER, KR_EUNAVAIL). */
-static int take_answer(struct worker *w, const Keyraft__Response *resp, int n_ops,
+static int take_answer(struct conn *w, const Keyraft__Response *resp, int n_ops,
                        double t0, double t1, double *last_ok)
 {
     struct shared *sh = w->sh;
@@ -265,7 +266,7 @@ static int take_answer(struct worker *w, const Keyraft__Response *resp, int n_op
 }
 
 /* Every request in flight is lost with the connection. */
-static void drop_pending(struct worker *w, int depth, int rc, const char *why)
+static void drop_pending(struct conn *w, int depth, int rc, const char *why)
 {
     for (int s = 0; s < depth; s++) {
         for (int i = 0; w->pending[s].id != 0 && i < w->pending[s].n_ops; i++)
@@ -277,7 +278,7 @@ static void drop_pending(struct worker *w, int depth, int rc, const char *why)
 /* Connection |w|'s client, after one untimed call: it connects, and for
  * writes follows the leader hint, so the pipelined sends go to the right
  * node. 0 or -1 (noted). */
-static int conn_start(struct worker *w)
+static int conn_start(struct conn *w)
 {
     struct shared *sh = w->sh;
     Keyraft__Response *resp = NULL;
@@ -301,7 +302,7 @@ static int conn_start(struct worker *w)
 /* Every request in flight on |w| is lost: after a broken connection, the
  * next frame goes through kr_call, which fails over and follows leader
  * hints; pipelining resumes on the node that answered it. */
-static void conn_lost(struct worker *w, int rc, const char *why)
+static void conn_lost(struct conn *w, int rc, const char *why)
 {
     drop_pending(w, w->sh->inflight, rc, why);
     w->outstanding = 0;
@@ -309,7 +310,7 @@ static void conn_lost(struct worker *w, int rc, const char *why)
 }
 
 /* Sends frames until |w| has its depth in flight (or the run ends). */
-static void conn_fill(struct worker *w, int live)
+static void conn_fill(struct conn *w, int live)
 {
     struct shared *sh = w->sh;
     int per_frame = sh->batch > 0 ? sh->batch : 1, depth = sh->inflight;
@@ -343,7 +344,7 @@ static void conn_fill(struct worker *w, int live)
 
 /* One frame through kr_call, after a refusal or a broken connection (the
  * pipeline is empty). */
-static void conn_rehome(struct worker *w)
+static void conn_rehome(struct conn *w)
 {
     struct shared *sh = w->sh;
     Keyraft__Response *resp = NULL;
@@ -366,7 +367,7 @@ static void conn_rehome(struct worker *w)
 }
 
 /* Takes every answer that has arrived on |w|, without waiting. */
-static void conn_drain(struct worker *w)
+static void conn_drain(struct conn *w)
 {
     int depth = w->sh->inflight;
     while (w->outstanding > 0) {
@@ -405,7 +406,7 @@ static void *run(void *arg)
     struct driver *d = arg;
     struct shared *sh = d->sh;
     struct pollfd *pfd = calloc((size_t)d->n, sizeof(*pfd));
-    struct worker **polled = calloc((size_t)d->n, sizeof(*polled));
+    struct conn **polled = calloc((size_t)d->n, sizeof(*polled));
     if (pfd == NULL || polled == NULL) {
         for (int i = 0; i < d->n; i++)
             note_error(&d->w[i], KR_ENOMEM, "out of memory");
@@ -421,7 +422,7 @@ static void *run(void *arg)
         int live = !atomic_load(&sh->stop) && !atomic_load(&sh->unsupported) && now < sh->end;
         int n_poll = 0, busy = 0;
         for (int i = 0; i < d->n; i++) {
-            struct worker *w = &d->w[i];
+            struct conn *w = &d->w[i];
             if (w->dead)
                 continue;
             if (w->ready) {
@@ -429,9 +430,7 @@ static void *run(void *arg)
                 conn_drain(w);
             }
             if (w->outstanding > 0 && now - w->last_io > sh->timeout_s) {
-                drop_pending(w, sh->inflight, KR_ETIMEDOUT, "no answer within the timeout");
-                w->outstanding = 0;
-                w->rehome = 1;
+                conn_lost(w, KR_ETIMEDOUT, "no answer within the client's timeout");
                 kr_client_free(w->c); /* the stream is unusable: a new client reconnects */
                 if (kr_client_new(&sh->cfg, &w->c) != 0) {
                     w->c = NULL;
@@ -632,7 +631,7 @@ int main(int argc, char **argv)
     sh.run_tag = (long)time(NULL) << 20 ^ (long)getpid();
     pthread_mutex_init(&sh.lock, NULL);
     sh.timeout_s = (sh.cfg.timeout_ms > 0 ? sh.cfg.timeout_ms : 30000) / 1000.0;
-    struct worker *w = calloc((size_t)conns, sizeof(*w));
+    struct conn *w = calloc((size_t)conns, sizeof(*w));
     struct driver *drivers = calloc((size_t)threads, sizeof(*drivers));
     pthread_t *tid = calloc((size_t)threads, sizeof(*tid));
     double *all = NULL;
