@@ -125,6 +125,11 @@ static void leader_hint(struct call *call);
 void reply_error(struct call *call, int status, const char *fmt, ...)
 {
     char msg[512];
+    if (call->retry_on_refusal) {
+        call->retry_on_refusal = 0;
+        if (reply_if_retry(call))
+            return; /* a check the first attempt passed, refusing its retry */
+    }
     if (status == KR_ENOTLEADER)
         leader_hint(call);
     va_list ap;
@@ -702,6 +707,7 @@ void propose_then(struct call *call, Keyraft__Command *cmd, cluster_done_cb done
     scoped_request_id(call, request_id, sizeof(request_id));
     cmd->request_id = request_id;
     cmd->approval_id = call->approval_id;
+    call->retry_on_refusal = 0; /* the fsm deduplicates from here */
     int rv = cluster_propose(call->svc->deps.cluster, cmd, done, call);
     if (rv != 0) {
         reply_error(call, rv, "cannot propose: %s", kr_strerror(rv));
@@ -886,11 +892,22 @@ static void create_after_work(uv_work_t *work, int status)
                           r->policy);
 }
 
+/* A new key's retry is looked up only once a check refuses it (most often:
+ * its first attempt took the name), not before every create: a first
+ * attempt passes the checks, and a retry whose first attempt has not applied
+ * yet is answered by the fsm. */
+static void retry_on_refusal(struct call *call)
+{
+    call->retry_on_refusal = call->req->request_id[0] != '\0';
+}
+
 static void op_create(struct call *call)
 {
     const Keyraft__CreateKeyRequest *r = call->req->create;
-    if (require_leader(call) != 0 || reply_if_retry(call) ||
-        placement_check(call, r->domain, r->policy) != 0 ||
+    if (require_leader(call) != 0)
+        return;
+    retry_on_refusal(call);
+    if (placement_check(call, r->domain, r->policy) != 0 ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     call->alg = r->algorithm;
@@ -919,8 +936,10 @@ static void op_create(struct call *call)
 static void op_import(struct call *call)
 {
     const Keyraft__ImportKeyRequest *r = call->req->import;
-    if (require_leader(call) != 0 || reply_if_retry(call) ||
-        placement_check(call, r->domain, r->policy) != 0 ||
+    if (require_leader(call) != 0)
+        return;
+    retry_on_refusal(call);
+    if (placement_check(call, r->domain, r->policy) != 0 ||
         validate_new_key(call, r->name, r->algorithm, r->tags, r->n_tags) != 0)
         return;
     int rv = crypto_check_material(r->algorithm, r->material.data, r->material.len);

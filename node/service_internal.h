@@ -114,6 +114,7 @@ struct call {
     Keyraft__Algorithm alg;
     secbuf material;
     int work_status;
+    int retry_on_refusal;       /* a refusal before proposing first looks for a retry's outcome */
     char key_id[FSM_KEY_ID_LEN + 1];
     struct key_ref *key;        /* the record load_key lent this call, to its end */
     Keyraft__KeyAttributes *created; /* create/import: the answer, in the arena */

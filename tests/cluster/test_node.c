@@ -2295,10 +2295,45 @@ static void test_retry_create(void **state)
     r2 = create_with_rid(f->c, "ps-retry", rid, 0);
     assert_string_equal(r1->key->id, r2->key->id);
     kr_response_free(r2);
+    /* Another request for the name is refused, its retry too; the first
+     * request's retries still get their key (the node looks for a retry's
+     * outcome once a check refuses it). */
+    char other[64];
+    snprintf(other, sizeof(other), "other-%ld", (long)time(NULL));
+    for (int i = 0; i < 2; i++) {
+        r2 = create_with_rid(f->c, "ps-retry", other, KR_EEXIST);
+        assert_non_null(strstr(r2->message, "already exists"));
+        kr_response_free(r2);
+        r2 = create_with_rid(f->c, "ps-retry", rid, 0);
+        assert_string_equal(r1->key->id, r2->key->id);
+        kr_response_free(r2);
+    }
     kr_response_free(r1);
     j = run_json(n, NULL, 0, "list", "--prefix", "ps-retry", NULL);
     assert_int_equal(kr_json_len(kr_json_get(j, "keys")), 1);
     kr_json_free(j);
+
+    /* A retried import likewise answers with the first attempt's key. */
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__ImportKeyRequest im = KEYRAFT__IMPORT_KEY_REQUEST__INIT;
+    uint8_t material[32];
+    memset(material, 0x42, sizeof(material));
+    char irid[64];
+    snprintf(irid, sizeof(irid), "import-%ld", (long)time(NULL));
+    im.name = (char *)"ps-retry-import";
+    im.algorithm = KEYRAFT__ALGORITHM__AES_256;
+    im.material.data = material;
+    im.material.len = sizeof(material);
+    req.request_id = irid;
+    req.op_case = KEYRAFT__REQUEST__OP_IMPORT;
+    req.import = &im;
+    Keyraft__Response *i1 = lib_call(f->c, &req, 0);
+    im.material.data = material; /* the client may have wiped its copy */
+    memset(material, 0x42, sizeof(material));
+    Keyraft__Response *i2 = lib_call(f->c, &req, 0);
+    assert_string_equal(i1->key->id, i2->key->id);
+    kr_response_free(i1);
+    kr_response_free(i2);
 }
 
 static void test_protocol_semantics(void **state)
