@@ -447,36 +447,45 @@ static const EVP_CIPHER *gcm_cipher(size_t key_len)
 }
 
 /* Each RAND_bytes call costs a getpid() system call (OpenSSL's fork check):
- * 7% of a node serving batched encrypts. Nonces come from a per-thread pool
- * of CSPRNG output drawn 4 KB at a time. A forked child drops its copy, so
- * parent and child never hand out the same bytes. */
-#define NONCE_POOL_BYTES 4092 /* a multiple of the 12-byte nonce */
+ * 7% of a node serving batched encrypts. Public random values (nonces, key
+ * ids) come from a per-thread pool of CSPRNG output drawn 4 KB at a time;
+ * each byte is handed out once and wiped as it goes. A forked child drops
+ * its copy, so parent and child never hand out the same bytes. */
+#define PUBLIC_POOL_BYTES 4096
 
-static __thread uint8_t nonce_pool[NONCE_POOL_BYTES];
-static __thread size_t nonce_pool_left;
-static pthread_once_t nonce_fork_once = PTHREAD_ONCE_INIT;
+static __thread uint8_t public_pool[PUBLIC_POOL_BYTES];
+static __thread size_t public_pool_left;
+static pthread_once_t public_fork_once = PTHREAD_ONCE_INIT;
 
-static void nonce_pool_drop(void)
+static void public_pool_drop(void)
 {
-    OPENSSL_cleanse(nonce_pool, sizeof(nonce_pool));
-    nonce_pool_left = 0;
+    OPENSSL_cleanse(public_pool, sizeof(public_pool));
+    public_pool_left = 0;
 }
 
-static void nonce_fork_register(void) { pthread_atfork(NULL, NULL, nonce_pool_drop); }
+static void public_fork_register(void) { pthread_atfork(NULL, NULL, public_pool_drop); }
+
+int crypto_public_random(uint8_t *out, size_t len)
+{
+    if ((out == NULL && len != 0) || len > CRYPTO_PUBLIC_RANDOM_MAX)
+        return KR_EINVAL;
+    pthread_once(&public_fork_once, public_fork_register);
+    if (public_pool_left < len) {
+        public_pool_drop(); /* a remainder too short is never handed out */
+        if (RAND_bytes(public_pool, sizeof(public_pool)) != 1)
+            return KR_ECRYPTO;
+        public_pool_left = sizeof(public_pool);
+    }
+    uint8_t *take = public_pool + sizeof(public_pool) - public_pool_left;
+    memcpy(out, take, len);
+    OPENSSL_cleanse(take, len); /* never handed out twice */
+    public_pool_left -= len;
+    return 0;
+}
 
 static int gcm_nonce(uint8_t out[CRYPTO_GCM_NONCE_LEN])
 {
-    pthread_once(&nonce_fork_once, nonce_fork_register);
-    if (nonce_pool_left < CRYPTO_GCM_NONCE_LEN) {
-        if (RAND_bytes(nonce_pool, sizeof(nonce_pool)) != 1)
-            return -1;
-        nonce_pool_left = sizeof(nonce_pool);
-    }
-    uint8_t *take = nonce_pool + sizeof(nonce_pool) - nonce_pool_left;
-    memcpy(out, take, CRYPTO_GCM_NONCE_LEN);
-    OPENSSL_cleanse(take, CRYPTO_GCM_NONCE_LEN); /* never handed out twice */
-    nonce_pool_left -= CRYPTO_GCM_NONCE_LEN;
-    return 0;
+    return crypto_public_random(out, CRYPTO_GCM_NONCE_LEN) == 0 ? 0 : -1;
 }
 
 int crypto_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *aad, size_t aad_len,

@@ -85,4 +85,10 @@ int crypto_kwp_unwrap(const uint8_t *kek, size_t kek_len, const uint8_t *in, siz
 /* Bytes from OpenSSL's DRBG (RAND_priv_bytes for secrets). */
 int crypto_random(uint8_t *out, size_t len);
 
+/* Up to CRYPTO_PUBLIC_RANDOM_MAX bytes for values that are not secret
+ * (nonces, key ids), from a per-thread pool of DRBG output: each byte is
+ * handed out once. Never for key material: use crypto_random. */
+#define CRYPTO_PUBLIC_RANDOM_MAX 64
+int crypto_public_random(uint8_t *out, size_t len);
+
 #endif

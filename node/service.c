@@ -757,7 +757,7 @@ static void put_key_with_material(struct call *call, const char *name, Keyraft__
                                   const Keyraft__KeyPolicy *req_policy)
 {
     uint8_t rnd[8];
-    int rv = crypto_random(rnd, sizeof(rnd));
+    int rv = crypto_public_random(rnd, sizeof(rnd)); /* an id is public */
     if (rv != 0) {
         reply_error(call, rv, "random id: %s", kr_strerror(rv));
         return;

@@ -180,6 +180,30 @@ static void test_gcm_nonces_unique_across_fork(void **state)
     close(fds[1]);
 }
 
+/* Public random values (key ids, nonces) share one pool: 4,000 draws of 8
+ * and 12 bytes, past several refills of its 4 KB, never repeat one; the
+ * bounds are refused. */
+static void test_public_random_pool(void **state)
+{
+    (void)state;
+    enum { N = 4000 };
+    uint8_t (*seen)[12] = calloc(N, 12);
+    assert_non_null(seen);
+    for (int i = 0; i < N; i++) {
+        size_t len = i % 2 ? 12 : 8;
+        assert_int_equal(crypto_public_random(seen[i], len), 0);
+        for (int j = i % 2; j < i; j += 2)
+            if (memcmp(seen[i], seen[j], len) == 0)
+                fail_msg("draw %d repeated draw %d", i, j);
+    }
+    free(seen);
+    uint8_t big[CRYPTO_PUBLIC_RANDOM_MAX + 1];
+    assert_int_equal(crypto_public_random(big, sizeof(big)), KR_EINVAL);
+    assert_int_equal(crypto_public_random(NULL, 8), KR_EINVAL);
+    assert_int_equal(crypto_public_random(big, 0), 0);
+    assert_int_equal(crypto_public_random(big, CRYPTO_PUBLIC_RANDOM_MAX), 0);
+}
+
 static void gcm_roundtrip(size_t key_len)
 {
     static const uint8_t msg[] = "attack at dawn, bring snacks";
@@ -815,6 +839,7 @@ int main(void)
         cmocka_unit_test(test_verify_public_rejects_pkcs1),
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_gcm_nonces_unique_across_fork),
+        cmocka_unit_test(test_public_random_pool),
     };
 
     /* Material must land in the secure heap whenever one exists; when it
