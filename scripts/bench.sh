@@ -62,11 +62,17 @@ dir=$(mktemp -d /tmp/krbench-XXXXXX)
 etcd_pids=()
 
 listening() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
-# A base port with BASE..BASE+299 free (1 node at +0, 3 nodes at +100, etcd at +200).
+# A base port with BASE..BASE+299 free (1 node at +0, 3 nodes at +100, etcd at
+# +200), below the ephemeral range: the outgoing connections of a run (256 to
+# etcd, the raft peers') take their local ports from that range, and a node
+# restarted on such a port fails to listen.
 pick_base() {
-  local b p busy
+  local b p busy low slots
+  low=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  slots=$(( (low - 10000 - 300) / 100 ))
+  [ "$slots" -ge 1 ] || slots=1
   for _ in $(seq 1 50); do
-    b=$((20000 + (RANDOM % 400) * 100))
+    b=$((10000 + (RANDOM % slots) * 100))
     busy=0
     for p in $b $((b + 1)) $(seq $((b + 100)) $((b + 121))) $(seq $((b + 200)) $((b + 205))); do
       if listening "$p"; then busy=1; break; fi

@@ -10,7 +10,7 @@ build=$(cd "${1:-$(dirname "$0")/../../build}" && pwd)
 runs=${RUNS:-5}
 secs=${SECONDS_EACH:-3}
 dir=$(mktemp -d /tmp/krbench-XXXXXX)
-port=$((20000 + RANDOM % 20000))
+port=$((10000 + RANDOM % 20000)) # below the ephemeral ports (32768-)
 pid=""
 stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=""; fi; }
 cleanup() { stop; rm -rf "$dir"; }

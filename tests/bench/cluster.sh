@@ -12,7 +12,7 @@ runs=${RUNS:-5}
 secs=${SECONDS_EACH:-3}
 failovers=${FAILOVERS:-5}
 dir=$(mktemp -d /tmp/krbench-cluster-XXXXXX)
-base=$((20000 + RANDOM % 20000))
+base=$((10000 + RANDOM % 20000)) # below the ephemeral ports (32768-)
 cluster() { KEYRAFT_BUILD="$build" KEYRAFT_CLUSTER_DIR="$dir/$1" KEYRAFT_BASE_PORT="$2" \
             "$root/scripts/dev-cluster.sh" "$3" "$4" >/dev/null; }
 cleanup() {

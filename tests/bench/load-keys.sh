@@ -18,7 +18,7 @@ keys=${KEYS:-10000000}
 batch=${BATCH:-1000}
 conns=${CONNS:-2}
 dir=$(mktemp -d /tmp/krbench-load-XXXXXX)
-base=$((20000 + RANDOM % 20000))
+base=$((10000 + RANDOM % 20000)) # below the ephemeral ports (32768-)
 export KEYRAFT_BUILD="$build" KEYRAFT_CLUSTER_DIR="$dir/c" KEYRAFT_BASE_PORT="$base"
 dc() { "$root/scripts/dev-cluster.sh" "$@" >/dev/null; }
 cleanup() {

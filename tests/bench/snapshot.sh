@@ -13,7 +13,7 @@ build=$(cd "${1:-$root/build}" && pwd)
 keys=${KEYS:-1000000}
 threads=${THREADS:-16}
 dir=$(mktemp -d /tmp/krbench-snap-XXXXXX)
-base=$((20000 + RANDOM % 20000))
+base=$((10000 + RANDOM % 20000)) # below the ephemeral ports (32768-)
 export KEYRAFT_BUILD="$build" KEYRAFT_CLUSTER_DIR="$dir/c" KEYRAFT_BASE_PORT="$base"
 dc() { "$root/scripts/dev-cluster.sh" "$@" >/dev/null; }
 cleanup() { dc stop 4 2>/dev/null || true; rm -rf "$dir"; }
