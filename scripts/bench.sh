@@ -21,8 +21,8 @@
 # connections. Both clients drive all their connections from one thread
 # polling them, as an event-driven application would (kr_bench --threads 1,
 # etcd_bench's default), so neither pays for a thread per connection on the
-# two cores the nodes share. Each system runs alone: the others are stopped
-# meanwhile.
+# two cores the nodes share. Each system runs alone, the other stopped, but in
+# the paired runs of the ratio targets (paired_creates).
 env_seconds=$SECONDS # bash counts SECONDS up from a value given in the environment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -271,6 +271,7 @@ paired_creates() {
   done
   kr_cluster three "$b" stop 3
 }
+
 echo "# keyraft $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?') bench on $(nproc) cores shared by clients and servers; $(uname -r)"
 echo "# median of $runs runs x ${secs}s per figure; load average at start: $(loadavg)"
 echo "# keyraft c: 1=1x1, 16=16x1, 256=16x16, 64=1x64 (connections x in flight); etcd c = connections (HTTP/1.1)"
