@@ -12,8 +12,9 @@
  * ops, errors, seconds, ops/s, p50/p99/p999 latency (ms, per frame: a batch's
  * latency is its whole frame's), max_gap_ms (the longest wait between two
  * acknowledged frames on one connection: spans a failover). Keys for every op
- * but create are made before the timed phase. Exit 0, 1 on errors, 3 when the
- * node does not serve batches.
+ * but create are made before the timed phase, which starts once every
+ * connection is up. Exit 0, 1 on errors, 3 when the node does not serve
+ * batches.
  *   kr_bench --fsync-probe DIR
  * times 200 writes of 4 KiB each followed by fdatasync in a scratch file in
  * DIR (the disk the nodes' raft logs are on) and prints their p50/p99: a
@@ -57,7 +58,10 @@ struct shared {
     atomic_long issued; /* operations handed out, against max_ops */
     atomic_int stop;
     atomic_int unsupported; /* the node refused batches as an unknown operation */
-    pthread_mutex_t lock;   /* guards first_message */
+    pthread_mutex_t lock;   /* guards first_message, connected, go */
+    pthread_cond_t start;   /* connected went up, or go was set */
+    int connected;          /* threads whose connections are up */
+    int go;                 /* the timed phase began: |end| is set */
     char first_message[256];
 };
 
@@ -407,14 +411,23 @@ static void *run(void *arg)
     struct shared *sh = d->sh;
     struct pollfd *pfd = calloc((size_t)d->n, sizeof(*pfd));
     struct conn **polled = calloc((size_t)d->n, sizeof(*polled));
-    if (pfd == NULL || polled == NULL) {
-        for (int i = 0; i < d->n; i++)
+    for (int i = 0; i < d->n; i++) {
+        if (pfd == NULL || polled == NULL) {
             note_error(&d->w[i], KR_ENOMEM, "out of memory");
-        goto out;
+            d->w[i].dead = 1;
+        } else {
+            d->w[i].dead = conn_start(&d->w[i]) != 0;
+        }
     }
-    for (int i = 0; i < d->n; i++)
-        d->w[i].dead = conn_start(&d->w[i]) != 0;
-    double started = now_s(); /* gaps count from here, not from each one's start */
+    /* The clock starts once every thread's connections are up: the run
+     * measures requests, not TLS handshakes made one after another. */
+    pthread_mutex_lock(&sh->lock);
+    sh->connected++;
+    pthread_cond_broadcast(&sh->start);
+    while (!sh->go)
+        pthread_cond_wait(&sh->start, &sh->lock);
+    pthread_mutex_unlock(&sh->lock);
+    double started = now_s();
     for (int i = 0; i < d->n; i++)
         d->w[i].last_ok = d->w[i].last_io = started;
     for (;;) {
@@ -469,7 +482,6 @@ static void *run(void *arg)
             if (pfd[j].revents != 0)
                 polled[j]->ready = 1;
     }
-out:
     for (int i = 0; i < d->n; i++) {
         kr_client_free(d->w[i].c);
         d->w[i].c = NULL;
@@ -630,6 +642,7 @@ int main(int argc, char **argv)
     memset(sh.payload, 0x5a, sizeof(sh.payload));
     sh.run_tag = (long)time(NULL) << 20 ^ (long)getpid();
     pthread_mutex_init(&sh.lock, NULL);
+    pthread_cond_init(&sh.start, NULL);
     sh.timeout_s = (sh.cfg.timeout_ms > 0 ? sh.cfg.timeout_ms : 30000) / 1000.0;
     struct conn *w = calloc((size_t)conns, sizeof(*w));
     struct driver *drivers = calloc((size_t)threads, sizeof(*drivers));
@@ -657,14 +670,20 @@ int main(int argc, char **argv)
         drivers[i].n = conns / threads + (i < conns % threads);
         next += drivers[i].n;
     }
-    double t0 = now_s();
-    sh.end = t0 + sh.seconds;
     int started = 0;
     for (; started < threads; started++)
         if (pthread_create(&tid[started], NULL, run, &drivers[started]) != 0)
             break;
     if (started < threads)
         atomic_store(&sh.stop, 1);
+    pthread_mutex_lock(&sh.lock);
+    while (sh.connected < started)
+        pthread_cond_wait(&sh.start, &sh.lock);
+    double t0 = now_s();
+    sh.end = t0 + sh.seconds;
+    sh.go = 1;
+    pthread_cond_broadcast(&sh.start);
+    pthread_mutex_unlock(&sh.lock);
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
     long ops = 0, errors = 0, frames = 0;
@@ -720,6 +739,7 @@ out:
     free(w);
     free(drivers);
     free(tid);
+    pthread_cond_destroy(&sh.start);
     pthread_mutex_destroy(&sh.lock);
     kr_client_file_free(file);
     return rc;
