@@ -1192,49 +1192,39 @@ int kr_flush(kr_client *client)
     return rc;
 }
 
-int kr_recv(kr_client *client, Keyraft__Response **out_resp)
+/* kr_recv and kr_try_recv: the next answer, waiting for it or not. */
+static int recv_next(kr_client *c, int wait, Keyraft__Response **out_resp)
 {
-    kr_client *c = client;
     Keyraft__Response *resp = NULL;
-    int rc;
 
-    if (c == NULL || out_resp == NULL)
-        return KR_EINVAL;
     if (c->fd < 0) {
         kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
         return KR_ECONN;
     }
-    rc = recv_response(c, now_ms() + c->timeout_ms, 1, &resp); /* flushes before it waits */
+    int rc = recv_response(c, now_ms() + c->timeout_ms, wait, &resp); /* flushes first */
     if (rc != 0) {
         conn_close(c); /* what was in flight on it is lost */
-        return rc;
-    }
-    response_note(c, resp);
-    *out_resp = resp;
-    return 0;
-}
-
-int kr_try_recv(kr_client *client, Keyraft__Response **out_resp)
-{
-    kr_client *c = client;
-    Keyraft__Response *resp = NULL;
-
-    if (c == NULL || out_resp == NULL)
-        return KR_EINVAL;
-    *out_resp = NULL;
-    if (c->fd < 0) {
-        kr__client_set_error(c, "no open connection: nothing sent with kr_send is in flight");
-        return KR_ECONN;
-    }
-    int rc = recv_response(c, now_ms() + c->timeout_ms, 0, &resp);
-    if (rc != 0) {
-        conn_close(c);
         return rc;
     }
     if (resp != NULL)
         response_note(c, resp);
     *out_resp = resp;
     return 0;
+}
+
+int kr_recv(kr_client *client, Keyraft__Response **out_resp)
+{
+    if (client == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    return recv_next(client, 1, out_resp);
+}
+
+int kr_try_recv(kr_client *client, Keyraft__Response **out_resp)
+{
+    if (client == NULL || out_resp == NULL)
+        return KR_EINVAL;
+    *out_resp = NULL;
+    return recv_next(client, 0, out_resp);
 }
 
 int kr_client_fd(const kr_client *client)

@@ -483,11 +483,6 @@ int crypto_public_random(uint8_t *out, size_t len)
     return 0;
 }
 
-static int gcm_nonce(uint8_t out[CRYPTO_GCM_NONCE_LEN])
-{
-    return crypto_public_random(out, CRYPTO_GCM_NONCE_LEN) == 0 ? 0 : -1;
-}
-
 int crypto_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *aad, size_t aad_len,
                     const uint8_t *pt, size_t pt_len, uint8_t *out, size_t *out_len)
 {
@@ -505,7 +500,7 @@ int crypto_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *aad, size
     ct = out + CRYPTO_GCM_NONCE_LEN;
     ERR_set_mark();
     /* A random 96-bit nonce: callers bound the number of seals per key. */
-    if (gcm_nonce(out) != 0)
+    if (crypto_public_random(out, CRYPTO_GCM_NONCE_LEN) != 0)
         goto out;
     ctx = EVP_CIPHER_CTX_new();
     if (ctx == NULL) {
