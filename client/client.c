@@ -20,11 +20,11 @@
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
-#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #include "client_internal.h"
+#include "public_random.h"
 
 #define DEFAULT_TIMEOUT_MS 30000
 #define CONNECT_TIMEOUT_MAX_MS 5000 /* one endpoint may not eat the whole call */
@@ -930,13 +930,18 @@ static int new_request_id(kr_client *c, char out[2 * REQUEST_ID_BYTES + 1])
     uint64_t ms = (uint64_t)now.tv_sec * 1000u + (uint64_t)now.tv_nsec / 1000000u;
     for (size_t i = 0; i < REQUEST_ID_TIME_BYTES; i++)
         raw[i] = (uint8_t)(ms >> (8 * (REQUEST_ID_TIME_BYTES - 1 - i)));
-    if (RAND_bytes(raw + REQUEST_ID_TIME_BYTES, REQUEST_ID_RANDOM_BYTES) != 1) {
-        ERR_clear_error();
+    /* Public bytes from a pool: a RAND_bytes call and 22 snprintf calls were
+     * 15% of a client's CPU per create. */
+    if (kr__public_random(raw + REQUEST_ID_TIME_BYTES, REQUEST_ID_RANDOM_BYTES) != 0) {
         kr__client_set_error(c, "no randomness for a request id");
         return KR_ECRYPTO;
     }
-    for (size_t i = 0; i < sizeof(raw); i++)
-        snprintf(out + 2 * i, 3, "%02x", raw[i]);
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < sizeof(raw); i++) {
+        out[2 * i] = hex[raw[i] >> 4];
+        out[2 * i + 1] = hex[raw[i] & 0xf];
+    }
+    out[2 * sizeof(raw)] = '\0';
     return 0;
 }
 

@@ -19,6 +19,7 @@
 #include <openssl/x509.h>
 
 #include "keyraft.h"
+#include "public_random.h"
 
 #define CRYPTO_HMAC_MIN_KEY 16
 #define CRYPTO_HMAC_MAX_KEY 128
@@ -446,41 +447,14 @@ static const EVP_CIPHER *gcm_cipher(size_t key_len)
     return NULL;
 }
 
-/* Each RAND_bytes call costs a getpid() system call (OpenSSL's fork check):
- * 7% of a node serving batched encrypts. Public random values (nonces, key
- * ids) come from a per-thread pool of CSPRNG output drawn 4 KB at a time;
- * each byte is handed out once and wiped as it goes. A forked child drops
- * its copy, so parent and child never hand out the same bytes. */
-#define PUBLIC_POOL_BYTES 4096
-
-static __thread uint8_t public_pool[PUBLIC_POOL_BYTES];
-static __thread size_t public_pool_left;
-static pthread_once_t public_fork_once = PTHREAD_ONCE_INIT;
-
-static void public_pool_drop(void)
-{
-    OPENSSL_cleanse(public_pool, sizeof(public_pool));
-    public_pool_left = 0;
-}
-
-static void public_fork_register(void) { pthread_atfork(NULL, NULL, public_pool_drop); }
+/* The pool (client/public_random.c) is shared with libkeyraft's request ids. */
+_Static_assert(CRYPTO_PUBLIC_RANDOM_MAX <= KR_PUBLIC_RANDOM_MAX, "the pool's limit");
 
 int crypto_public_random(uint8_t *out, size_t len)
 {
     if ((out == NULL && len != 0) || len > CRYPTO_PUBLIC_RANDOM_MAX)
         return KR_EINVAL;
-    pthread_once(&public_fork_once, public_fork_register);
-    if (public_pool_left < len) {
-        public_pool_drop(); /* a remainder too short is never handed out */
-        if (RAND_bytes(public_pool, sizeof(public_pool)) != 1)
-            return KR_ECRYPTO;
-        public_pool_left = sizeof(public_pool);
-    }
-    uint8_t *take = public_pool + sizeof(public_pool) - public_pool_left;
-    memcpy(out, take, len);
-    OPENSSL_cleanse(take, len); /* never handed out twice */
-    public_pool_left -= len;
-    return 0;
+    return kr__public_random(out, len) == 0 ? 0 : KR_ECRYPTO;
 }
 
 int crypto_gcm_seal(const uint8_t *key, size_t key_len, const uint8_t *aad, size_t aad_len,

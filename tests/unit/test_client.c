@@ -826,6 +826,7 @@ static void test_pipelined_send_recv(void **state)
     for (int i = 0; i < N; i++) {
         assert_int_equal(f.id[i], req[i].id);
         assert_int_equal(strlen(f.request_id[i]), 44);
+        assert_int_equal(strspn(f.request_id[i], "0123456789abcdef"), 44);
         for (int j = 0; j < i; j++)
             assert_string_not_equal(f.request_id[i], f.request_id[j]);
         /* it starts with the time it was made: the node files ids in order */
