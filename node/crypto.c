@@ -227,6 +227,79 @@ static int generate_asym(const struct asym_desc *d, secbuf *out)
     return rc;
 }
 
+/* Key material comes from a per-thread pool of RAND_priv_bytes output in the
+ * secure heap, drawn 4 KB at a time: one DRBG call (a lock, a getpid() for
+ * OpenSSL's fork check and the CTR-DRBG's rekeying) per key was 4.7% of a
+ * leader's loop creating keys. Each byte is handed out once and wiped as it
+ * goes; a forked child drops the pool it inherited; a thread's pool is wiped
+ * and freed when the thread exits. Pooled bytes are no easier to reach than
+ * the DRBG's own state (in OpenSSL's ordinary heap), which predicts every
+ * future output. Without a locked secure heap nothing is pooled: material is
+ * drawn per call, as it may not outlive a request in unlocked memory. */
+#define SECRET_POOL_BYTES 4096
+#define SECRET_POOL_MAX_DRAW 64
+
+static __thread uint8_t *secret_pool; /* secure heap */
+static __thread size_t secret_pool_left;
+static pthread_once_t secret_pool_once = PTHREAD_ONCE_INIT;
+static pthread_key_t secret_pool_exit;
+static int secret_pool_usable; /* set once, by secret_pool_setup */
+
+static void secret_pool_wipe(void)
+{
+    if (secret_pool != NULL)
+        OPENSSL_cleanse(secret_pool, SECRET_POOL_BYTES);
+    secret_pool_left = 0;
+}
+
+static void secret_pool_free(void *pool) { secmem_free(pool, SECRET_POOL_BYTES); }
+
+static void secret_pool_setup(void)
+{
+    secret_pool_usable = pthread_atfork(NULL, NULL, secret_pool_wipe) == 0 &&
+                         pthread_key_create(&secret_pool_exit, secret_pool_free) == 0;
+}
+
+static int draw_secret(uint8_t *out, size_t len)
+{
+    ERR_set_mark();
+    int ok = RAND_priv_bytes(out, (int)len) == 1;
+    ERR_pop_to_mark();
+    return ok ? 0 : KR_ECRYPTO;
+}
+
+/* |len| <= INT_MAX. */
+static int secret_random(uint8_t *out, size_t len)
+{
+    if (len > SECRET_POOL_MAX_DRAW || !secmem_locked())
+        return draw_secret(out, len);
+    pthread_once(&secret_pool_once, secret_pool_setup);
+    if (!secret_pool_usable)
+        return draw_secret(out, len);
+    if (secret_pool == NULL) {
+        uint8_t *pool = secmem_alloc(SECRET_POOL_BYTES);
+        if (pool == NULL)
+            return draw_secret(out, len); /* the secure heap is full */
+        if (pthread_setspecific(secret_pool_exit, pool) != 0) {
+            secmem_free(pool, SECRET_POOL_BYTES);
+            return draw_secret(out, len);
+        }
+        secret_pool = pool;
+        secret_pool_left = 0;
+    }
+    if (secret_pool_left < len) {
+        secret_pool_wipe(); /* a remainder too short is never handed out */
+        if (draw_secret(secret_pool, SECRET_POOL_BYTES) != 0)
+            return KR_ECRYPTO;
+        secret_pool_left = SECRET_POOL_BYTES;
+    }
+    uint8_t *take = secret_pool + SECRET_POOL_BYTES - secret_pool_left;
+    memcpy(out, take, len);
+    OPENSSL_cleanse(take, len); /* never handed out twice */
+    secret_pool_left -= len;
+    return 0;
+}
+
 static int generate_random(size_t len, secbuf *out)
 {
     secbuf buf = {NULL, 0};
@@ -235,7 +308,7 @@ static int generate_random(size_t len, secbuf *out)
     rc = secbuf_alloc(&buf, len);
     if (rc != 0)
         return rc;
-    if (RAND_priv_bytes(buf.data, (int)len) != 1) {
+    if (secret_random(buf.data, len) != 0) {
         secbuf_free(&buf);
         return KR_ECRYPTO;
     }
@@ -859,16 +932,11 @@ int crypto_random(uint8_t *out, size_t len)
 
     if (out == NULL && len != 0)
         return KR_EINVAL;
-    ERR_set_mark();
-    while (len > 0) {
-        int chunk = len > (size_t)INT_MAX ? INT_MAX : (int)len;
-        if (RAND_priv_bytes(out, chunk) != 1) {
-            rc = KR_ECRYPTO;
-            break;
-        }
+    while (len > 0 && rc == 0) {
+        size_t chunk = len > (size_t)INT_MAX ? (size_t)INT_MAX : len;
+        rc = secret_random(out, chunk);
         out += chunk;
-        len -= (size_t)chunk;
+        len -= chunk;
     }
-    ERR_pop_to_mark();
     return rc;
 }

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -139,45 +140,63 @@ static void test_gcm_tamper(void **state)
     free(blob);
 }
 
-/* Nonces come from a pool: 1,000 seals (past a refill) never repeat one, and
- * a forked child does not hand out the nonces its parent hands out next. */
-static void test_gcm_nonces_unique_across_fork(void **state)
+/* Fills |out| with |len| bytes from the source under test; 0 on success. */
+typedef int (*draw_fn)(uint8_t *out, size_t len);
+
+/* A seal's nonce (|len| is the nonce's length). */
+static int draw_nonce(uint8_t *out, size_t len)
 {
-    (void)state;
-    enum { N = 1000 };
-    uint8_t key[32], blob[64], (*seen)[CRYPTO_GCM_NONCE_LEN] = calloc(N, CRYPTO_GCM_NONCE_LEN);
-    size_t len = 0;
+    static const uint8_t key[32] = {1};
+    uint8_t blob[64];
+    size_t blob_len = 0;
+    if (len != CRYPTO_GCM_NONCE_LEN || crypto_gcm_seal(key, 32, NULL, 0, key, 4, blob, &blob_len))
+        return -1;
+    memcpy(out, blob, len);
+    return 0;
+}
+
+static int draw_secret(uint8_t *out, size_t len) { return crypto_random(out, len); }
+
+/* |n| draws of |len| bytes never repeat one, and a forked child does not
+ * hand out what its parent hands out next (a pool copied into the child). */
+static void assert_draws_unique_across_fork(draw_fn draw, size_t len, int n)
+{
+    uint8_t *seen = calloc((size_t)n, len);
     assert_non_null(seen);
-    assert_int_equal(crypto_random(key, sizeof(key)), 0);
-    for (int i = 0; i < N; i++) {
-        assert_int_equal(crypto_gcm_seal(key, 32, NULL, 0, key, 4, blob, &len), 0);
-        memcpy(seen[i], blob, CRYPTO_GCM_NONCE_LEN);
+    for (int i = 0; i < n; i++) {
+        assert_int_equal(draw(seen + (size_t)i * len, len), 0);
         for (int j = 0; j < i; j++)
-            if (memcmp(seen[i], seen[j], CRYPTO_GCM_NONCE_LEN) == 0)
-                fail_msg("seal %d reused the nonce of seal %d", i, j);
+            if (memcmp(seen + (size_t)i * len, seen + (size_t)j * len, len) == 0)
+                fail_msg("draw %d repeated draw %d", i, j);
     }
     free(seen);
 
+    uint8_t child[64], parent[64];
+    assert_true(len <= sizeof(child));
     int fds[2];
     assert_int_equal(pipe(fds), 0);
     pid_t pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
-        uint8_t c[64];
-        size_t clen = 0;
-        int ok = crypto_gcm_seal(key, 32, NULL, 0, key, 4, c, &clen) == 0 &&
-                 write(fds[1], c, CRYPTO_GCM_NONCE_LEN) == CRYPTO_GCM_NONCE_LEN;
+        int ok = draw(child, len) == 0 && write(fds[1], child, len) == (ssize_t)len;
         _exit(ok ? 0 : 1);
     }
-    uint8_t child[CRYPTO_GCM_NONCE_LEN];
-    assert_int_equal(read(fds[0], child, sizeof(child)), (ssize_t)sizeof(child));
+    assert_int_equal(read(fds[0], child, len), (ssize_t)len);
     int status = 0;
     assert_int_equal(waitpid(pid, &status, 0), pid);
     assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
-    assert_int_equal(crypto_gcm_seal(key, 32, NULL, 0, key, 4, blob, &len), 0);
-    assert_memory_not_equal(child, blob, CRYPTO_GCM_NONCE_LEN);
+    assert_int_equal(draw(parent, len), 0);
+    assert_memory_not_equal(child, parent, len);
     close(fds[0]);
     close(fds[1]);
+}
+
+/* Nonces come from a pool: 1,000 seals (past a refill) never repeat one, and
+ * a forked child does not hand out the nonces its parent hands out next. */
+static void test_gcm_nonces_unique_across_fork(void **state)
+{
+    (void)state;
+    assert_draws_unique_across_fork(draw_nonce, CRYPTO_GCM_NONCE_LEN, 1000);
 }
 
 /* Public random values (key ids, nonces) share one pool: 4,000 draws of 8
@@ -202,6 +221,38 @@ static void test_public_random_pool(void **state)
     assert_int_equal(crypto_public_random(NULL, 8), KR_EINVAL);
     assert_int_equal(crypto_public_random(big, 0), 0);
     assert_int_equal(crypto_public_random(big, CRYPTO_PUBLIC_RANDOM_MAX), 0);
+}
+
+static void *draw_in_thread(void *arg)
+{
+    size_t *used_inside = arg;
+    uint8_t material[32];
+    if (crypto_random(material, sizeof(material)) != 0)
+        return NULL;
+    *used_inside = CRYPTO_secure_used();
+    OPENSSL_cleanse(material, sizeof(material));
+    return arg;
+}
+
+/* Key material comes from a per-thread pool in the secure heap: 4,000 draws
+ * of 32 bytes, past 30 refills of its 4 KB, never repeat one; a forked child
+ * does not hand out what its parent hands out next; a thread's pool is taken
+ * from the secure heap and given back when the thread exits. */
+static void test_secret_random_pool(void **state)
+{
+    (void)state;
+    if (!secmem_locked())
+        skip(); /* no locked heap (RLIMIT_MEMLOCK): nothing is pooled */
+    assert_draws_unique_across_fork(draw_secret, 32, 4000);
+
+    size_t before = CRYPTO_secure_used(), inside = 0;
+    pthread_t t;
+    void *ret = NULL;
+    assert_int_equal(pthread_create(&t, NULL, draw_in_thread, &inside), 0);
+    assert_int_equal(pthread_join(t, &ret), 0);
+    assert_ptr_equal(ret, &inside);
+    assert_true(inside >= before + 4096); /* the thread's pool */
+    assert_int_equal(CRYPTO_secure_used(), before);
 }
 
 static void gcm_roundtrip(size_t key_len)
@@ -840,6 +891,7 @@ int main(void)
         cmocka_unit_test(test_random),
         cmocka_unit_test(test_gcm_nonces_unique_across_fork),
         cmocka_unit_test(test_public_random_pool),
+        cmocka_unit_test(test_secret_random_pool),
     };
 
     /* Material must land in the secure heap whenever one exists; when it
