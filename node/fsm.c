@@ -202,6 +202,18 @@ int fsm_key_id_valid(const char *id)
     return i == FSM_KEY_ID_LEN;
 }
 
+static int parse_key_record(const char *key_id, const uint8_t *val, size_t len,
+                            Keyraft__KeyRecord **out)
+{
+    Keyraft__KeyRecord *rec = keyraft__key_record__unpack(NULL, len, val);
+    if (rec == NULL) {
+        log_error("key record %s does not parse: store corrupted?", key_id);
+        return KR_EIO;
+    }
+    *out = rec;
+    return 0;
+}
+
 int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **out)
 {
     uint8_t *val = NULL;
@@ -209,14 +221,9 @@ int fsm_get_key(struct store *store, const char *key_id, Keyraft__KeyRecord **ou
     int rv = store_get(store, STORE_CF_KEYS, key_id, strlen(key_id), &val, &len);
     if (rv != 0)
         return rv;
-    Keyraft__KeyRecord *rec = keyraft__key_record__unpack(NULL, len, val);
+    rv = parse_key_record(key_id, val, len, out);
     free(val);
-    if (rec == NULL) {
-        log_error("key record %s does not parse: store corrupted?", key_id);
-        return KR_EIO;
-    }
-    *out = rec;
-    return 0;
+    return rv;
 }
 
 int fsm_find_name(struct store *store, const char *domain, const char *name,
@@ -231,7 +238,7 @@ int fsm_find_name(struct store *store, const char *domain, const char *name,
     int rv = store_get(store, STORE_CF_NAMES, key, klen, &val, &len);
     if (rv != 0)
         return rv;
-    if (len != FSM_KEY_ID_LEN) {
+    if (len != FSM_KEY_ID_LEN) { /* a name row holds a key id */
         free(val);
         return KR_EIO;
     }
@@ -365,6 +372,20 @@ struct group_slot {
     char kind; /* 'N' (domain, name), 'I' key id, 'R' request id */
 };
 
+/* The store reads of a run of creates (consecutive ops that join one group),
+ * made before its first op in one multi-get per column family. Every op of a
+ * run reads the store as it was before the run, since the group commits at
+ * the run's end, so each answer read ahead is the one the op's own read would
+ * get. A 1,000-key entry made 4,000 point reads, a quarter of a follower's
+ * CPU in a bulk load. Slot statuses are store_multi_get's, and KR_EINVAL for
+ * a row key that does not fit (the lookup's own answer then). */
+struct run_reads {
+    uint32_t first, end; /* ops [first, end): the run, read ahead or not */
+    int ready;           /* 0: each op reads for itself */
+    size_t n_windows;    /* dedup slots per op, in dedup_windows order */
+    struct store_value *dedup, *name, *id;
+};
+
 struct put_group {
     struct store_batch *b;
     uint32_t n_ops;   /* ops in the group */
@@ -372,7 +393,16 @@ struct put_group {
     struct group_slot *slots;
     size_t cap, used; /* cap: 0 or a power of two */
     const char *live_domain;
+    struct run_reads reads;
 };
+
+/* The run's reads when |op| is in a run read ahead, else NULL. */
+static const struct run_reads *reads_for(const struct put_group *g, uint32_t op)
+{
+    if (g == NULL || !g->reads.ready || op < g->reads.first || op >= g->reads.end)
+        return NULL;
+    return &g->reads;
+}
 
 static uint64_t group_hash(char kind, const char *a, const char *b)
 {
@@ -451,8 +481,14 @@ static int apply_put_key(struct fsm *fsm, struct put_group *g, struct store_batc
     }
     if (group_find(g, 'N', rec->domain, rec->name) != NULL)
         return KR_EEXIST;
-    char existing[FSM_KEY_ID_LEN + 1];
-    rv = fsm_find_name(fsm->store, rec->domain, rec->name, existing);
+    const struct run_reads *ra = reads_for(g, op_no);
+    if (ra != NULL) {
+        const struct store_value *v = &ra->name[op_no - ra->first];
+        rv = v->status == 0 && v->len != FSM_KEY_ID_LEN ? KR_EIO : v->status;
+    } else {
+        char existing[FSM_KEY_ID_LEN + 1];
+        rv = fsm_find_name(fsm->store, rec->domain, rec->name, existing);
+    }
     if (rv == 0)
         return KR_EEXIST;
     if (rv != KR_ENOTFOUND)
@@ -460,7 +496,12 @@ static int apply_put_key(struct fsm *fsm, struct put_group *g, struct store_batc
     if (group_find(g, 'I', rec->id, "") != NULL)
         return KR_EEXIST; /* id collision: the leader's RNG repeated itself */
     Keyraft__KeyRecord *old = NULL;
-    rv = fsm_get_key(fsm->store, rec->id, &old);
+    if (ra != NULL) {
+        const struct store_value *v = &ra->id[op_no - ra->first];
+        rv = v->status == 0 ? parse_key_record(rec->id, v->data, v->len, &old) : v->status;
+    } else {
+        rv = fsm_get_key(fsm->store, rec->id, &old);
+    }
     if (rv == 0) {
         keyraft__key_record__free_unpacked(old, NULL);
         return KR_EEXIST;
@@ -807,12 +848,11 @@ static size_t dedup_key(uint8_t *buf, size_t cap, uint64_t window, const char *r
     return head + l;
 }
 
-/* A retried request gets the first attempt's outcome. Looks in the current
- * window, the one before, then the old layout. */
-int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
+/* The windows a retry's record may be in, in the order they are looked in:
+ * the current one, the one before, then the old layout. */
+static size_t dedup_windows(const struct fsm *fsm, uint64_t windows[3])
 {
     const struct dedup_window *w = &fsm->dedup;
-    uint64_t windows[3];
     size_t n = 0;
     if (w->current > 0)
         windows[n++] = w->current;
@@ -820,6 +860,27 @@ int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result
         windows[n++] = w->current - 1;
     if (w->legacy != 0 || w->current == 0)
         windows[n++] = 0;
+    return n;
+}
+
+/* A stored record's outcome into |res|: 0, or KR_EIO when it does not parse. */
+static int dedup_answer(const uint8_t *val, size_t len, struct fsm_op_result *res)
+{
+    Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);
+    if (d == NULL)
+        return KR_EIO;
+    res->status = d->status;
+    snprintf(res->key_id, sizeof(res->key_id), "%s", d->key_id);
+    res->index = d->index;
+    keyraft__dedup_record__free_unpacked(d, NULL);
+    return 0;
+}
+
+/* A retried request gets the first attempt's outcome. */
+int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result *res)
+{
+    uint64_t windows[3];
+    size_t n = dedup_windows(fsm, windows);
     for (size_t i = 0; i < n; i++) {
         uint8_t key[DEDUP_KEY_MAX];
         size_t klen = dedup_key(key, sizeof(key), windows[i], request_id);
@@ -832,15 +893,9 @@ int fsm_find_dedup(struct fsm *fsm, const char *request_id, struct fsm_op_result
             continue;
         if (rv != 0)
             return rv;
-        Keyraft__DedupRecord *d = keyraft__dedup_record__unpack(NULL, len, val);
+        rv = dedup_answer(val, len, res);
         free(val);
-        if (d == NULL)
-            return KR_EIO;
-        res->status = d->status;
-        snprintf(res->key_id, sizeof(res->key_id), "%s", d->key_id);
-        res->index = d->index;
-        keyraft__dedup_record__free_unpacked(d, NULL);
-        return 0;
+        return rv;
     }
     return KR_ENOTFOUND;
 }
@@ -1036,6 +1091,176 @@ commit:;
     return rv;
 }
 
+static int joins_group(const Keyraft__Command *cmd)
+{
+    return cmd->op_case == KEYRAFT__COMMAND__OP_PUT_KEY && cmd->approval_id[0] == '\0';
+}
+
+static void run_reads_clear(struct run_reads *ra)
+{
+    size_t n = ra->ready ? ra->end - ra->first : 0;
+    store_values_clear(ra->dedup, n * ra->n_windows);
+    store_values_clear(ra->name, n);
+    store_values_clear(ra->id, n);
+    free(ra->dedup);
+    free(ra->name);
+    free(ra->id);
+    *ra = (struct run_reads){0};
+}
+
+/* Row keys of one column family to read, each with the slot its answer goes
+ * to; the keys are packed in one buffer. */
+struct read_set {
+    uint8_t *buf;
+    size_t used, cap;
+    size_t *offs, *lens;
+    struct store_value **slots;
+    size_t n;
+};
+
+static int read_set_init(struct read_set *rs, size_t max_keys)
+{
+    *rs = (struct read_set){0};
+    rs->offs = malloc((max_keys ? max_keys : 1) * sizeof(*rs->offs));
+    rs->lens = malloc((max_keys ? max_keys : 1) * sizeof(*rs->lens));
+    rs->slots = malloc((max_keys ? max_keys : 1) * sizeof(*rs->slots));
+    return rs->offs && rs->lens && rs->slots ? 0 : KR_ENOMEM;
+}
+
+static void read_set_free(struct read_set *rs)
+{
+    free(rs->buf);
+    free(rs->offs);
+    free(rs->lens);
+    free(rs->slots);
+}
+
+/* The caller sized the set for every key it adds. */
+static int read_set_add(struct read_set *rs, const void *key, size_t len,
+                        struct store_value *slot)
+{
+    if (rs->used + len > rs->cap) {
+        size_t cap = rs->cap ? rs->cap : 4096;
+        while (cap < rs->used + len)
+            cap *= 2;
+        uint8_t *buf = realloc(rs->buf, cap);
+        if (buf == NULL)
+            return KR_ENOMEM;
+        rs->buf = buf;
+        rs->cap = cap;
+    }
+    memcpy(rs->buf + rs->used, key, len);
+    rs->offs[rs->n] = rs->used;
+    rs->lens[rs->n] = len;
+    rs->slots[rs->n] = slot;
+    rs->used += len;
+    rs->n++;
+    return 0;
+}
+
+static int read_set_run(struct store *store, enum store_cf cf, struct read_set *rs)
+{
+    if (rs->n == 0)
+        return 0;
+    const uint8_t **keys = malloc(rs->n * sizeof(*keys));
+    struct store_value *out = malloc(rs->n * sizeof(*out));
+    int rv = keys && out ? 0 : KR_ENOMEM;
+    for (size_t i = 0; rv == 0 && i < rs->n; i++)
+        keys[i] = rs->buf + rs->offs[i];
+    if (rv == 0)
+        rv = store_multi_get(store, cf, rs->n, keys, rs->lens, out);
+    for (size_t i = 0; rv == 0 && i < rs->n; i++)
+        *rs->slots[i] = out[i]; /* the slot takes the copy */
+    free(keys);
+    free(out);
+    return rv;
+}
+
+/* Reads ahead for the run of creates that starts at op |first|. Any failure
+ * leaves the run to read op by op, which meets the same failure itself. */
+static void run_read_ahead(struct fsm *fsm, struct run_reads *ra,
+                           const Keyraft__CommandBatch *batch, uint32_t first)
+{
+    run_reads_clear(ra);
+    uint32_t end = first;
+    while (end < batch->n_commands && joins_group(batch->commands[end]))
+        end++;
+    ra->first = first;
+    ra->end = end;
+    size_t n = end - first;
+    if (n < 2)
+        return; /* one create: nothing to share */
+    uint64_t windows[3];
+    ra->n_windows = dedup_windows(fsm, windows);
+    ra->dedup = calloc(n * ra->n_windows, sizeof(*ra->dedup));
+    ra->name = calloc(n, sizeof(*ra->name));
+    ra->id = calloc(n, sizeof(*ra->id));
+    struct read_set dedup, names, ids; /* each initialized before any goto */
+    int rv_dedup = read_set_init(&dedup, n * ra->n_windows);
+    int rv_names = read_set_init(&names, n);
+    int rv_ids = read_set_init(&ids, n);
+    int rv = 0;
+    if (rv_dedup || rv_names || rv_ids || !ra->dedup || !ra->name || !ra->id) {
+        rv = KR_ENOMEM;
+        goto out;
+    }
+    ra->ready = 1; /* from here every slot is cleared by run_reads_clear */
+    for (size_t i = 0; i < n * ra->n_windows; i++)
+        ra->dedup[i].status = KR_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        ra->name[i].status = ra->id[i].status = KR_EINVAL;
+    for (size_t i = 0; i < n && rv == 0; i++) {
+        const Keyraft__Command *cmd = batch->commands[first + i];
+        for (size_t w = 0; w < ra->n_windows && cmd->request_id[0] != '\0' && rv == 0; w++) {
+            uint8_t key[DEDUP_KEY_MAX];
+            size_t klen = dedup_key(key, sizeof(key), windows[w], cmd->request_id);
+            if (klen == 0)
+                break; /* the slot keeps KR_EINVAL: not found, as fsm_find_dedup says */
+            rv = read_set_add(&dedup, key, klen, &ra->dedup[i * ra->n_windows + w]);
+        }
+        const Keyraft__KeyRecord *rec = cmd->put_key->key;
+        if (rec == NULL || rv != 0)
+            continue; /* apply_put_key refuses it before reading */
+        uint8_t key[1024];
+        size_t klen = fsm_name_key(key, sizeof(key), rec->domain, rec->name);
+        if (klen > 0) /* else KR_EINVAL, fsm_find_name's answer */
+            rv = read_set_add(&names, key, klen, &ra->name[i]);
+        if (rv == 0)
+            rv = read_set_add(&ids, rec->id, strlen(rec->id), &ra->id[i]);
+    }
+    if (rv == 0)
+        rv = read_set_run(fsm->store, STORE_CF_META, &dedup);
+    if (rv == 0)
+        rv = read_set_run(fsm->store, STORE_CF_NAMES, &names);
+    if (rv == 0)
+        rv = read_set_run(fsm->store, STORE_CF_KEYS, &ids);
+out:
+    read_set_free(&dedup);
+    read_set_free(&names);
+    read_set_free(&ids);
+    if (rv != 0 || !ra->ready) {
+        run_reads_clear(ra);
+        ra->first = first; /* the run stays marked: its ops read one by one */
+        ra->end = end;
+    }
+}
+
+/* A retry's outcome from the run's reads: fsm_find_dedup's answer. */
+static int dedup_from_reads(const struct run_reads *ra, uint32_t op, struct fsm_op_result *res)
+{
+    const struct store_value *v = &ra->dedup[(size_t)(op - ra->first) * ra->n_windows];
+    for (size_t w = 0; w < ra->n_windows; w++) {
+        if (v[w].status == KR_EINVAL)
+            return KR_ENOTFOUND; /* no row of this window fits the id */
+        if (v[w].status == KR_ENOTFOUND)
+            continue;
+        if (v[w].status != 0)
+            return v[w].status;
+        return dedup_answer(v[w].data, v[w].len, res);
+    }
+    return KR_ENOTFOUND;
+}
+
 /* A create joins the current group: only its outcome is known until the
  * group commits. */
 static int group_put_key(struct fsm *fsm, struct put_group *g, const Keyraft__Command *cmd,
@@ -1051,7 +1276,9 @@ static int group_put_key(struct fsm *fsm, struct put_group *g, const Keyraft__Co
             *res = result->ops[same->op]; /* a retry inside the same entry */
             goto done;
         }
-        int rv = fsm_find_dedup(fsm, cmd->request_id, res);
+        const struct run_reads *ra = reads_for(g, op_no);
+        int rv = ra != NULL ? dedup_from_reads(ra, op_no, res)
+                            : fsm_find_dedup(fsm, cmd->request_id, res);
         if (rv == 0)
             goto done;
         if (rv != KR_ENOTFOUND)
@@ -1129,7 +1356,9 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
             result->ops[i].status = KR_EUNAVAIL; /* applied before a crash; outcome lost */
             continue;
         }
-        if (cmd->op_case == KEYRAFT__COMMAND__OP_PUT_KEY && cmd->approval_id[0] == '\0') {
+        if (joins_group(cmd)) {
+            if (i >= group.reads.end)
+                run_read_ahead(fsm, &group.reads, batch, i);
             rv = group_put_key(fsm, &group, cmd, index, i, result);
         } else {
             rv = group_commit(fsm, &group, index, (uint32_t)n);
@@ -1144,6 +1373,7 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
         log_error("entry %llu: store failed: %s", (unsigned long long)index, kr_strerror(rv));
     store_batch_free(group.b);
     free(group.slots);
+    run_reads_clear(&group.reads);
     if (rv != 0) {
         command_batch_free(batch);
         free(result);

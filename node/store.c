@@ -469,6 +469,53 @@ out:
     return rc;
 }
 
+int store_multi_get(struct store *store, enum store_cf cf, size_t n, const uint8_t *const *keys,
+                    const size_t *key_lens, struct store_value *out)
+{
+    if (!store_cf_valid(cf) || (n > 0 && (keys == NULL || key_lens == NULL || out == NULL)))
+        return KR_EINVAL;
+    int rc = store_check_open(store, "multi-get");
+    if (rc != 0 || n == 0)
+        return rc;
+    rocksdb_pinnableslice_t **slices = calloc(n, sizeof(*slices));
+    char **errs = calloc(n, sizeof(*errs));
+    if (slices == NULL || errs == NULL) {
+        free(slices);
+        free(errs);
+        return KR_ENOMEM;
+    }
+    rocksdb_batched_multi_get_cf(store->db, store->read_opts, store_handle(store, cf), n,
+                                 (const char *const *)keys, key_lens, slices, errs, false);
+    for (size_t i = 0; i < n; i++) {
+        out[i] = (struct store_value){.status = KR_ENOTFOUND};
+        if (errs[i] != NULL) {
+            log_error("multi-get %s: %s", store_cf_name(cf), errs[i]);
+            out[i].status = KR_EIO;
+        } else if (slices[i] != NULL) {
+            size_t len = 0;
+            const char *v = rocksdb_pinnableslice_value(slices[i], &len);
+            out[i].data = malloc(len > 0 ? len : 1);
+            out[i].status = out[i].data != NULL ? 0 : KR_ENOMEM;
+            if (out[i].data != NULL && len > 0)
+                memcpy(out[i].data, v, len);
+            out[i].len = out[i].data != NULL ? len : 0;
+        }
+        rocksdb_pinnableslice_destroy(slices[i]);
+        rocksdb_free(errs[i]);
+    }
+    free(slices);
+    free(errs);
+    return 0;
+}
+
+void store_values_clear(struct store_value *values, size_t n)
+{
+    for (size_t i = 0; values != NULL && i < n; i++) {
+        free(values[i].data);
+        values[i] = (struct store_value){.status = KR_ENOTFOUND};
+    }
+}
+
 struct store_batch *store_batch_new(void) { return calloc(1, sizeof(struct store_batch)); }
 
 void store_batch_free(struct store_batch *batch)

@@ -1680,6 +1680,90 @@ static void test_create_run_sees_itself(void **state)
     free(entry);
 }
 
+static void assert_op(const struct fsm_result *r, size_t op, int status, const char *key_id,
+                      uint64_t index)
+{
+    if (r->ops[op].status != status)
+        fail_msg("op %zu: status %d, want %d", op, r->ops[op].status, status);
+    if (key_id != NULL)
+        assert_string_equal(r->ops[op].key_id, key_id);
+    if (index != 0)
+        assert_int_equal(r->ops[op].index, index);
+}
+
+/* A run of creates reads the store ahead, in one batch per column family:
+ * each op must get the answer its own reads would, whatever the run holds.
+ * Retries of either day's records, names and ids taken in the store or in
+ * the run, a name and a request id too long for a row, and a second run in
+ * the same entry that must see what the first committed. */
+static void test_create_run_reads_ahead(void **state)
+{
+    struct fx *f = *state;
+    char id[12][FSM_KEY_ID_LEN + 1];
+    for (unsigned i = 0; i < 12; i++)
+        make_id(200 + i, id[i]);
+    const uint64_t t0 = 20500 * DAY_MS + 7000;
+    e_domain(f->e, NULL, FSM_DEFAULT_DOMAIN);
+    assert_int_equal(apply1(f, 1), 0);
+    e_put_key(f->e, "req-1", id[0], "a-name", FSM_DEFAULT_DOMAIN, S_ACT);
+    e_put_key(f->e, "req-2", id[1], "b-name", FSM_DEFAULT_DOMAIN, S_ACT);
+    struct fsm_result *r = apply_entry_at(f, 2, t0);
+    assert_op(r, 0, 0, id[0], 2);
+    assert_op(r, 1, 0, id[1], 2);
+    e_put_key(f->e, NULL, id[2], "taken", FSM_DEFAULT_DOMAIN, S_ACT);
+    r = apply_entry_at(f, 3, t0 + 1);
+    assert_op(r, 0, 0, id[2], 3);
+
+    /* The next day: one entry, a run of seven creates, then another op. */
+    static char long_name[1100], long_req[600];
+    memset(long_name, 'n', sizeof(long_name) - 1);
+    memset(long_req, 'q', sizeof(long_req) - 1);
+    e_put_key(f->e, "req-1", id[3], "other", FSM_DEFAULT_DOMAIN, S_ACT);  /* yesterday's retry */
+    e_put_key(f->e, "req-3", id[4], "taken", FSM_DEFAULT_DOMAIN, S_ACT);  /* name in the store */
+    e_put_key(f->e, "req-4", id[2], "c-again", FSM_DEFAULT_DOMAIN, S_ACT); /* id in the store */
+    e_put_key(f->e, "req-5", id[5], "fresh", FSM_DEFAULT_DOMAIN, S_ACT);
+    e_put_key(f->e, "req-5", id[6], "fresh2", FSM_DEFAULT_DOMAIN, S_ACT); /* retry in the run */
+    e_put_key(f->e, NULL, id[6], "x", FSM_DEFAULT_DOMAIN, S_ACT);
+    f->e->ops[5].rec.name = long_name; /* no name row fits it */
+    e_put_key(f->e, NULL, id[7], "long-req", FSM_DEFAULT_DOMAIN, S_ACT);
+    f->e->ops[6].cmd.request_id = long_req; /* no dedup row fits it: a new request */
+    e_domain(f->e, NULL, "second");
+    r = apply_entry_at(f, 4, t0 + DAY_MS);
+    assert_int_equal(r->n, 8);
+    assert_op(r, 0, 0, id[0], 2);
+    assert_op(r, 1, KR_EEXIST, NULL, 0);
+    assert_op(r, 2, KR_EEXIST, NULL, 0);
+    assert_op(r, 3, 0, id[5], 4);
+    assert_op(r, 4, 0, id[5], 4);
+    assert_op(r, 5, KR_EINVAL, NULL, 0);
+    assert_op(r, 6, 0, id[7], 4);
+    assert_op(r, 7, 0, NULL, 0);
+
+    /* A run after another op of the same entry sees the first run's rows. */
+    e_put_key(f->e, "req-5", id[8], "y", FSM_DEFAULT_DOMAIN, S_ACT);     /* today's record */
+    e_put_key(f->e, NULL, id[9], "fresh", FSM_DEFAULT_DOMAIN, S_ACT);    /* name made above */
+    e_put_key(f->e, "req-2", id[10], "z", FSM_DEFAULT_DOMAIN, S_ACT);    /* yesterday's */
+    e_put_key(f->e, "req-6", id[7], "w", FSM_DEFAULT_DOMAIN, S_ACT);     /* id made above */
+    e_domain(f->e, NULL, "third");
+    e_put_key(f->e, "req-7", id[11], "fresh", "second", S_ACT); /* domain made above */
+    e_put_key(f->e, "req-8", id[10], "v", "second", S_ACT);
+    r = apply_entry_at(f, 5, t0 + DAY_MS + 1);
+    assert_op(r, 0, 0, id[5], 4);
+    assert_op(r, 1, KR_EEXIST, NULL, 0);
+    assert_op(r, 2, 0, id[1], 2);
+    assert_op(r, 3, KR_EEXIST, NULL, 0);
+    assert_op(r, 4, 0, NULL, 0);
+    assert_op(r, 5, 0, id[11], 5);
+    assert_op(r, 6, 0, id[10], 5);
+
+    /* What landed: a, b, taken, fresh, long-req, and the two in "second". */
+    assert_int_equal(count_family(f->store, STORE_CF_KEYS), 7);
+    struct fsm_op_result found;
+    assert_int_equal(fsm_find_dedup(f->fsm, long_req, &found), KR_ENOTFOUND);
+    assert_int_equal(fsm_find_dedup(f->fsm, "req-3", &found), 0);
+    assert_int_equal(found.status, KR_EEXIST);
+}
+
 static void test_retry_without_restart_resumes_too(void **state)
 {
     struct fx *f = *state;
@@ -2396,6 +2480,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_retry_without_restart_resumes_too, setup, teardown),
         cmocka_unit_test_setup_teardown(test_create_run_sees_itself, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_create_run_reads_ahead, setup, teardown),
         cmocka_unit_test_setup_teardown(test_node_registry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_principal_create_and_merge, setup, teardown),
         cmocka_unit_test_setup_teardown(test_governance_rules, setup, teardown),

@@ -213,6 +213,59 @@ static void test_batch_spans_families(void **state)
     store_close(s);
 }
 
+/* store_multi_get answers each key as store_get does: rows flushed to an SST
+ * and rows in the memtable, an empty value, a missing key, a key asked twice,
+ * keys out of order. */
+static void test_multi_get_answers_like_get(void **state)
+{
+    struct fixture *f = *state;
+    struct store *s = open_ok(f->db);
+    put_one(s, STORE_CF_NAMES, "c", "3", 1);
+    put_one(s, STORE_CF_NAMES, "a", "1", 2);
+    put_one(s, STORE_CF_NAMES, "b", "", 3);
+    put_one(s, STORE_CF_KEYS, "x", "other family", 4);
+    store_close(s);
+    s = open_ok(f->db); /* the rows above are in an SST now */
+    put_one(s, STORE_CF_NAMES, "d", "4", 5);
+
+    const char *names[] = {"c", "x", "a", "b", "d", "a", "zz"};
+    enum { N = sizeof(names) / sizeof(names[0]) };
+    const uint8_t *keys[N];
+    size_t lens[N];
+    for (size_t i = 0; i < N; i++) {
+        keys[i] = (const uint8_t *)names[i];
+        lens[i] = strlen(names[i]);
+    }
+    struct store_value out[N];
+    assert_int_equal(store_multi_get(s, STORE_CF_NAMES, N, keys, lens, out), 0);
+    for (size_t i = 0; i < N; i++) {
+        uint8_t *val = NULL;
+        size_t len = 0;
+        int rv = store_get(s, STORE_CF_NAMES, keys[i], lens[i], &val, &len);
+        if (out[i].status != rv)
+            fail_msg("key %s: multi-get %d, get %d", names[i], out[i].status, rv);
+        if (rv == 0) {
+            assert_non_null(out[i].data);
+            assert_int_equal(out[i].len, len);
+            assert_memory_equal(out[i].data, val, len);
+        }
+        free(val);
+    }
+    static const int want[N] = {0, KR_ENOTFOUND, 0, 0, 0, 0, KR_ENOTFOUND};
+    for (size_t i = 0; i < N; i++)
+        assert_int_equal(out[i].status, want[i]);
+    assert_memory_equal(out[4].data, "4", 1);
+    assert_int_equal(out[3].len, 0);
+    store_values_clear(out, N);
+    for (size_t i = 0; i < N; i++)
+        assert_null(out[i].data);
+
+    assert_int_equal(store_multi_get(s, STORE_CF_NAMES, 0, NULL, NULL, NULL), 0);
+    assert_int_equal(store_multi_get(s, STORE_CF_COUNT, N, keys, lens, out), KR_EINVAL);
+    assert_int_equal(store_multi_get(s, STORE_CF_NAMES, N, keys, lens, NULL), KR_EINVAL);
+    store_close(s);
+}
+
 /* Commit orders a batch's operations by key (store.c): writes to one key
  * must still land in the order recorded, however many other keys sort
  * between them. */
@@ -973,6 +1026,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(test_reopen_keeps_data_and_applied_index, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_batch_spans_families, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_multi_get_answers_like_get, setup, teardown),
         cmocka_unit_test_setup_teardown(test_batch_last_write_wins_in_sorted_commit, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_batch_delete_range, setup, teardown),
