@@ -82,7 +82,9 @@ int crypto_kwp_wrap(const uint8_t *kek, size_t kek_len, const uint8_t *in, size_
 int crypto_kwp_unwrap(const uint8_t *kek, size_t kek_len, const uint8_t *in, size_t in_len,
                       uint8_t *out, size_t *out_len);
 
-/* Bytes from OpenSSL's DRBG (RAND_priv_bytes for secrets). */
+/* Secret bytes from OpenSSL's private DRBG (RAND_priv_bytes). With a locked
+ * secure heap, draws of up to 64 bytes come from a per-thread pool of its
+ * output there, each byte handed out once (crypto.c). */
 int crypto_random(uint8_t *out, size_t len);
 
 /* Up to CRYPTO_PUBLIC_RANDOM_MAX bytes for values that are not secret
