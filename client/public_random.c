@@ -24,22 +24,31 @@ static void public_pool_drop(void)
 
 static void public_fork_register(void) { pthread_atfork(NULL, NULL, public_pool_drop); }
 
+int kr__random_pool_take(uint8_t *pool, size_t size, size_t *left,
+                         int (*fill)(unsigned char *buf, int num), uint8_t *out, size_t len)
+{
+    if (*left < len) {
+        OPENSSL_cleanse(pool, size); /* a remainder too short is never handed out */
+        *left = 0;
+        ERR_set_mark();
+        int ok = fill(pool, (int)size) == 1;
+        ERR_pop_to_mark();
+        if (!ok)
+            return -1;
+        *left = size;
+    }
+    uint8_t *take = pool + size - *left;
+    memcpy(out, take, len);
+    OPENSSL_cleanse(take, len); /* never handed out twice */
+    *left -= len;
+    return 0;
+}
+
 int kr__public_random(uint8_t *out, size_t len)
 {
     if ((out == NULL && len != 0) || len > KR_PUBLIC_RANDOM_MAX)
         return -1;
     pthread_once(&public_fork_once, public_fork_register);
-    if (public_pool_left < len) {
-        public_pool_drop(); /* a remainder too short is never handed out */
-        if (RAND_bytes(public_pool, sizeof(public_pool)) != 1) {
-            ERR_clear_error();
-            return -1;
-        }
-        public_pool_left = sizeof(public_pool);
-    }
-    uint8_t *take = public_pool + sizeof(public_pool) - public_pool_left;
-    memcpy(out, take, len);
-    OPENSSL_cleanse(take, len); /* never handed out twice */
-    public_pool_left -= len;
-    return 0;
+    return kr__random_pool_take(public_pool, sizeof(public_pool), &public_pool_left, RAND_bytes,
+                                out, len);
 }

@@ -287,17 +287,9 @@ static int secret_random(uint8_t *out, size_t len)
         secret_pool = pool;
         secret_pool_left = 0;
     }
-    if (secret_pool_left < len) {
-        secret_pool_wipe(); /* a remainder too short is never handed out */
-        if (draw_secret(secret_pool, SECRET_POOL_BYTES) != 0)
-            return KR_ECRYPTO;
-        secret_pool_left = SECRET_POOL_BYTES;
-    }
-    uint8_t *take = secret_pool + SECRET_POOL_BYTES - secret_pool_left;
-    memcpy(out, take, len);
-    OPENSSL_cleanse(take, len); /* never handed out twice */
-    secret_pool_left -= len;
-    return 0;
+    int rv = kr__random_pool_take(secret_pool, SECRET_POOL_BYTES, &secret_pool_left,
+                                  RAND_priv_bytes, out, len);
+    return rv == 0 ? 0 : KR_ECRYPTO;
 }
 
 static int generate_random(size_t len, secbuf *out)
