@@ -30,14 +30,22 @@ int rpc_reader_feed(struct rpc_reader *reader, const uint8_t *data, size_t len);
  * announced length exceeds max_frame (the stream cannot be resynchronised). */
 int rpc_reader_next(struct rpc_reader *reader, const uint8_t **payload, size_t *len);
 
-/* protobuf-c allocator that wipes every block it frees: requests carry
- * plaintexts and key material. Free requests with it too. */
-extern ProtobufCAllocator rpc_wiping_allocator;
+/* The memory a decoded request lives in: every byte protobuf-c allocates
+ * for it, carved in order from a few blocks. Requests carry plaintexts and
+ * key material: rpc_arena_free wipes it all, then frees it. */
+struct rpc_arena;
 
-/* Parses a Request payload (with rpc_wiping_allocator): free it with
- * rpc_request_free. KR_EPROTO when it does not parse. */
-int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out);
+/* Parses a Request payload into a new arena: *out lives in *arena and is
+ * valid until rpc_arena_free(*arena) (never free *out itself, nor any part
+ * of it). KR_EPROTO when it does not parse, KR_ENOMEM; both leave *out and
+ * *arena NULL. */
+int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out,
+                       struct rpc_arena **arena);
+/* Wipes and frees an arena and every message in it. NULL is ignored. */
+void rpc_arena_free(struct rpc_arena *arena);
 
+/* Frees a request unpacked with protobuf-c's default allocator (malloc),
+ * wiping each block first. Not for requests from rpc_decode_request. */
 void rpc_request_free(Keyraft__Request *req);
 
 /* Serialises |resp| with its length prefix into a malloc'd buffer. */

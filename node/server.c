@@ -304,7 +304,13 @@ static void dispatch_frames(struct conn *c)
     while (!c->closing && !conn_blocked(c) &&
            (rv = rpc_reader_next(&c->reader, &payload, &len)) == 1) {
         Keyraft__Request *req = NULL;
-        if (rpc_decode_request(payload, len, &req) != 0) {
+        struct rpc_arena *arena = NULL;
+        int drv = rpc_decode_request(payload, len, &req, &arena);
+        if (drv == KR_ENOMEM) {
+            send_error(c, 0, KR_ENOMEM, "out of memory decoding the request");
+            continue;
+        }
+        if (drv != 0) {
             /* The frame boundary is intact: answer and keep the connection. */
             send_error(c, 0, KR_EPROTO, "malformed request: the frame does not parse as a Request");
             continue;
@@ -318,7 +324,7 @@ static void dispatch_frames(struct conn *c)
         };
         c->refs++;
         c->in_flight++;
-        service_handle(c->server->config.service, &caller, req, on_reply, c);
+        service_handle(c->server->config.service, &caller, req, arena, on_reply, c);
     }
     c->dispatching = 0;
     if (!c->closing && rv == KR_ETOOBIG) {

@@ -103,6 +103,15 @@ uint64_t now_ms(void)
 static void batch_free(struct batch *b);
 static void key_ref_put(struct key_ref *ref);
 
+/* A request's memory, as service_handle's caller handed it over. */
+static void request_release(Keyraft__Request *req, struct rpc_arena *arena, int borrowed)
+{
+    if (arena != NULL)
+        rpc_arena_free(arena);
+    else if (!borrowed)
+        rpc_request_free(req);
+}
+
 void call_finish(struct call *call)
 {
     call->resp.id = call->req->id;
@@ -116,7 +125,7 @@ void call_finish(struct call *call)
     secbuf_free(&call->material);
     key_ref_put(call->key);
     batch_free(call->batch);
-    rpc_request_free(call->req);
+    request_release(call->req, call->req_arena, call->req_borrowed);
     free(call);
 }
 
@@ -2406,10 +2415,12 @@ static void barrier_passed(void *arg, int status)
     dispatch(call);
 }
 
-/* A call for |req| (owned from here on). NULL when out of memory: then it
- * has been answered and |req| freed. */
+/* A call for |req|, owned from here on as service_handle says (|borrowed|:
+ * a batch's inner request, which the batch's call frees). NULL when out of
+ * memory: then it has been answered and |req| released. */
 static struct call *call_new(struct service *svc, const struct service_caller *caller,
-                             Keyraft__Request *req, service_reply_cb cb, void *ctx)
+                             Keyraft__Request *req, struct rpc_arena *arena, int borrowed,
+                             service_reply_cb cb, void *ctx)
 {
     struct call *call = calloc(1, sizeof(*call));
     if (call == NULL) {
@@ -2418,11 +2429,13 @@ static struct call *call_new(struct service *svc, const struct service_caller *c
         resp.status = KR_ENOMEM;
         resp.message = (char *)"out of memory";
         cb(ctx, &resp);
-        rpc_request_free(req);
+        request_release(req, arena, borrowed);
         return NULL;
     }
     call->svc = svc;
     call->req = req;
+    call->req_arena = arena;
+    call->req_borrowed = borrowed;
     call->cb = cb;
     call->ctx = ctx;
     keyraft__response__init(&call->resp);
@@ -2436,10 +2449,11 @@ static struct call *call_new(struct service *svc, const struct service_caller *c
     return call;
 }
 
-void service_handle(struct service *svc, const struct service_caller *caller,
-                    Keyraft__Request *req, service_reply_cb cb, void *ctx)
+static void handle(struct service *svc, const struct service_caller *caller,
+                   Keyraft__Request *req, struct rpc_arena *arena, int borrowed,
+                   service_reply_cb cb, void *ctx)
 {
-    struct call *call = call_new(svc, caller, req, cb, ctx);
+    struct call *call = call_new(svc, caller, req, arena, borrowed, cb, ctx);
     if (call == NULL)
         return;
     /* A node behind (or new) serves status, membership and snapshots before it
@@ -2487,6 +2501,13 @@ void service_handle(struct service *svc, const struct service_caller *caller,
         return;
     }
     dispatch(call);
+}
+
+void service_handle(struct service *svc, const struct service_caller *caller,
+                    Keyraft__Request *req, struct rpc_arena *arena, service_reply_cb cb,
+                    void *ctx)
+{
+    handle(svc, caller, req, arena, 0, cb, ctx);
 }
 
 /* --- batches ------------------------------------------------------------------------------ */
@@ -2698,7 +2719,11 @@ static void op_batch(struct call *call)
     b->n = n;
     b->outstanding = n + 1; /* inner calls may answer before the loop ends */
     Keyraft__Request **reqs = br->requests;
-    br->n_requests = 0; /* each inner request now belongs to its inner call */
+    /* Inner requests in the batch's arena stay there until the batch's call
+     * ends, after every inner call; unpacked with malloc, each belongs to its
+     * inner call. */
+    int borrowed = call->req_arena != NULL;
+    br->n_requests = 0;
     struct service_caller caller = {.principal = call->principal, .roles = call->roles,
                                     .address = call->address, .serial = call->serial,
                                     .is_node = call->is_node, .internal = call->internal,
@@ -2709,10 +2734,11 @@ static void op_batch(struct call *call)
         b->slots[i].batch = call;
         sub->id = call->req->id;
         if (sub->op_case != KEYRAFT__REQUEST__OP_BATCH) {
-            service_handle(svc, &caller, sub, batch_slot_done, &b->slots[i]);
+            handle(svc, &caller, sub, NULL, borrowed, batch_slot_done, &b->slots[i]);
             continue;
         }
-        struct call *inner = call_new(svc, &caller, sub, batch_slot_done, &b->slots[i]);
+        struct call *inner =
+            call_new(svc, &caller, sub, NULL, borrowed, batch_slot_done, &b->slots[i]);
         if (inner != NULL)
             reply_error(inner, KR_EINVAL, "request %zu of the batch is itself a batch: batches "
                         "do not nest", i);

@@ -15,6 +15,7 @@
 
 struct snapshot_registry;
 struct audit_log;
+struct rpc_arena;
 
 struct service_deps {
     uv_loop_t *loop;
@@ -52,11 +53,13 @@ struct service_caller {
  * wiped right after): serialise it, do not keep it. */
 typedef void (*service_reply_cb)(void *ctx, const Keyraft__Response *resp);
 
-/* Handles |req|, taking ownership of it (freed with
- * rpc_request_free). |caller| is copied. The reply may come
- * before this returns, or later from the loop. */
+/* Handles |req|, taking ownership of it: with |arena|, |req| lives in it
+ * (rpc_decode_request) and the arena is freed when the call ends; without,
+ * |req| was unpacked with malloc and is freed with rpc_request_free. |caller|
+ * is copied. The reply may come before this returns, or later from the loop. */
 void service_handle(struct service *service, const struct service_caller *caller,
-                    Keyraft__Request *req, service_reply_cb cb, void *ctx);
+                    Keyraft__Request *req, struct rpc_arena *arena, service_reply_cb cb,
+                    void *ctx);
 
 /* Releases every request still waiting for an applied index (they get
  * KR_EUNAVAIL) and closes the service's handles; call before the loop's

@@ -887,7 +887,7 @@ static void autorun(struct service *svc, const Keyraft__ApprovalRecord *a)
     struct service_caller caller = {.principal = a->info->requester, .roles = "",
                                     .address = address, .serial = "", .is_node = 0,
                                     .internal = 1};
-    service_handle(svc, &caller, req, autorun_done, ar);
+    service_handle(svc, &caller, req, NULL, autorun_done, ar); /* malloc'd: no arena */
 }
 
 static void vote_done(void *arg, const struct fsm_op_result *res)

@@ -96,6 +96,10 @@ struct call {
     struct call *wait_next;
     uint64_t wait_deadline_ms;
     Keyraft__Request *req;
+    /* Where |req| lives: freed with the call when this owns it (see
+     * service_handle); a batch's inner requests live in the batch's. */
+    struct rpc_arena *req_arena;
+    int req_borrowed;
     service_reply_cb cb;
     void *ctx;
     char principal[256];

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -198,9 +199,10 @@ static void test_several_frames_in_one_feed(void **state)
     assert_int_equal(rpc_reader_feed(&r, s.data + 2, 2 + p1.len), 0);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 1);
     Keyraft__Request *req = NULL;
-    assert_int_equal(rpc_decode_request(p, len, &req), 0);
+    struct rpc_arena *arena = NULL;
+    assert_int_equal(rpc_decode_request(p, len, &req, &arena), 0);
     assert_encrypt(req, 1, "alpha", 40);
-    rpc_request_free(req);
+    rpc_arena_free(arena);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 0);
     rpc_reader_cleanup(&r);
     free(twice.data);
@@ -272,12 +274,14 @@ static void test_zero_length_frame_is_an_empty_request(void **state)
     assert_int_equal(rpc_reader_next(&r, &p, &len), 1);
     assert_int_equal(len, 0);
     Keyraft__Request *req = NULL;
-    assert_int_equal(rpc_decode_request(p, len, &req), 0);
+    struct rpc_arena *arena = NULL;
+    assert_int_equal(rpc_decode_request(p, len, &req, &arena), 0);
     assert_non_null(req);
+    assert_non_null(arena);
     assert_int_equal(req->id, 0);
     assert_int_equal(req->op_case, KEYRAFT__REQUEST__OP__NOT_SET);
     assert_string_equal(req->request_id, "");
-    rpc_request_free(req);
+    rpc_arena_free(arena);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 0);
     rpc_reader_cleanup(&r);
 }
@@ -297,20 +301,99 @@ static void test_decode_garbage(void **state)
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         Keyraft__Request *req = NULL;
-        assert_int_equal(rpc_decode_request((const uint8_t *)cases[i].bytes, cases[i].len, &req),
-                         KR_EPROTO);
+        struct rpc_arena *arena = NULL;
+        assert_int_equal(
+            rpc_decode_request((const uint8_t *)cases[i].bytes, cases[i].len, &req, &arena),
+            KR_EPROTO);
         assert_null(req);
+        assert_null(arena);
     }
     /* Every strict prefix of a real request that cuts a field is refused. */
     struct bytes p = pack_encrypt(9, "beta", 32);
     Keyraft__Request *req = NULL;
-    assert_int_equal(rpc_decode_request(p.data, p.len - 1, &req), KR_EPROTO);
+    struct rpc_arena *arena = NULL;
+    assert_int_equal(rpc_decode_request(p.data, p.len - 1, &req, &arena), KR_EPROTO);
     assert_null(req);
-    assert_int_equal(rpc_decode_request(p.data, p.len, &req), 0);
+    assert_null(arena);
+    assert_int_equal(rpc_decode_request(p.data, p.len, &req, &arena), 0);
     assert_encrypt(req, 9, "beta", 32);
-    rpc_request_free(req);
+    rpc_arena_free(arena);
+    rpc_arena_free(NULL);
     rpc_request_free(NULL);
     free(p.data);
+}
+
+/* A batch with fields of every size decodes into its arena whole: many
+ * small allocations carved from shared blocks, blocks that grow, and fields
+ * too large to share one. Each inner request is checked, then the whole
+ * request packs back to the bytes that were sent (overlapping carvings or a
+ * short block would change them; under ASan a field's overrun is caught). */
+static void test_decode_large_batch_into_arena(void **state)
+{
+    (void)state;
+    enum { N = 300 };
+    static const size_t big = 700u * 1024u; /* over half the largest block */
+    uint8_t *pt = malloc(big);
+    assert_non_null(pt);
+    for (size_t i = 0; i < big; i++)
+        pt[i] = (uint8_t)(i * 7 + 3);
+    Keyraft__KeyRef refs[N];
+    Keyraft__EncryptRequest encs[N];
+    Keyraft__Request subs[N], *sub_ptrs[N];
+    char names[N][24];
+    for (size_t i = 0; i < N; i++) {
+        snprintf(names[i], sizeof(names[i]), "key-%zu", i);
+        keyraft__key_ref__init(&refs[i]);
+        refs[i].name = names[i];
+        keyraft__encrypt_request__init(&encs[i]);
+        encs[i].key = &refs[i];
+        encs[i].plaintext.data = pt + i;
+        /* 0 bytes, a few, a block's worth, and one far past it */
+        encs[i].plaintext.len = i == N - 1 ? big - N : (i % 5 == 0 ? 0 : (i * 37) % 3000);
+        keyraft__request__init(&subs[i]);
+        subs[i].id = i + 1;
+        subs[i].request_id = names[i];
+        subs[i].op_case = KEYRAFT__REQUEST__OP_ENCRYPT;
+        subs[i].encrypt = &encs[i];
+        sub_ptrs[i] = &subs[i];
+    }
+    Keyraft__BatchRequest batch = KEYRAFT__BATCH_REQUEST__INIT;
+    batch.n_requests = N;
+    batch.requests = sub_ptrs;
+    Keyraft__Request outer = KEYRAFT__REQUEST__INIT;
+    outer.id = 4242;
+    outer.request_id = "batch-0001";
+    outer.op_case = KEYRAFT__REQUEST__OP_BATCH;
+    outer.batch = &batch;
+    size_t len = keyraft__request__get_packed_size(&outer);
+    uint8_t *wire = malloc(len);
+    assert_non_null(wire);
+    keyraft__request__pack(&outer, wire);
+
+    Keyraft__Request *req = NULL;
+    struct rpc_arena *arena = NULL;
+    assert_int_equal(rpc_decode_request(wire, len, &req, &arena), 0);
+    assert_int_equal(req->id, 4242);
+    assert_int_equal(req->op_case, KEYRAFT__REQUEST__OP_BATCH);
+    assert_int_equal(req->batch->n_requests, N);
+    for (size_t i = 0; i < N; i++) {
+        const Keyraft__Request *r = req->batch->requests[i];
+        assert_int_equal(r->id, i + 1);
+        assert_string_equal(r->request_id, names[i]);
+        assert_string_equal(r->encrypt->key->name, names[i]);
+        assert_int_equal(r->encrypt->plaintext.len, encs[i].plaintext.len);
+        if (encs[i].plaintext.len > 0)
+            assert_memory_equal(r->encrypt->plaintext.data, pt + i, encs[i].plaintext.len);
+    }
+    uint8_t *again = malloc(len);
+    assert_non_null(again);
+    assert_int_equal(keyraft__request__get_packed_size(req), len);
+    keyraft__request__pack(req, again);
+    assert_memory_equal(again, wire, len);
+    rpc_arena_free(arena);
+    free(again);
+    free(wire);
+    free(pt);
 }
 
 static void test_encode_response_prefix(void **state)
@@ -433,6 +516,7 @@ int main(void)
         cmocka_unit_test(test_max_cap_length_does_not_wrap),
         cmocka_unit_test(test_zero_length_frame_is_an_empty_request),
         cmocka_unit_test(test_decode_garbage),
+        cmocka_unit_test(test_decode_large_batch_into_arena),
         cmocka_unit_test(test_encode_response_prefix),
         cmocka_unit_test(test_reader_memory_stays_bounded),
         cmocka_unit_test(test_feed_nothing),
