@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "keyraft.h"
+#include "pbarena.h"
 
 static const uint8_t ENTRY_MAGIC[4] = {'K', 'R', 'C', '1'};
 
@@ -134,11 +135,13 @@ int command_batch_encode_at(Keyraft__Command *const *commands, size_t n, uint64_
     return 0;
 }
 
-int command_batch_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out)
+/* |allocator| NULL: malloc (command_batch_free); else an arena's. */
+static int batch_decode(ProtobufCAllocator *allocator, const uint8_t *buf, size_t len,
+                        Keyraft__CommandBatch **out)
 {
     if (len > COMMAND_BATCH_MAX_BYTES + 64u * 1024u)
         return KR_ETOOBIG;
-    Keyraft__CommandBatch *batch = keyraft__command_batch__unpack(NULL, len, buf);
+    Keyraft__CommandBatch *batch = keyraft__command_batch__unpack(allocator, len, buf);
     if (batch == NULL)
         return KR_EPROTO;
     if (batch->n_commands == 0 || batch->n_commands > COMMAND_BATCH_MAX_OPS)
@@ -149,8 +152,13 @@ int command_batch_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch *
     *out = batch;
     return 0;
 bad:
-    keyraft__command_batch__free_unpacked(batch, NULL);
+    keyraft__command_batch__free_unpacked(batch, allocator);
     return KR_EPROTO;
+}
+
+int command_batch_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out)
+{
+    return batch_decode(NULL, buf, len, out);
 }
 
 int command_entry_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch **out)
@@ -158,7 +166,20 @@ int command_entry_decode(const uint8_t *buf, size_t len, Keyraft__CommandBatch *
     const uint8_t *payload = NULL;
     size_t payload_len = 0;
     int rv = command_entry_payload(buf, len, &payload, &payload_len);
-    return rv != 0 ? rv : command_batch_decode(payload, payload_len, out);
+    return rv != 0 ? rv : batch_decode(NULL, payload, payload_len, out);
+}
+
+int command_entry_decode_in(struct pb_arena *arena, const uint8_t *buf, size_t len,
+                            Keyraft__CommandBatch **out)
+{
+    const uint8_t *payload = NULL;
+    size_t payload_len = 0;
+    int rv = command_entry_payload(buf, len, &payload, &payload_len);
+    if (rv != 0)
+        return rv;
+    ProtobufCAllocator allocator = pb_arena_allocator(arena);
+    rv = batch_decode(&allocator, payload, payload_len, out);
+    return rv == KR_EPROTO && pb_arena_failed(arena) != 0 ? pb_arena_failed(arena) : rv;
 }
 
 void command_batch_free(Keyraft__CommandBatch *batch)

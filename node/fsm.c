@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "hash.h"
+#include "pbarena.h"
 #include "keyraft.h"
 #include "log.h"
 
@@ -46,7 +47,11 @@ struct fsm {
     uint64_t pos_index;
     uint32_t pos_op;
     struct dedup_window dedup;
+    struct pb_arena *decode_arena; /* the entry being applied; reset after it */
 };
+
+/* A create's command takes ~700 bytes decoded; entries of a few grow it. */
+#define FSM_DECODE_ARENA_BYTES (64u * 1024u)
 
 static const char FSM_POS_KEY[] = "\0fsm_pos";
 #define DOMAIN_PREFIX FSM_DOMAIN_PREFIX
@@ -96,6 +101,13 @@ int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg, s
     fsm->store = store;
     fsm->next_index = next_index;
     fsm->arg = arg;
+    /* Entries are bounded by the leader (COMMAND_BATCH_MAX_BYTES) and agreed
+     * on by the cluster: their decoded size is not bounded again here. */
+    fsm->decode_arena = pb_arena_new(FSM_DECODE_ARENA_BYTES, 0);
+    if (fsm->decode_arena == NULL) {
+        free(fsm);
+        return KR_ENOMEM;
+    }
     uint8_t *val = NULL;
     size_t len = 0;
     int rv = store_get(store, STORE_CF_META, FSM_POS_KEY, sizeof(FSM_POS_KEY) - 1, &val, &len);
@@ -104,13 +116,13 @@ int fsm_new(struct store *store, uint64_t (*next_index)(void *arg), void *arg, s
         fsm->pos_op = (uint32_t)((uint32_t)val[8] << 24 | (uint32_t)val[9] << 16 |
                                  (uint32_t)val[10] << 8 | val[11]);
     } else if (rv != 0 && rv != KR_ENOTFOUND) {
-        free(fsm);
+        fsm_free(fsm);
         return rv;
     }
     free(val);
     rv = read_dedup_window(store, &fsm->dedup);
     if (rv != 0) {
-        free(fsm);
+        fsm_free(fsm);
         return rv;
     }
     *out = fsm;
@@ -122,6 +134,7 @@ void fsm_free(struct fsm *fsm)
     if (fsm == NULL)
         return;
     free(fsm->last_result);
+    pb_arena_free(fsm->decode_arena);
     free(fsm);
 }
 
@@ -1321,7 +1334,14 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     if (index <= store_applied_index(fsm->store))
         return 0; /* replay of an entry the store already holds */
     Keyraft__CommandBatch *batch = NULL;
-    int rv = command_entry_decode(buf, len, &batch);
+    int rv = command_entry_decode_in(fsm->decode_arena, buf, len, &batch);
+    if (rv != 0)
+        pb_arena_reset(fsm->decode_arena);
+    if (rv == KR_ENOMEM) {
+        /* This node's shortage, not the entry's fault: raft applies it again. */
+        log_error("entry %llu: out of memory decoding %zu bytes", (unsigned long long)index, len);
+        return rv;
+    }
     if (rv != 0) {
         /* Every node rejects the same bytes the same way: skip it, loudly. */
         log_error("entry %llu: undecodable command batch (%zu bytes): %s",
@@ -1337,13 +1357,13 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     if (rv != 0) {
         log_error("entry %llu: moving the dedup window failed: %s", (unsigned long long)index,
                   kr_strerror(rv));
-        command_batch_free(batch);
+        pb_arena_reset(fsm->decode_arena);
         return rv;
     }
     size_t n = batch->n_commands;
     struct fsm_result *result = calloc(1, sizeof(*result) + n * sizeof(result->ops[0]));
     if (result == NULL) {
-        command_batch_free(batch);
+        pb_arena_reset(fsm->decode_arena);
         return KR_ENOMEM;
     }
     result->index = index;
@@ -1375,11 +1395,11 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     free(group.slots);
     run_reads_clear(&group.reads);
     if (rv != 0) {
-        command_batch_free(batch);
+        pb_arena_reset(fsm->decode_arena);
         free(result);
         return rv;
     }
-    command_batch_free(batch);
+    pb_arena_reset(fsm->decode_arena);
     free(fsm->last_result);
     fsm->last_result = result;
     *out_result = result;

@@ -30,19 +30,19 @@ int rpc_reader_feed(struct rpc_reader *reader, const uint8_t *data, size_t len);
  * announced length exceeds max_frame (the stream cannot be resynchronised). */
 int rpc_reader_next(struct rpc_reader *reader, const uint8_t **payload, size_t *len);
 
-/* The memory a decoded request lives in: every byte protobuf-c allocates
- * for it, carved in order from a few blocks. Requests carry plaintexts and
- * key material: rpc_arena_free wipes it all, then frees it. */
-struct rpc_arena;
+struct pb_arena;
 
-/* Parses a Request payload into a new arena: *out lives in *arena and is
- * valid until rpc_arena_free(*arena) (never free *out itself, nor any part
- * of it). KR_EPROTO when it does not parse, KR_ENOMEM; both leave *out and
- * *arena NULL. */
+/* The most memory a request of |len| bytes may decode to. */
+#define RPC_DECODED_LIMIT(len) (16u * (size_t)(len) + 4u * 1024u * 1024u)
+
+/* Parses a Request payload into a new arena (pbarena.h): *out lives in
+ * *arena and is valid until pb_arena_free(*arena), which wipes it (requests
+ * carry plaintexts and key material); never free *out itself, nor any part
+ * of it. KR_EPROTO when it does not parse, KR_ETOOBIG when it would decode
+ * to more than RPC_DECODED_LIMIT, KR_ENOMEM; each leaves *out and *arena
+ * NULL. |len| is at most a frame (KR_MAX_FRAME). */
 int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out,
-                       struct rpc_arena **arena);
-/* Wipes and frees an arena and every message in it. NULL is ignored. */
-void rpc_arena_free(struct rpc_arena *arena);
+                       struct pb_arena **arena);
 
 /* Frees a request unpacked with protobuf-c's default allocator (malloc),
  * wiping each block first. Not for requests from rpc_decode_request. */

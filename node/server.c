@@ -11,6 +11,7 @@
 #include "config.h"
 #include "keyraft.h"
 #include "log.h"
+#include "pbarena.h"
 #include "rpc.h"
 
 #define HANDSHAKE_TIMEOUT_MS 10000
@@ -304,10 +305,15 @@ static void dispatch_frames(struct conn *c)
     while (!c->closing && !conn_blocked(c) &&
            (rv = rpc_reader_next(&c->reader, &payload, &len)) == 1) {
         Keyraft__Request *req = NULL;
-        struct rpc_arena *arena = NULL;
+        struct pb_arena *arena = NULL;
         int drv = rpc_decode_request(payload, len, &req, &arena);
         if (drv == KR_ENOMEM) {
             send_error(c, 0, KR_ENOMEM, "out of memory decoding the request");
+            continue;
+        }
+        if (drv == KR_ETOOBIG) {
+            send_error(c, 0, KR_ETOOBIG, "the request decodes to more than 16 times its size "
+                       "plus 4 MB: it holds too many fields");
             continue;
         }
         if (drv != 0) {

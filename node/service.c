@@ -20,6 +20,7 @@
 #include "keyraft.h"
 #include "log.h"
 #include "node.h"
+#include "pbarena.h"
 #include "rpc.h"
 #include "secmem.h"
 #include "snapshot.h"
@@ -104,10 +105,10 @@ static void batch_free(struct batch *b);
 static void key_ref_put(struct key_ref *ref);
 
 /* A request's memory, as service_handle's caller handed it over. */
-static void request_release(Keyraft__Request *req, struct rpc_arena *arena, int borrowed)
+static void request_release(Keyraft__Request *req, struct pb_arena *arena, int borrowed)
 {
     if (arena != NULL)
-        rpc_arena_free(arena);
+        pb_arena_free(arena);
     else if (!borrowed)
         rpc_request_free(req);
 }
@@ -2419,7 +2420,7 @@ static void barrier_passed(void *arg, int status)
  * a batch's inner request, which the batch's call frees). NULL when out of
  * memory: then it has been answered and |req| released. */
 static struct call *call_new(struct service *svc, const struct service_caller *caller,
-                             Keyraft__Request *req, struct rpc_arena *arena, int borrowed,
+                             Keyraft__Request *req, struct pb_arena *arena, int borrowed,
                              service_reply_cb cb, void *ctx)
 {
     struct call *call = calloc(1, sizeof(*call));
@@ -2450,7 +2451,7 @@ static struct call *call_new(struct service *svc, const struct service_caller *c
 }
 
 static void handle(struct service *svc, const struct service_caller *caller,
-                   Keyraft__Request *req, struct rpc_arena *arena, int borrowed,
+                   Keyraft__Request *req, struct pb_arena *arena, int borrowed,
                    service_reply_cb cb, void *ctx)
 {
     struct call *call = call_new(svc, caller, req, arena, borrowed, cb, ctx);
@@ -2504,7 +2505,7 @@ static void handle(struct service *svc, const struct service_caller *caller,
 }
 
 void service_handle(struct service *svc, const struct service_caller *caller,
-                    Keyraft__Request *req, struct rpc_arena *arena, service_reply_cb cb,
+                    Keyraft__Request *req, struct pb_arena *arena, service_reply_cb cb,
                     void *ctx)
 {
     handle(svc, caller, req, arena, 0, cb, ctx);

@@ -15,7 +15,7 @@
 
 struct snapshot_registry;
 struct audit_log;
-struct rpc_arena;
+struct pb_arena;
 
 struct service_deps {
     uv_loop_t *loop;
@@ -58,7 +58,7 @@ typedef void (*service_reply_cb)(void *ctx, const Keyraft__Response *resp);
  * |req| was unpacked with malloc and is freed with rpc_request_free. |caller|
  * is copied. The reply may come before this returns, or later from the loop. */
 void service_handle(struct service *service, const struct service_caller *caller,
-                    Keyraft__Request *req, struct rpc_arena *arena, service_reply_cb cb,
+                    Keyraft__Request *req, struct pb_arena *arena, service_reply_cb cb,
                     void *ctx);
 
 /* Releases every request still waiting for an applied index (they get

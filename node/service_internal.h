@@ -98,7 +98,7 @@ struct call {
     Keyraft__Request *req;
     /* Where |req| lives: freed with the call when this owns it (see
      * service_handle); a batch's inner requests live in the batch's. */
-    struct rpc_arena *req_arena;
+    struct pb_arena *req_arena;
     int req_borrowed;
     service_reply_cb cb;
     void *ctx;

@@ -1072,10 +1072,12 @@ int kr_tls_peer_closed(struct kr_tls *t)
     return !(err == SSL_ERROR_SYSCALL && (e == EAGAIN || e == EWOULDBLOCK));
 }
 
-long kr_rss_kib(pid_t pid)
+/* The "NAME: N kB" line of /proc/PID/status, in KiB, or -1. */
+static long proc_status_kib(pid_t pid, const char *name)
 {
     char path[64], line[256];
     long kib = -1;
+    size_t n = strlen(name);
     FILE *f;
 
     snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
@@ -1083,11 +1085,16 @@ long kr_rss_kib(pid_t pid)
     if (f == NULL)
         return -1;
     while (fgets(line, sizeof(line), f) != NULL)
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
+        if (strncmp(line, name, n) == 0 && line[n] == ':' &&
+            sscanf(line + n + 1, " %ld kB", &kib) == 1)
             break;
     fclose(f);
     return kib;
 }
+
+long kr_rss_kib(pid_t pid) { return proc_status_kib(pid, "VmRSS"); }
+
+long kr_peak_rss_kib(pid_t pid) { return proc_status_kib(pid, "VmHWM"); }
 
 /* ---- JSON ------------------------------------------------------------------------------ */
 

@@ -162,6 +162,8 @@ int kr_tls_peer_closed(struct kr_tls *t);
 
 /* Resident memory of a process in KiB (VmRSS), or -1. */
 long kr_rss_kib(pid_t pid);
+/* The most resident memory the process has had, in KiB (VmHWM), or -1. */
+long kr_peak_rss_kib(pid_t pid);
 
 /* ---- files and bytes ---------------------------------------------------------- */
 

@@ -424,6 +424,62 @@ static void test_not_a_request(void **state)
     assert_serves_others(f);
 }
 
+/* (d') a frame of empty requests in a batch: 2 bytes each on the wire, ~100
+ * bytes each once decoded (~200 MB for one 4 MB frame). The node refuses it
+ * with KR_ETOOBIG before holding more than 16 times the frame plus 4 MB (its
+ * peak memory grows by less than 100 MB; the batch's own bound on its count
+ * would refuse it too, but only once decoded), and the connection goes on. */
+static void test_request_that_expands(void **state)
+{
+    struct fixture *f = *state;
+    struct kr_tls t;
+    Keyraft__BatchRequest br = KEYRAFT__BATCH_REQUEST__INIT;
+    Keyraft__Request outer = KEYRAFT__REQUEST__INIT;
+    outer.op_case = KEYRAFT__REQUEST__OP_BATCH;
+    outer.batch = &br;
+    uint8_t head[8];
+    size_t tag_len = keyraft__request__pack(&outer, head) - 1; /* the batch's tag */
+    size_t n = (KR_MAX_FRAME - 16) / 2, off = tag_len;
+    uint8_t *body = malloc(KR_MAX_FRAME);
+    assert_non_null(body);
+    memcpy(body, head, tag_len);
+    for (size_t v = 2 * n; ; v >>= 7) { /* the batch's length, a varint */
+        body[off++] = (uint8_t)((v & 0x7f) | (v >= 0x80 ? 0x80 : 0));
+        if (v < 0x80)
+            break;
+    }
+    for (size_t i = 0; i < n; i++) {
+        body[off++] = 0x0a; /* BatchRequest.requests, length 0 */
+        body[off++] = 0x00;
+    }
+    long peak_before = kr_peak_rss_kib(f->node.pid);
+    assert_true(peak_before > 0);
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
+    assert_int_equal(kr_tls_send_frame(&t, body, off), 0);
+    free(body);
+    Keyraft__Response *resp = kr_tls_read_response(&t, NULL);
+    if (resp == NULL) {
+        print_error("no Response to a request that expands (connection dropped?)\n");
+        kr_tls_close(&t);
+        fail();
+    }
+    if (resp->status != KR_ETOOBIG) {
+        print_error("a 4 MB frame of %zu empty requests: status %d (%s), want KR_ETOOBIG\n", n,
+                    resp->status, resp->message ? resp->message : "");
+        fail();
+    }
+    keyraft__response__free_unpacked(resp, NULL);
+    long peak_after = kr_peak_rss_kib(f->node.pid);
+    if (peak_after - peak_before > 100 * 1024) {
+        print_error("the node's peak memory grew by %ld MB decoding it\n",
+                    (peak_after - peak_before) / 1024);
+        fail();
+    }
+    assert_true(status_ok_on(&t, 300));
+    kr_tls_close(&t);
+    assert_serves_others(f);
+}
+
 /* (e) TLS without a client certificate, and TLS 1.2: refused. */
 static void test_no_client_cert(void **state)
 {
@@ -720,7 +776,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oversized_frame),  cmocka_unit_test(test_frame_at_limit),
         cmocka_unit_test(test_truncated_frame),  cmocka_unit_test(test_plain_garbage),
-        cmocka_unit_test(test_not_a_request),    cmocka_unit_test(test_no_client_cert),
+        cmocka_unit_test(test_not_a_request),    cmocka_unit_test(test_request_that_expands),
+        cmocka_unit_test(test_no_client_cert),
         cmocka_unit_test(test_foreign_ca_cert),  cmocka_unit_test(test_unknown_key),
         cmocka_unit_test(test_idle_connections), cmocka_unit_test(test_slow_reader),
         cmocka_unit_test(test_still_alive),

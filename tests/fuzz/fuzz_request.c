@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "keyraft.h"
+#include "pbarena.h"
 #include "rpc.h"
 
 #include "fuzz_util.h"
@@ -28,21 +29,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size > KR_MAX_FRAME)
         return 0; /* the reader never hands over more */
     Keyraft__Request *req = NULL;
-    struct rpc_arena *arena = NULL;
+    struct pb_arena *arena = NULL;
     int rv = rpc_decode_request(data, size, &req, &arena);
     if (rv != 0) {
-        if ((rv != KR_EPROTO && rv != KR_ENOMEM) || req != NULL || arena != NULL)
+        if ((rv != KR_EPROTO && rv != KR_ENOMEM && rv != KR_ETOOBIG) || req != NULL ||
+            arena != NULL)
             abort();
         return 0;
     }
     if (has_field0_unknown(&req->base)) {
-        rpc_arena_free(arena);
+        pb_arena_free(arena);
         return 0;
     }
     size_t n1 = 0, n2 = 0;
     uint8_t *b1 = pack(req, &n1);
     Keyraft__Request *again = NULL;
-    struct rpc_arena *again_arena = NULL;
+    struct pb_arena *again_arena = NULL;
     if (rpc_decode_request(b1, n1, &again, &again_arena) != 0)
         abort();
     if (again->op_case != req->op_case || again->id != req->id)
@@ -52,7 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         abort();
     free(b1);
     free(b2);
-    rpc_arena_free(again_arena);
-    rpc_arena_free(arena);
+    pb_arena_free(again_arena);
+    pb_arena_free(arena);
     return 0;
 }

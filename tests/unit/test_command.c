@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "keyraft.h"
+#include "pbarena.h"
 
 #define KEY_ID "0001aabbccddeeff00112233445566ff"
 
@@ -500,6 +501,97 @@ static void test_decode_rejects_opless_command(void **state)
     assert_null(b);
 }
 
+/* Packs |b| into a fresh buffer (for comparing decodes byte for byte). */
+static uint8_t *pack_batch(const Keyraft__CommandBatch *b, size_t *len)
+{
+    *len = keyraft__command_batch__get_packed_size(b);
+    uint8_t *buf = malloc(*len + 1);
+    assert_non_null(buf);
+    assert_int_equal(keyraft__command_batch__pack(b, buf), *len);
+    return buf;
+}
+
+/* The FSM decodes every entry into one arena, reset after each: entries of
+ * every size, a rejected one among them, decode as they do with malloc. A
+ * reset that kept old blocks' room or lost the first block's would corrupt
+ * or fail a later decode. */
+static void test_decode_in_arena_matches_malloc(void **state)
+{
+    (void)state;
+    struct sample s;
+    sample_init(&s);
+    enum { BIG = 1000 };
+    Keyraft__Command **many = calloc(BIG, sizeof(*many));
+    assert_non_null(many);
+    for (size_t i = 0; i < BIG; i++)
+        many[i] = s.ptrs[i % 5];
+    Keyraft__Command bare = KEYRAFT__COMMAND__INIT;
+    bare.request_id = "only-an-id";
+    Keyraft__Command *opless[2] = {s.ptrs[0], &bare};
+    struct {
+        Keyraft__Command *const *cmds;
+        size_t n;
+        int want;
+    } entries[] = {{s.ptrs, 1, 0}, {s.ptrs, 5, 0}, {many, BIG, 0}, {opless, 2, KR_EPROTO},
+                   {s.ptrs + 2, 3, 0}, {many, BIG, 0}, {s.ptrs, 5, 0}};
+    struct pb_arena *arena = pb_arena_new(4096, 0);
+    assert_non_null(arena);
+    for (int round = 0; round < 3; round++) {
+        for (size_t e = 0; e < sizeof(entries) / sizeof(entries[0]); e++) {
+            uint8_t *buf = NULL;
+            size_t len = 0;
+            assert_int_equal(command_batch_encode_at(entries[e].cmds, entries[e].n,
+                                                     1700000000000ull + e, malloc, &buf, &len),
+                             0);
+            Keyraft__CommandBatch *in_arena = NULL, *in_heap = NULL;
+            assert_int_equal(command_entry_decode_in(arena, buf, len, &in_arena), entries[e].want);
+            assert_int_equal(command_entry_decode(buf, len, &in_heap), entries[e].want);
+            if (entries[e].want == 0) {
+                assert_int_equal(in_arena->n_commands, entries[e].n);
+                size_t a_len = 0, h_len = 0;
+                uint8_t *a = pack_batch(in_arena, &a_len);
+                uint8_t *h = pack_batch(in_heap, &h_len);
+                assert_int_equal(a_len, h_len);
+                assert_memory_equal(a, h, a_len);
+                free(a);
+                free(h);
+                command_batch_free(in_heap);
+            } else {
+                assert_null(in_arena);
+                assert_null(in_heap);
+            }
+            pb_arena_reset(arena);
+            free(buf);
+        }
+    }
+    pb_arena_free(arena);
+
+    /* An arena that may not grow enough says so, and is whole after a reset:
+     * the FSM then applies the entry again instead of skipping it. */
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    assert_int_equal(command_batch_encode_at(many, BIG, 1, malloc, &buf, &len), 0);
+    arena = pb_arena_new(4096, 64u * 1024u);
+    assert_non_null(arena);
+    Keyraft__CommandBatch *b = NULL;
+    assert_int_equal(command_entry_decode_in(arena, buf, len, &b), KR_ETOOBIG);
+    assert_null(b);
+    assert_int_equal(pb_arena_failed(arena), KR_ETOOBIG);
+    pb_arena_reset(arena);
+    assert_int_equal(pb_arena_failed(arena), 0);
+    assert_int_equal(command_entry_decode_in(arena, buf, len, &b), KR_ETOOBIG);
+    pb_arena_reset(arena);
+    uint8_t *small = NULL;
+    size_t small_len = 0;
+    assert_int_equal(command_batch_encode_at(s.ptrs, 5, 1, malloc, &small, &small_len), 0);
+    assert_int_equal(command_entry_decode_in(arena, small, small_len, &b), 0);
+    assert_int_equal(b->n_commands, 5);
+    pb_arena_free(arena);
+    free(small);
+    free(buf);
+    free(many);
+}
+
 static void test_decode_rejects_too_many_ops(void **state)
 {
     (void)state;
@@ -593,6 +685,7 @@ int main(void)
         cmocka_unit_test(test_decode_rejects_garbage),
         cmocka_unit_test(test_decode_rejects_opless_command),
         cmocka_unit_test(test_decode_rejects_too_many_ops),
+        cmocka_unit_test(test_decode_in_arena_matches_malloc),
         cmocka_unit_test(test_decode_rejects_oversize),
         cmocka_unit_test(test_op_names),
     };

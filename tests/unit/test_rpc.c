@@ -1,6 +1,7 @@
 /* test_rpc.c: client protocol framing (4-byte BE length + protobuf) and the
  * Request / Response codecs. */
 #include "rpc.h"
+#include "pbarena.h"
 
 #include <stdarg.h>
 #include <stddef.h>
@@ -199,10 +200,10 @@ static void test_several_frames_in_one_feed(void **state)
     assert_int_equal(rpc_reader_feed(&r, s.data + 2, 2 + p1.len), 0);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 1);
     Keyraft__Request *req = NULL;
-    struct rpc_arena *arena = NULL;
+    struct pb_arena *arena = NULL;
     assert_int_equal(rpc_decode_request(p, len, &req, &arena), 0);
     assert_encrypt(req, 1, "alpha", 40);
-    rpc_arena_free(arena);
+    pb_arena_free(arena);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 0);
     rpc_reader_cleanup(&r);
     free(twice.data);
@@ -274,14 +275,14 @@ static void test_zero_length_frame_is_an_empty_request(void **state)
     assert_int_equal(rpc_reader_next(&r, &p, &len), 1);
     assert_int_equal(len, 0);
     Keyraft__Request *req = NULL;
-    struct rpc_arena *arena = NULL;
+    struct pb_arena *arena = NULL;
     assert_int_equal(rpc_decode_request(p, len, &req, &arena), 0);
     assert_non_null(req);
     assert_non_null(arena);
     assert_int_equal(req->id, 0);
     assert_int_equal(req->op_case, KEYRAFT__REQUEST__OP__NOT_SET);
     assert_string_equal(req->request_id, "");
-    rpc_arena_free(arena);
+    pb_arena_free(arena);
     assert_int_equal(rpc_reader_next(&r, &p, &len), 0);
     rpc_reader_cleanup(&r);
 }
@@ -301,7 +302,7 @@ static void test_decode_garbage(void **state)
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         Keyraft__Request *req = NULL;
-        struct rpc_arena *arena = NULL;
+        struct pb_arena *arena = NULL;
         assert_int_equal(
             rpc_decode_request((const uint8_t *)cases[i].bytes, cases[i].len, &req, &arena),
             KR_EPROTO);
@@ -311,14 +312,14 @@ static void test_decode_garbage(void **state)
     /* Every strict prefix of a real request that cuts a field is refused. */
     struct bytes p = pack_encrypt(9, "beta", 32);
     Keyraft__Request *req = NULL;
-    struct rpc_arena *arena = NULL;
+    struct pb_arena *arena = NULL;
     assert_int_equal(rpc_decode_request(p.data, p.len - 1, &req, &arena), KR_EPROTO);
     assert_null(req);
     assert_null(arena);
     assert_int_equal(rpc_decode_request(p.data, p.len, &req, &arena), 0);
     assert_encrypt(req, 9, "beta", 32);
-    rpc_arena_free(arena);
-    rpc_arena_free(NULL);
+    pb_arena_free(arena);
+    pb_arena_free(NULL);
     rpc_request_free(NULL);
     free(p.data);
 }
@@ -371,7 +372,7 @@ static void test_decode_large_batch_into_arena(void **state)
     keyraft__request__pack(&outer, wire);
 
     Keyraft__Request *req = NULL;
-    struct rpc_arena *arena = NULL;
+    struct pb_arena *arena = NULL;
     assert_int_equal(rpc_decode_request(wire, len, &req, &arena), 0);
     assert_int_equal(req->id, 4242);
     assert_int_equal(req->op_case, KEYRAFT__REQUEST__OP_BATCH);
@@ -390,10 +391,64 @@ static void test_decode_large_batch_into_arena(void **state)
     assert_int_equal(keyraft__request__get_packed_size(req), len);
     keyraft__request__pack(req, again);
     assert_memory_equal(again, wire, len);
-    rpc_arena_free(arena);
+    pb_arena_free(arena);
     free(again);
     free(wire);
     free(pt);
+}
+
+static size_t put_varint(uint8_t *p, size_t v)
+{
+    size_t n = 0;
+    for (; v >= 0x80; v >>= 7)
+        p[n++] = (uint8_t)(0x80 | (v & 0x7f));
+    p[n++] = (uint8_t)v;
+    return n;
+}
+
+/* A Request whose batch holds |n| empty requests (2 bytes each on the wire,
+ * ~100 bytes each decoded), into |wire|; returns its length. */
+static size_t batch_of_empty_requests(uint8_t *wire, size_t n)
+{
+    Keyraft__BatchRequest br = KEYRAFT__BATCH_REQUEST__INIT;
+    Keyraft__Request outer = KEYRAFT__REQUEST__INIT;
+    outer.op_case = KEYRAFT__REQUEST__OP_BATCH;
+    outer.batch = &br;
+    uint8_t head[8];
+    size_t head_len = keyraft__request__pack(&outer, head); /* batch's tag, length 0 */
+    assert_true(head_len >= 2 && head_len <= sizeof(head));
+    size_t off = head_len - 1;
+    memcpy(wire, head, off);
+    off += put_varint(wire + off, 2 * n);
+    for (size_t i = 0; i < n; i++) {
+        wire[off++] = 0x0a; /* BatchRequest.requests (field 1), length 0 */
+        wire[off++] = 0x00;
+    }
+    return off;
+}
+
+/* A frame-sized batch of empty requests would decode to ~200 MB: refused
+ * with KR_ETOOBIG once it passes the limit (68 MB here). 100 of them, a small
+ * batch, decode. */
+static void test_decode_refuses_expansion(void **state)
+{
+    (void)state;
+    size_t n = (KR_MAX_FRAME - 16) / 2;
+    uint8_t *wire = malloc(KR_MAX_FRAME);
+    assert_non_null(wire);
+    size_t len = batch_of_empty_requests(wire, n);
+    assert_true(len <= KR_MAX_FRAME);
+    Keyraft__Request *req = NULL;
+    struct pb_arena *arena = NULL;
+    assert_int_equal(rpc_decode_request(wire, len, &req, &arena), KR_ETOOBIG);
+    assert_null(req);
+    assert_null(arena);
+    len = batch_of_empty_requests(wire, 100);
+    assert_int_equal(rpc_decode_request(wire, len, &req, &arena), 0);
+    assert_int_equal(req->op_case, KEYRAFT__REQUEST__OP_BATCH);
+    assert_int_equal(req->batch->n_requests, 100);
+    pb_arena_free(arena);
+    free(wire);
 }
 
 static void test_encode_response_prefix(void **state)
@@ -517,6 +572,7 @@ int main(void)
         cmocka_unit_test(test_zero_length_frame_is_an_empty_request),
         cmocka_unit_test(test_decode_garbage),
         cmocka_unit_test(test_decode_large_batch_into_arena),
+        cmocka_unit_test(test_decode_refuses_expansion),
         cmocka_unit_test(test_encode_response_prefix),
         cmocka_unit_test(test_reader_memory_stays_bounded),
         cmocka_unit_test(test_feed_nothing),
