@@ -15,9 +15,9 @@ struct pb_arena;
 /* An arena whose first block holds |first_block| bytes (at least 1 KB);
  * later blocks double up to 1 MB, and an allocation past half a block gets a
  * block of its own. Its blocks never hold more than |limit| bytes in all (0:
- * no bound): protobuf-c's unpack can make 50 bytes of structs of each 2 bytes
- * of input (an empty repeated message), so a bound on the input is not one
- * on memory. NULL when out of memory. */
+ * no bound): protobuf-c's unpack makes ~100 bytes of structs from 2 bytes of
+ * input (an empty repeated message), so a bound on the input is not one on
+ * memory. NULL when out of memory. */
 struct pb_arena *pb_arena_new(size_t first_block, size_t limit);
 /* An allocator for protobuf-c's unpack that carves from |arena|. Its free
  * does nothing: never free_unpacked a message unpacked with it. */

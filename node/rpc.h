@@ -40,7 +40,7 @@ struct pb_arena;
  * carry plaintexts and key material); never free *out itself, nor any part
  * of it. KR_EPROTO when it does not parse, KR_ETOOBIG when it would decode
  * to more than RPC_DECODED_LIMIT, KR_ENOMEM; each leaves *out and *arena
- * NULL. |len| is at most a frame (KR_MAX_FRAME). */
+ * NULL. |len| is at most a frame ([limits] max_frame, 64 MB at most). */
 int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **out,
                        struct pb_arena **arena);
 
