@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "keyraft.h"
+#include "pbarena.h"
 #include "rpc.h"
 
 #include "fuzz_util.h"
@@ -15,10 +16,11 @@
 static void check_request(const uint8_t *payload, size_t len)
 {
     Keyraft__Request *req = NULL;
-    if (rpc_decode_request(payload, len, &req) != 0)
+    struct pb_arena *arena = NULL;
+    if (rpc_decode_request(payload, len, &req, &arena) != 0)
         return;
     if (has_field0_unknown(&req->base)) {
-        rpc_request_free(req);
+        pb_arena_free(arena);
         return;
     }
     size_t n1 = keyraft__request__get_packed_size(req);
@@ -28,7 +30,8 @@ static void check_request(const uint8_t *payload, size_t len)
     if (keyraft__request__pack(req, b1) != n1)
         abort();
     Keyraft__Request *again = NULL;
-    if (rpc_decode_request(b1, n1, &again) != 0)
+    struct pb_arena *again_arena = NULL;
+    if (rpc_decode_request(b1, n1, &again, &again_arena) != 0)
         abort(); /* what we encode, we must accept */
     if (again->id != req->id || again->op_case != req->op_case ||
         strcmp(again->request_id, req->request_id) != 0 || again->min_index != req->min_index)
@@ -44,8 +47,8 @@ static void check_request(const uint8_t *payload, size_t len)
         abort(); /* re-encoding is a fixed point after one round */
     free(b2);
     free(b1);
-    rpc_request_free(again);
-    rpc_request_free(req);
+    pb_arena_free(again_arena);
+    pb_arena_free(arena);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
