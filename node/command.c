@@ -179,7 +179,8 @@ int command_entry_decode_in(struct pb_arena *arena, const uint8_t *buf, size_t l
         return rv;
     ProtobufCAllocator allocator = pb_arena_allocator(arena);
     rv = batch_decode(&allocator, payload, payload_len, out);
-    return rv == KR_EPROTO && pb_arena_failed(arena) != 0 ? pb_arena_failed(arena) : rv;
+    int why = pb_arena_failed(arena); /* unpack fails alike on bytes and on memory */
+    return rv == KR_EPROTO && why != 0 ? why : rv;
 }
 
 void command_batch_free(Keyraft__CommandBatch *batch)

@@ -47,7 +47,7 @@ struct fsm {
     uint64_t pos_index;
     uint32_t pos_op;
     struct dedup_window dedup;
-    struct pb_arena *decode_arena; /* the entry being applied; reset after it */
+    struct pb_arena *decode_arena; /* the entry being applied; reset before the next */
 };
 
 /* A create's command takes ~700 bytes decoded; entries of a few grow it. */
@@ -1333,10 +1333,11 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     *out_result = NULL;
     if (index <= store_applied_index(fsm->store))
         return 0; /* replay of an entry the store already holds */
+    /* The previous entry's commands go: nothing applied keeps a pointer
+     * into them (results hold copies). */
+    pb_arena_reset(fsm->decode_arena);
     Keyraft__CommandBatch *batch = NULL;
     int rv = command_entry_decode_in(fsm->decode_arena, buf, len, &batch);
-    if (rv != 0)
-        pb_arena_reset(fsm->decode_arena);
     if (rv == KR_ENOMEM) {
         /* This node's shortage, not the entry's fault: raft applies it again. */
         log_error("entry %llu: out of memory decoding %zu bytes", (unsigned long long)index, len);
@@ -1357,15 +1358,12 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     if (rv != 0) {
         log_error("entry %llu: moving the dedup window failed: %s", (unsigned long long)index,
                   kr_strerror(rv));
-        pb_arena_reset(fsm->decode_arena);
         return rv;
     }
     size_t n = batch->n_commands;
     struct fsm_result *result = calloc(1, sizeof(*result) + n * sizeof(result->ops[0]));
-    if (result == NULL) {
-        pb_arena_reset(fsm->decode_arena);
+    if (result == NULL)
         return KR_ENOMEM;
-    }
     result->index = index;
     result->n = n;
     uint32_t first = (fsm->pos_index == index) ? fsm->pos_op : 0;
@@ -1395,11 +1393,9 @@ int fsm_apply(struct fsm *fsm, const uint8_t *buf, size_t len, struct fsm_result
     free(group.slots);
     run_reads_clear(&group.reads);
     if (rv != 0) {
-        pb_arena_reset(fsm->decode_arena);
         free(result);
         return rv;
     }
-    pb_arena_reset(fsm->decode_arena);
     free(fsm->last_result);
     fsm->last_result = result;
     *out_result = result;

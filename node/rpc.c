@@ -112,7 +112,8 @@ int rpc_decode_request(const uint8_t *payload, size_t len, Keyraft__Request **ou
     ProtobufCAllocator allocator = pb_arena_allocator(a);
     Keyraft__Request *req = keyraft__request__unpack(&allocator, len, payload);
     if (req == NULL) {
-        int rv = pb_arena_failed(a) != 0 ? pb_arena_failed(a) : KR_EPROTO;
+        int why = pb_arena_failed(a); /* unpack fails alike on bytes and on memory */
+        int rv = why != 0 ? why : KR_EPROTO;
         pb_arena_free(a);
         return rv;
     }
