@@ -215,7 +215,7 @@ static void test_batch_spans_families(void **state)
 
 /* store_multi_get answers each key as store_get does: rows flushed to an SST
  * and rows in the memtable, an empty value, a missing key, a key asked twice,
- * keys out of order. */
+ * keys out of order, many keys shuffled. */
 static void test_multi_get_answers_like_get(void **state)
 {
     struct fixture *f = *state;
@@ -259,6 +259,45 @@ static void test_multi_get_answers_like_get(void **state)
     store_values_clear(out, N);
     for (size_t i = 0; i < N; i++)
         assert_null(out[i].data);
+
+    /* Many keys in shuffled order, every third one missing and some asked
+     * twice: each answer lands in its own key's slot (the keys go to RocksDB
+     * sorted, the answers come back in the caller's order). */
+    enum { MANY = 600 };
+    static char many_names[MANY][16];
+    static const uint8_t *many_keys[MANY];
+    static size_t many_lens[MANY];
+    static struct store_value many_out[MANY];
+    struct store_batch *b = store_batch_new();
+    for (unsigned i = 0; i < MANY / 2; i++) {
+        char name[16], value[16];
+        snprintf(name, sizeof(name), "m%u", i);
+        snprintf(value, sizeof(value), "v%u", i * 7);
+        if (i % 3 != 0)
+            store_batch_put(b, STORE_CF_NAMES, name, strlen(name), value, strlen(value));
+    }
+    assert_int_equal(store_batch_commit(s, b, 6), 0);
+    store_batch_free(b);
+    srand(5);
+    for (unsigned i = 0; i < MANY; i++) {
+        snprintf(many_names[i], sizeof(many_names[i]), "m%u", (unsigned)rand() % (MANY / 2 + 20));
+        many_keys[i] = (const uint8_t *)many_names[i];
+        many_lens[i] = strlen(many_names[i]);
+    }
+    assert_int_equal(store_multi_get(s, STORE_CF_NAMES, MANY, many_keys, many_lens, many_out), 0);
+    for (unsigned i = 0; i < MANY; i++) {
+        unsigned k = (unsigned)atoi(many_names[i] + 1);
+        if (k % 3 == 0 || k >= MANY / 2) {
+            assert_int_equal(many_out[i].status, KR_ENOTFOUND);
+            continue;
+        }
+        char want_value[16];
+        snprintf(want_value, sizeof(want_value), "v%u", k * 7);
+        assert_int_equal(many_out[i].status, 0);
+        assert_int_equal(many_out[i].len, strlen(want_value));
+        assert_memory_equal(many_out[i].data, want_value, many_out[i].len);
+    }
+    store_values_clear(many_out, MANY);
 
     assert_int_equal(store_multi_get(s, STORE_CF_NAMES, 0, NULL, NULL, NULL), 0);
     assert_int_equal(store_multi_get(s, STORE_CF_COUNT, N, keys, lens, out), KR_EINVAL);
