@@ -129,8 +129,20 @@ static void tunnel_write_done(uv_write_t *req, int status)
     free(w);
 }
 
+/* Straight to the socket when nothing waits before it (see the server's
+ * conn_flush: a uv_write costs an epoll_ctl once its queue drains); only what
+ * the socket did not take is copied and queued. */
 static int stream_write(struct tunnel *tn, uv_stream_t *s, const uint8_t *data, size_t len)
 {
+    uv_buf_t direct = uv_buf_init((char *)data, (unsigned)len);
+    int sent = uv_try_write(s, &direct, 1);
+    if (sent < 0 && sent != UV_EAGAIN)
+        return -1;
+    size_t done = sent > 0 ? (size_t)sent : 0;
+    if (done == len)
+        return 0;
+    data += done;
+    len -= done;
     struct tunnel_write *w = malloc(sizeof(*w) + len);
     if (w == NULL)
         return -1;

@@ -162,7 +162,24 @@ static void conn_flush(struct conn *c)
         }
         w->len = tls_conn_take_output(c->tls, w->data, n);
         w->conn = c;
-        uv_buf_t buf = uv_buf_init((char *)w->data, (unsigned)w->len);
+        /* Straight to the socket when nothing waits before it: a uv_write,
+         * even one that completes at once, costs an epoll_ctl when libuv's
+         * write queue drains (libuv 1.44), one per reply. */
+        uv_buf_t direct = uv_buf_init((char *)w->data, (unsigned)w->len);
+        int sent = uv_try_write((uv_stream_t *)&c->tcp, &direct, 1);
+        if (sent < 0 && sent != UV_EAGAIN) {
+            OPENSSL_cleanse(w->data, w->len);
+            free(w);
+            conn_close(c);
+            return;
+        }
+        if (sent > 0 && (size_t)sent == w->len) {
+            OPENSSL_cleanse(w->data, w->len);
+            free(w);
+            continue;
+        }
+        size_t done = sent > 0 ? (size_t)sent : 0;
+        uv_buf_t buf = uv_buf_init((char *)w->data + done, (unsigned)(w->len - done));
         c->refs++;
         if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &buf, 1, write_done) != 0) {
             c->refs--;

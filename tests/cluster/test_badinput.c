@@ -753,6 +753,46 @@ static void test_slow_reader(void **state)
     }
 }
 
+/* A client that reads late but reads everything: answers that filled the
+ * socket wait in the node and arrive whole and in order (a reply the socket
+ * took in part goes on from where it stopped). */
+static void test_late_reader_gets_every_answer(void **state)
+{
+    struct fixture *f = *state;
+    enum { N = 300 };
+    struct kr_tls t;
+    Keyraft__Request req = KEYRAFT__REQUEST__INIT;
+    Keyraft__RandomRequest rr = KEYRAFT__RANDOM_REQUEST__INIT;
+    uint8_t frame[32];
+
+    rr.length = 60000; /* 300 x 60 KB: far more than the socket buffers hold */
+    req.op_case = KEYRAFT__REQUEST__OP_RANDOM;
+    req.random = &rr;
+    assert_int_equal(kr_tls_open_app(&f->node, &t), 0);
+    for (int i = 0; i < N; i++) {
+        req.id = (uint64_t)i + 1;
+        size_t n = keyraft__request__get_packed_size(&req);
+        frame[0] = frame[1] = frame[2] = 0;
+        frame[3] = (uint8_t)n;
+        keyraft__request__pack(&req, frame + 4);
+        assert_int_equal(kr_tls_write(&t, frame, n + 4), 0);
+    }
+    struct timespec pause = {.tv_nsec = 500 * 1000000L};
+    nanosleep(&pause, NULL);
+    for (int i = 0; i < N; i++) {
+        Keyraft__Response *resp = kr_tls_read_response(&t, NULL);
+        if (resp == NULL)
+            fail_msg("answer %d of %d did not arrive whole", i + 1, N);
+        assert_int_equal(resp->id, (uint64_t)i + 1);
+        assert_int_equal(resp->status, 0);
+        assert_non_null(resp->random);
+        assert_int_equal(resp->random->data.len, rr.length);
+        keyraft__response__free_unpacked(resp, NULL);
+    }
+    kr_tls_close(&t);
+    assert_serves_others(f);
+}
+
 /* (i) after everything: alive, and the CLI works. */
 static void test_still_alive(void **state)
 {
@@ -780,6 +820,7 @@ int main(void)
         cmocka_unit_test(test_no_client_cert),
         cmocka_unit_test(test_foreign_ca_cert),  cmocka_unit_test(test_unknown_key),
         cmocka_unit_test(test_idle_connections), cmocka_unit_test(test_slow_reader),
+        cmocka_unit_test(test_late_reader_gets_every_answer),
         cmocka_unit_test(test_still_alive),
     };
 
