@@ -118,9 +118,10 @@ static uint64_t next_index(void *arg)
 
 /* raft 0.15 counts entries only: with 500 KB bulk entries its 8192-entry
  * threshold would let 4 GB of log pile up before a snapshot, all replayed at
- * restart. The interval follows the mean entry size so that about
- * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
- * for lagging followers are half of that. Each node snapshots at its own
+ * restart. The interval follows the mean entry size so that at most
+ * snapshot_log_bytes of log (at least half of it, the interval being a power
+ * of two) separate snapshots, and the trailing entries kept for lagging
+ * followers are half of that. Each node snapshots at its own
  * offset in the interval (cluster_snapshot_threshold): the store flush a
  * snapshot makes takes 0.4-0.6 s at 8192 entries, and nodes that all flush
  * at the same index slowed every commit together. */
