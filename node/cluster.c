@@ -118,13 +118,15 @@ static uint64_t next_index(void *arg)
 
 /* raft 0.15 counts entries only: with 500 KB bulk entries its 8192-entry
  * threshold would let 4 GB of log pile up before a snapshot, all replayed at
- * restart. The interval follows the mean entry size so that at most
- * snapshot_log_bytes of log (at least half of it, the interval being a power
- * of two) separate snapshots, and the trailing entries kept for lagging
- * followers are half of that. Each node snapshots at its own
- * offset in the interval (cluster_snapshot_threshold): the store flush a
- * snapshot makes takes 0.4-0.6 s at 8192 entries, and nodes that all flush
- * at the same index slowed every commit together. */
+ * restart. The threshold follows the mean entry size so that about
+ * snapshot_log_bytes of log separate snapshots, and the trailing entries kept
+ * for lagging followers are half of that.
+ * Every node keeps to the same thresholds (counted from its last snapshot):
+ * raft 0.15 crashes a follower that compacted its log below entries the
+ * leader still resends ("No log entries found at index 1", then a NULL read
+ * in libraft). With each node at its own offset in the interval, a node
+ * restarted under load compacted ahead of the leader while catching up and
+ * crashed that way, or stopped serving and freed memory twice on its way out. */
 #define SNAPSHOT_MIN_ENTRIES 16u
 #define SNAPSHOT_MAX_TRAILING 1024u
 /* For tests only: while the file this names exists (at most 60 s), each
@@ -132,55 +134,18 @@ static uint64_t next_index(void *arg)
 #define SNAPSHOT_HOLD_ENV "KEYRAFT_TEST_SNAPSHOT_HOLD_FILE"
 #define SNAPSHOT_HOLD_MAX_MS 60000u
 
-/* This node's place among the configuration's servers ordered by id: slot
- * |*slot| of |*n| (0 of 1 when it is not in it). */
-static void snapshot_slot(const struct raft *r, unsigned *slot, unsigned *n)
-{
-    unsigned below = 0, member = 0;
-    for (unsigned i = 0; i < r->configuration.n; i++) {
-        if (r->configuration.servers[i].id == r->id)
-            member = 1;
-        else if (r->configuration.servers[i].id < r->id)
-            below++;
-    }
-    *slot = member ? below : 0;
-    *n = member ? r->configuration.n : 1;
-}
-
-unsigned cluster_snapshot_threshold(uint64_t snapshot_index, unsigned interval, unsigned slot,
-                                    unsigned n)
-{
-    if (interval < SNAPSHOT_MIN_ENTRIES)
-        interval = SNAPSHOT_MIN_ENTRIES;
-    /* A power of two: the interval follows the mean entry size, and slots
-     * laid out on an interval that moved by a few entries would land
-     * elsewhere, far into the log. */
-    while (interval & (interval - 1))
-        interval &= interval - 1;
-    if (n == 0 || slot >= n)
-        slot = 0, n = 1;
-    uint64_t phase = (uint64_t)interval * slot / n;
-    uint64_t earliest = snapshot_index + interval / 2;
-    /* the first index at or past |earliest| whose offset in the interval is |phase| */
-    uint64_t wait = (phase + interval - earliest % interval) % interval;
-    return (unsigned)(interval / 2 + wait);
-}
-
 static void snapshot_pace(struct cluster *c, size_t entry_len)
 {
     uint64_t len = entry_len ? entry_len : 1;
     c->entry_bytes_avg = c->entry_bytes_avg == 0 ? len : (c->entry_bytes_avg * 15 + len) / 16;
     uint64_t by_bytes = c->snapshot_log_bytes / (c->entry_bytes_avg ? c->entry_bytes_avg : 1);
-    unsigned interval = (unsigned)(by_bytes < c->snapshot_entries ? by_bytes : c->snapshot_entries);
-    if (interval < SNAPSHOT_MIN_ENTRIES)
-        interval = SNAPSHOT_MIN_ENTRIES;
-    unsigned trailing = interval / 2 < SNAPSHOT_MAX_TRAILING ? interval / 2 : SNAPSHOT_MAX_TRAILING;
+    unsigned threshold = (unsigned)(by_bytes < c->snapshot_entries ? by_bytes : c->snapshot_entries);
+    if (threshold < SNAPSHOT_MIN_ENTRIES)
+        threshold = SNAPSHOT_MIN_ENTRIES;
+    unsigned trailing = threshold / 2 < SNAPSHOT_MAX_TRAILING ? threshold / 2 : SNAPSHOT_MAX_TRAILING;
     if (trailing < SNAPSHOT_MIN_ENTRIES)
         trailing = SNAPSHOT_MIN_ENTRIES;
-    unsigned slot, n;
-    snapshot_slot(&c->raft, &slot, &n);
-    raft_set_snapshot_threshold(
-        &c->raft, cluster_snapshot_threshold(c->raft.log.snapshot.last_index, interval, slot, n));
+    raft_set_snapshot_threshold(&c->raft, threshold);
     raft_set_snapshot_trailing(&c->raft, trailing);
     c->applied_since_snapshot++;
 }

@@ -58,16 +58,6 @@ typedef void (*cluster_done_cb)(void *arg, const struct fsm_op_result *result);
 int cluster_propose(struct cluster *cluster, const Keyraft__Command *command,
                     cluster_done_cb cb, void *arg);
 
-/* raft's snapshot threshold (entries past the last snapshot at
- * |snapshot_index|) for slot |slot| of |n| nodes snapshotting about every
- * |interval| entries, taken as the power of two at or below it (at least
- * 16): the next snapshot lands at an index whose offset in the interval is
- * slot/n of it, at least interval/2 past the last, so the nodes of a cluster
- * flush their stores at different times. Slot 0 of 1 snapshots at multiples
- * of the interval. */
-unsigned cluster_snapshot_threshold(uint64_t snapshot_index, unsigned interval, unsigned slot,
-                                    unsigned n);
-
 /* |hook| runs on the loop after every applied entry (the store is at
  * |applied_index|); it must not call back into raft. */
 void cluster_set_apply_hook(struct cluster *cluster, void (*hook)(void *arg, uint64_t applied_index),

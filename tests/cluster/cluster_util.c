@@ -68,22 +68,6 @@ out:
     return rc;
 }
 
-/* Appends |tail| (NULL: nothing) to the node's keyraftd.conf. */
-static int append_conf(const char *dir, const char *tail)
-{
-    char path[KR_PATH_MAX + 32];
-    if (tail == NULL)
-        return 0;
-    snprintf(path, sizeof(path), "%s/keyraftd.conf", dir);
-    FILE *f = fopen(path, "a");
-    int rc = f != NULL && fprintf(f, "\n%s\n", tail) > 0 ? 0 : -1;
-    if (f != NULL && fclose(f) != 0)
-        rc = -1;
-    if (rc != 0)
-        fprintf(stderr, "cluster: cannot append to %s\n", path);
-    return rc;
-}
-
 /* Ports handed out so far in one cluster: two that the kernel offers as free
  * right after each other may be the same, or one already given away. */
 struct port_set {
@@ -216,7 +200,7 @@ static int join_prepare(struct kc_cluster *c, size_t i, struct port_set *ps, str
 
 /* After its init: the admin's `cluster add` of node i+1, then its start. */
 static int join_admit(struct kc_cluster *c, size_t i, int standby, struct port_set *ps,
-                      int proxied, const char *conf_tail)
+                      int proxied)
 {
     struct kc_node *node = &c->nodes[i];
     struct kr_node *kn = &node->n;
@@ -240,19 +224,13 @@ static int join_admit(struct kc_cluster *c, size_t i, int standby, struct port_s
         return -1;
     }
     kr_out_free(&o);
-    if (append_conf(kn->dir, conf_tail) != 0 || kr_node_spawn(kn) != 0)
+    if (kr_node_spawn(kn) != 0)
         return -1;
     append_endpoint(c, node);
     return 0;
 }
 
 int kc_cluster_create(struct kc_cluster *c, size_t n, size_t n_standby, int proxied)
-{
-    return kc_cluster_create_conf(c, n, n_standby, proxied, NULL);
-}
-
-int kc_cluster_create_conf(struct kc_cluster *c, size_t n, size_t n_standby, int proxied,
-                           const char *conf_tail)
 {
     char want[KC_MAX_NODES + 1];
     struct kc_node *first = &c->nodes[0];
@@ -278,8 +256,7 @@ int kc_cluster_create_conf(struct kc_cluster *c, size_t n, size_t n_standby, int
         rc = join_prepare(c, i, &ps, &inits[i]);
     /* init's own first start bound raft_address directly; from now on the
      * proxy holds it. */
-    if (rc == 0 && ((proxied && setup_proxy(first, &ps) != 0) ||
-                    append_conf(first->n.dir, conf_tail) != 0 || kr_node_start(&first->n) != 0))
+    if (rc == 0 && ((proxied && setup_proxy(first, &ps) != 0) || kr_node_start(&first->n) != 0))
         rc = -1;
     if (rc == 0)
         append_endpoint(c, first);
@@ -291,7 +268,7 @@ int kc_cluster_create_conf(struct kc_cluster *c, size_t n, size_t n_standby, int
     }
     t_inits = kc_now_ms();
     for (size_t i = 1; i < n && rc == 0; i++)
-        rc = join_admit(c, i, i >= n - n_standby, &ps, proxied, conf_tail);
+        rc = join_admit(c, i, i >= n - n_standby, &ps, proxied);
     t_started = kc_now_ms();
     for (size_t i = 1; i < n && rc == 0; i++)
         rc = kc_wait_serving(&c->nodes[i], JOIN_READY_MS);

@@ -40,10 +40,6 @@ struct kc_cluster {
  * cluster list shows each with its wanted raft role. 0, or -1 with the
  * reason printed (and what was made destroyed). */
 int kc_cluster_create(struct kc_cluster *c, size_t n, size_t n_standby, int proxied);
-/* The same, with |conf_tail| (sections in keyraftd.conf syntax, or NULL)
- * appended to every node's keyraftd.conf before its first start as a member. */
-int kc_cluster_create_conf(struct kc_cluster *c, size_t n, size_t n_standby, int proxied,
-                           const char *conf_tail);
 
 /* Stops every node (SIGTERM, SIGKILL after 10 s), the proxies, and removes
  * the directories (unless $KR_KEEP_TEST_DIRS). Returns the number of nodes

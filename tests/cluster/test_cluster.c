@@ -1066,86 +1066,6 @@ static void test_bench_through_failover(void **state)
     assert_int_equal(kc_node_start(victim, 30000), 0);
 }
 
-/* ---- snapshots spread over the nodes ------------------------------------------------------ */
-
-/* A 1 MB raft log budget: with bulk entries of 100 keys each node snapshots
- * every 30-45 entries (seen), so 12,000 keys take 3 or more on each. */
-static int group3_small_log_setup(void **state)
-{
-    struct fixture *f = calloc(1, sizeof(*f));
-
-    if (f == NULL)
-        return -1;
-    if (kc_cluster_create_conf(&f->c, 3, 0, 0, "[raft]\nsnapshot_log_mb = 1") != 0) {
-        free(f);
-        return -1;
-    }
-    *state = f;
-    return 0;
-}
-
-#define SNAP_LINE "snapshot at "
-#define MAX_SNAPS 256
-
-/* The raft indexes at which |node| began snapshots, from its log. */
-static size_t snapshot_indexes(const struct kc_node *node, uint64_t *out, size_t cap)
-{
-    char path[KR_PATH_MAX + 16];
-    uint8_t *text = NULL;
-    size_t len = 0, n = 0;
-
-    snprintf(path, sizeof(path), "%s/node.log", node->n.dir);
-    if (kr_read_file(path, &text, &len) != 0)
-        return 0;
-    for (const char *p = (const char *)text; (p = strstr(p, SNAP_LINE)) != NULL && n < cap;) {
-        unsigned entries = 0;
-        unsigned long long index = 0;
-        if (sscanf(p, SNAP_LINE "%u entries (index %llu)", &entries, &index) == 2)
-            out[n++] = index;
-        p += strlen(SNAP_LINE);
-    }
-    free(text);
-    return n;
-}
-
-/* Each snapshot flushes the node's store (0.4-0.6 s at raft's 8192 entries),
- * and nodes that flushed together slowed every commit at once: the p99 of
- * creates at 16 in flight doubled in those seconds. Each voter keeps to its
- * own third of the interval: after the first (taken while the entry sizes
- * are still being learnt), no node snapshots within 3 entries of another's
- * snapshot, and every node keeps snapshotting. */
-static void test_nodes_snapshot_apart(void **state)
-{
-    struct fixture *f = *state;
-    struct kr_out o;
-    static uint64_t snaps[3][MAX_SNAPS];
-    size_t n[3];
-    const char *load[] = {"create-bulk", "--prefix", "pace", "--count", "12000", "--batch", "100",
-                          NULL};
-
-    assert_int_equal(kc_cli(&f->c, &o, load), 0);
-    kr_out_free(&o);
-    for (size_t i = 0; i < 3; i++)
-        assert_int_equal(kc_wait_caught_up(&f->c, &f->c.nodes[i], 30000), 0);
-    for (size_t i = 0; i < 3; i++) {
-        n[i] = snapshot_indexes(&f->c.nodes[i], snaps[i], MAX_SNAPS);
-        fprintf(stderr, "node %zu snapshots at", i + 1);
-        for (size_t k = 0; k < n[i]; k++)
-            fprintf(stderr, " %llu", (unsigned long long)snaps[i][k]);
-        fprintf(stderr, "\n");
-        assert_true(n[i] >= 3);
-    }
-    for (size_t a = 0; a < 3; a++)
-        for (size_t b = 0; b < 3; b++)
-            for (size_t k = 1; a != b && k < n[a]; k++)
-                for (size_t m = 0; m < n[b]; m++) {
-                    uint64_t x = snaps[a][k], y = snaps[b][m];
-                    if ((x > y ? x - y : y - x) < 3)
-                        fail_msg("node %zu snapshots at %llu, node %zu at %llu", a + 1,
-                                 (unsigned long long)x, b + 1, (unsigned long long)y);
-                }
-}
-
 /* ---- main --------------------------------------------------------------------------------- */
 
 #define CLUSTER_TEST(fn) cmocka_unit_test_setup_teardown(fn, cluster_ready, writer_teardown)
@@ -1177,9 +1097,6 @@ int main(void)
         CLUSTER_TEST(test_bootstrap_5_with_standby),
         CLUSTER_TEST(test_membership),
     };
-    const struct CMUnitTest small_log[] = {
-        CLUSTER_TEST(test_nodes_snapshot_apart),
-    };
     const char *filter = getenv("KR_TEST_FILTER"); /* e.g. KR_TEST_FILTER=test_partition_* */
     int failed = 0;
 
@@ -1189,8 +1106,5 @@ int main(void)
         failed += cmocka_run_group_tests_name("cluster3", three, group3_setup, group_teardown);
     if (selected(five, sizeof(five) / sizeof(five[0]), filter))
         failed += cmocka_run_group_tests_name("cluster5", five, group5_setup, group_teardown);
-    if (selected(small_log, sizeof(small_log) / sizeof(small_log[0]), filter))
-        failed += cmocka_run_group_tests_name("cluster3_small_log", small_log,
-                                              group3_small_log_setup, group_teardown);
     return failed;
 }
